@@ -1,0 +1,113 @@
+"""Turning a request's datums into one padded batch, and log-probs back into per-datum arrays.
+
+- Right padding only: with causal attention a padded row's real positions never see the pad,
+  so no attention mask is needed and positions stay 0..N-1.
+- Everything is validated before any compute, so a bad datum fails the request without
+  touching any adapter's gradients.
+- Loss inputs are concatenated over datums along the token axis, matching `losses.spec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.work import Datum
+from configs.errors import UserError
+from losses.spec import LossSpec
+
+
+@dataclass
+class PackedBatch:
+    tokens_BT: torch.Tensor  # int64, right-padded with 0
+    targets_BTK: torch.Tensor  # int64, K = 1 for plain targets
+    mask_BT: torch.Tensor  # bool, True on real positions
+    lengths: list[int]
+    topk: bool  # targets were (N, K)
+    inputs: dict[str, torch.Tensor]  # loss inputs concatenated over datums (targets excluded)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def validate_data(
+    data: list[Datum], spec: LossSpec, vocab_size: int, max_seq_len: int, max_batch_tokens: int
+) -> None:
+    if not data:
+        raise UserError("forward_backward needs at least one datum")
+    total = 0
+    trailing = set()
+    for i, datum in enumerate(data):
+        n = int(datum.tokens.shape[0]) if datum.tokens.ndim == 1 else -1
+        if n < 1:
+            raise UserError(f"datum {i}: model_input must be a non-empty 1-D token list")
+        if n > max_seq_len:
+            raise UserError(f"datum {i}: {n} tokens exceed this model's maximum of {max_seq_len}")
+        _check_token_range(datum.tokens, vocab_size, f"datum {i}: model_input")
+        spec.check_inputs(datum.loss_fn_inputs, n, i)
+        _check_token_range(datum.loss_fn_inputs["target_tokens"], vocab_size, f"datum {i}: target_tokens")
+        trailing.add(datum.loss_fn_inputs["target_tokens"].shape[1:])
+        total += n
+    if len(trailing) > 1:
+        raise UserError("all datums of a request need target_tokens of one shape kind: all (N,) or all (N, K)")
+    for key in spec.optional_inputs:
+        present = sum(key in d.loss_fn_inputs for d in data)
+        if 0 < present < len(data):
+            raise UserError(f"loss_fn_inputs[{key!r}] must be given for every datum or for none")
+    if total > max_batch_tokens:
+        raise UserError(f"request carries {total} tokens, more than max_batch_tokens={max_batch_tokens}")
+
+
+def _check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"{what} must hold integer token ids, got {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise UserError(f"{what} has token ids outside [0, {vocab_size})")
+
+
+def pack(data: list[Datum], spec: LossSpec, device: torch.device) -> PackedBatch:
+    """Pad validated datums into one batch (see `validate_data`)."""
+    lengths = [int(d.tokens.shape[0]) for d in data]
+    first_targets = data[0].loss_fn_inputs["target_tokens"]
+    topk = first_targets.ndim == 2
+    k = first_targets.shape[1] if topk else 1
+    B, T = len(data), max(lengths)
+    tokens = np.zeros((B, T), dtype=np.int64)
+    targets = np.zeros((B, T, k), dtype=np.int64)
+    for row, datum in enumerate(data):
+        n = lengths[row]
+        tokens[row, :n] = datum.tokens
+        targets[row, :n] = datum.loss_fn_inputs["target_tokens"].reshape(n, k)
+    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    inputs = {
+        key: torch.from_numpy(np.concatenate([d.loss_fn_inputs[key] for d in data]).astype(np.float32)).to(device)
+        for key in spec.inputs
+        if key != "target_tokens" and key in data[0].loss_fn_inputs
+    }
+    return PackedBatch(
+        tokens_BT=torch.from_numpy(tokens).to(device),
+        targets_BTK=torch.from_numpy(targets).to(device),
+        mask_BT=torch.from_numpy(mask).to(device),
+        lengths=lengths,
+        topk=topk,
+        inputs=inputs,
+    )
+
+
+def target_logprobs(logits_BTV: torch.Tensor, targets_BTK: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for every position and candidate: [B, T, K], float32."""
+    logits = logits_BTV.float()
+    return logits.gather(-1, targets_BTK) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def flatten_valid(batch: PackedBatch, values_BTK: torch.Tensor) -> torch.Tensor:
+    """The real positions in datum order: [sum N] for plain targets, [sum N, K] for top-K."""
+    flat = values_BTK[batch.mask_BT]
+    return flat if batch.topk else flat[:, 0]
+
+
+def split_by_datum(batch: PackedBatch, flat: torch.Tensor) -> list[np.ndarray]:
+    return [t.numpy() for t in torch.split(flat.detach().to("cpu", torch.float32), batch.lengths)]

@@ -1,0 +1,27 @@
+"""The exception tree shared by every layer (user / not-found / capacity / server).
+
+- It lives in `configs`, the leaf package that deployments, actors and losses may all import.
+- Exceptions carry only a message: no custom `__init__` arguments, so they pickle through Ray.
+- Each also inherits the matching stdlib type, so generic handlers still make sense.
+- The mapping to HTTP status and Tinker `category` is `deployments.errors.error_response`.
+"""
+
+
+class ThinkerError(Exception):
+    """Base of every error Thinker raises on purpose."""
+
+
+class UserError(ThinkerError, ValueError):
+    """The request is wrong (bad shape, unknown loss, out-of-range token): the caller must fix it."""
+
+
+class NotFoundError(ThinkerError, LookupError):
+    """A model, request id or checkpoint the caller named does not exist (or has expired)."""
+
+
+class CapacityError(ThinkerError, RuntimeError):
+    """The server is temporarily out of room; the same request may succeed later."""
+
+
+class ServerError(ThinkerError, RuntimeError):
+    """Something broke inside Thinker; not the caller's fault."""

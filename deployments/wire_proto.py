@@ -1,0 +1,140 @@
+"""The protobuf codec: ForwardBackwardRequest in, ForwardBackwardOutput out.
+
+- The schema is the SDK's own `tinker_public_pb2`, loaded straight from the installed `tinker`
+  package's file: importing `tinker` itself would pull torch into the ingress.
+- Token chunks are int32 little-endian bytes; tensors are dense bytes or 2-D sparse CSR (pad 0),
+  which is densified here. Only text chunks are accepted (images and audio are user errors).
+- Output tensors: one ArrayRecord for the whole batch; BatchedTensor offsets are *byte* offsets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork
+from configs.errors import UserError
+
+
+def _load_schema() -> ModuleType:
+    spec = importlib.util.find_spec("tinker")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the tinker package (tinker==0.38.0) is required for its protobuf schema")
+    path = f"{list(spec.submodule_search_locations)[0]}/proto/tinker_public_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("thinker_tinker_public_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+pb = _load_schema()
+
+_NUMPY_DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+
+
+def parse_forward_backward(body: bytes) -> "pb.ForwardBackwardRequest":
+    """Parse the wire message; an unparseable body is a UserError (answered with 400)."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise UserError(f"body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
+    if not msg.model_id:
+        raise UserError("ForwardBackwardRequest.model_id is empty")
+    return msg
+
+
+def to_work(msg: "pb.ForwardBackwardRequest", forward_only: bool) -> ForwardBackwardWork:
+    """The compute-side request; datum-level problems raise UserError naming the datum."""
+    return ForwardBackwardWork(
+        model_id=msg.model_id,
+        seq_id=msg.seq_id or None,
+        data=[_datum(d, i) for i, d in enumerate(msg.data)],
+        loss_fn=msg.loss_fn,
+        loss_fn_config=_loss_config(msg),
+        forward_only=forward_only or msg.forward_only,
+    )
+
+
+def _loss_config(msg: "pb.ForwardBackwardRequest") -> dict[str, float | str]:
+    """v2 (number or text) wins; the legacy numeric map fills keys only it has."""
+    config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for key, value in msg.loss_fn_config_v2.items():
+        config[key] = value.text if value.WhichOneof("value") == "text" else float(value.number)
+    return config
+
+
+def _datum(msg: "pb.Datum", index: int) -> Datum:
+    pieces = []
+    for chunk in msg.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise UserError(f"datum {index}: {kind or 'empty'} chunks are not supported (text only)")
+        pieces.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+    tokens = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+    inputs = {}
+    for name, tensor in msg.loss_fn_inputs.items():
+        try:
+            inputs[name] = tensor_to_numpy(tensor)
+        except ValueError as exc:
+            raise UserError(f"datum {index}: loss_fn_inputs[{name!r}]: {exc}") from None
+    return Datum(tokens=tokens, loss_fn_inputs=inputs)
+
+
+def tensor_to_numpy(msg: "pb.Tensor") -> np.ndarray:
+    """Dense or CSR tensor -> numpy (int64 for integer dtypes, float32 otherwise)."""
+    dtype = _NUMPY_DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {msg.dtype}")
+    shape = tuple(int(s) for s in msg.shape)
+    if msg.HasField("sparse_csr"):
+        array = _densify(msg.sparse_csr, dtype, shape)
+    else:
+        flat = np.frombuffer(msg.dense, dtype=dtype)
+        if not shape:
+            shape = flat.shape
+        if int(np.prod(shape)) != flat.size:
+            raise ValueError(f"{flat.size} values do not fill shape {list(shape)}")
+        array = flat.reshape(shape)
+    return array.astype(np.int64 if dtype.kind == "i" else np.float32)
+
+
+def _densify(csr: "pb.SparseCsr", dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) != 2:
+        raise ValueError(f"sparse tensors must be 2-D, got shape {list(shape)}")
+    values = np.frombuffer(csr.values, dtype=dtype)
+    crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+    cols = np.frombuffer(csr.col_indices, dtype="<i8")
+    rows, width = shape
+    if crow.size != rows + 1 or cols.size != values.size or (crow.size and crow[-1] != values.size):
+        raise ValueError("inconsistent sparse CSR indices")
+    if cols.size and (cols.min() < 0 or cols.max() >= width) or np.any(np.diff(crow) < 0):
+        raise ValueError("sparse CSR indices out of range")
+    dense = np.zeros(shape, dtype=dtype)
+    row_of = np.repeat(np.arange(rows), np.diff(crow))
+    dense[row_of, cols] = values
+    return dense
+
+
+def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for key, value in result.metrics.items():
+        out.metrics[key] = float(value)
+    record = out.loss_fn_outputs.add()
+    record.num_datums = len(result.loss_fn_outputs)
+    names = result.loss_fn_outputs[0].keys() if result.loss_fn_outputs else ()
+    for name in names:
+        arrays = [np.ascontiguousarray(o[name], dtype="<f4") for o in result.loss_fn_outputs]
+        field = record.fields[name]
+        field.dtype = pb.DTYPE_FLOAT32
+        field.trailing_shape.extend(arrays[0].shape[1:])
+        field.data = b"".join(a.tobytes() for a in arrays)
+        field.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype="<i8").tobytes()
+    return out.SerializeToString()
