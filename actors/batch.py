@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actors.work import Datum
-from configs.errors import UserError
+from configs.errors import RequestTooLargeError, UserError
 from losses.spec import LossSpec
 
 
@@ -58,7 +58,7 @@ def validate_data(
         if 0 < present < len(data):
             raise UserError(f"loss_fn_inputs[{key!r}] must be given for every datum or for none")
     if total > max_batch_tokens:
-        raise UserError(f"request carries {total} tokens, more than max_batch_tokens={max_batch_tokens}")
+        raise RequestTooLargeError(f"request carries {total} tokens, more than max_batch_tokens={max_batch_tokens}")
 
 
 def _check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:

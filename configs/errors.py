@@ -15,6 +15,10 @@ class UserError(ThinkerError, ValueError):
     """The request is wrong (bad shape, unknown loss, out-of-range token): the caller must fix it."""
 
 
+class RequestTooLargeError(UserError):
+    """The request body or batch is larger than this server accepts."""
+
+
 class NotFoundError(ThinkerError, LookupError):
     """A model, request id or checkpoint the caller named does not exist (or has expired)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from actors.model_actor import ModelActor
+from actors.model_actor import ModelActor, default_backend
 from configs.schema import BaseModelConfig, ThinkerConfig
 from deployments.futures import FutureStore
 from deployments.ingress import Ingress
@@ -26,7 +26,7 @@ def model_deployment_name(index: int, model: BaseModelConfig) -> str:
     return f"model-{index}-{slug}"
 
 
-def bind_model(index: int, model: BaseModelConfig, cache_dir: str) -> Application:
+def bind_model(index: int, model: BaseModelConfig, cache_dir: str, backend_factory: Any) -> Application:
     return (
         serve.deployment(ModelActor)
         .options(
@@ -37,13 +37,19 @@ def bind_model(index: int, model: BaseModelConfig, cache_dir: str) -> Applicatio
             health_check_period_s=10,
             health_check_timeout_s=120,
         )
-        .bind(model, cache_dir)
+        .bind(model, cache_dir, backend_factory)
     )
 
 
-def build_app(args: dict[str, Any] | ThinkerConfig | None = None) -> Application:
-    config = args if isinstance(args, ThinkerConfig) else ThinkerConfig.model_validate(args or {})
-    models = {m.name: bind_model(i, m, config.cache_dir) for i, m in enumerate(config.models)}
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application builder named in serve_config.yaml; `args` is a ThinkerConfig dict."""
+    return build_thinker_app(ThinkerConfig.model_validate(args or {}))
+
+
+def build_thinker_app(config: ThinkerConfig, backend_factory: Any = default_backend) -> Application:
+    """Binds the deployments. `backend_factory(model_config, cache_dir)` builds each model
+    actor's backend (tests pass a fake)."""
+    models = {m.name: bind_model(i, m, config.cache_dir, backend_factory) for i, m in enumerate(config.models)}
     store = (
         serve.deployment(FutureStore)
         .options(name="futures", num_replicas=1, max_ongoing_requests=UNBOUNDED, ray_actor_options={"num_cpus": 0})

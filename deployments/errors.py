@@ -9,7 +9,7 @@ import logging
 
 from ray.exceptions import RayTaskError
 
-from configs.errors import CapacityError, NotFoundError, UserError
+from configs.errors import CapacityError, NotFoundError, RequestTooLargeError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
     exc = unwrap(exc)
     if isinstance(exc, NotFoundError):
         return 404, {"error": str(exc), "category": "user"}
+    if isinstance(exc, RequestTooLargeError):
+        return 413, {"error": str(exc), "category": "user"}
     if isinstance(exc, UserError):
         return 400, {"error": str(exc), "category": "user"}
     if isinstance(exc, CapacityError):

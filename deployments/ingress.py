@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from actors.work import CreateModelWork, ModelDescription, OptimStepWork
-from configs.errors import NotFoundError, ThinkerError, UserError
+from configs.errors import NotFoundError, RequestTooLargeError, ThinkerError, UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
 from deployments.errors import error_response
@@ -29,31 +29,7 @@ from deployments.futures import FutureEntry, Futures, new_request_id, wait_ref
 
 logger = logging.getLogger(__name__)
 PROTOBUF = "application/x-protobuf"
-
-api = FastAPI(title="Thinker", description="A self-hosted Tinker-compatible post-training service")
-
-
-@api.exception_handler(ThinkerError)
-async def _thinker_error(request: Request, exc: ThinkerError) -> JSONResponse:
-    status, body = error_response(exc)
-    return JSONResponse(body, status_code=status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"error": f"invalid request: {problems}", "category": "user"}, status_code=400)
-
-
-@api.middleware("http")
-async def _limit_body_size(request: Request, call_next):
-    limit = getattr(api.state, "max_request_bytes", None)
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        body = {"error": f"request body of {length} bytes exceeds the limit of {limit}", "category": "user"}
-        return JSONResponse(body, status_code=413)
-    return await call_next(request)
-
+REPLICA_HEADER = "x-thinker-replica"  # which ingress replica answered (debugging, tests)
 
 def encode_result(kind: str, value: Any) -> Response:
     """A finished future's wire form: protobuf for forward_backward, JSON otherwise."""
@@ -70,7 +46,37 @@ def encode_result(kind: str, value: Any) -> Response:
     return JSONResponse(body.model_dump())
 
 
-@serve.ingress(api)
+def build_api(ingress: "Ingress", max_request_bytes: int, replica_id: str) -> FastAPI:
+    """The FastAPI app of one ingress replica: its routes are the replica's bound methods."""
+    api = FastAPI(title="Thinker", description="A self-hosted Tinker-compatible post-training service")
+
+    @api.exception_handler(ThinkerError)
+    async def _thinker_error(request: Request, exc: ThinkerError) -> JSONResponse:
+        status, body = error_response(exc)
+        return JSONResponse(body, status_code=status)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request: {problems}", "category": "user"}, status_code=400)
+
+    @api.middleware("http")
+    async def _limit_body_size(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_request_bytes:
+            status, body = error_response(RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}"))
+            response = JSONResponse(body, status_code=status)
+        else:
+            response = await call_next(request)
+        response.headers[REPLICA_HEADER] = replica_id
+        return response
+
+    for method, path, endpoint in ingress.routes():
+        api.add_api_route(path, endpoint, methods=[method])
+    return api
+
+
+@serve.ingress()
 class Ingress:
     def __init__(self, models: dict[str, Any], store: Any, config: ThinkerConfig):
         self._models = models  # base model name -> DeploymentHandle of its ModelActor
@@ -78,41 +84,54 @@ class Ingress:
         self._futures = Futures(store, config.future_ttl_s)
         self._model_of: dict[str, str] = {}  # training model id -> base model name
         self._descriptions: dict[str, ModelDescription] = {}
-        api.state.max_request_bytes = config.max_request_bytes
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        return build_api(self, self._config.max_request_bytes, replica_id)
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("POST", "/api/v1/client/config", self.client_config),
+            ("POST", "/api/v1/client/dynamic_config", self.dynamic_config),
+            ("POST", "/api/v1/create_session", self.create_session),
+            ("POST", "/api/v1/session_heartbeat", self.session_heartbeat),
+            ("POST", "/api/v1/telemetry", self.telemetry),
+            ("POST", "/api/v1/sessions/{session_id}/finish", self.finish_session),
+            ("GET", "/api/v1/healthz", self.healthz),
+            ("GET", "/api/v1/get_server_capabilities", self.get_server_capabilities),
+            ("POST", "/api/v1/create_model", self.create_model),
+            ("POST", "/api/v1/get_info", self.get_info),
+            ("POST", "/api/v1/unload_model", self.unload_model),
+            ("POST", "/api/v1/forward_backward", self.forward_backward),
+            ("POST", "/api/v1/optim_step", self.optim_step),
+            ("POST", "/api/v1/retrieve_future", self.retrieve_future),
+        ]
 
     # ---- session and service routes ----------------------------------------------------------
 
-    @api.post("/api/v1/client/config")
     async def client_config(self) -> dict:
         return wire.ClientConfigResponse().model_dump()
 
-    @api.post("/api/v1/client/dynamic_config")
     async def dynamic_config(self) -> dict:
         return {}
 
-    @api.post("/api/v1/create_session")
     async def create_session(self, body: wire.CreateSessionRequest) -> dict:
         return wire.CreateSessionResponse(session_id=str(uuid.uuid4())).model_dump()
 
-    @api.post("/api/v1/session_heartbeat")
     async def session_heartbeat(self, body: wire.SessionRequest) -> dict:
         return wire.HeartbeatResponse().model_dump()
 
-    @api.post("/api/v1/telemetry")
     async def telemetry(self) -> dict:
         return wire.TelemetryResponse().model_dump()
 
-    @api.post("/api/v1/sessions/{session_id}/finish")
     async def finish_session(self, session_id: str) -> dict:
         """The client is done: its training models are unloaded from every base model."""
         await asyncio.gather(*(h.release_session.remote(session_id) for h in self._models.values()))
         return {}
 
-    @api.get("/api/v1/healthz")
     async def healthz(self) -> dict:
         return wire.HealthResponse().model_dump()
 
-    @api.get("/api/v1/get_server_capabilities")
     async def get_server_capabilities(self) -> dict:
         models = [
             wire.SupportedModel(
@@ -124,7 +143,6 @@ class Ingress:
 
     # ---- training models ---------------------------------------------------------------------
 
-    @api.post("/api/v1/create_model")
     async def create_model(self, body: wire.CreateModelRequest) -> dict:
         if body.optimizer_config.type != "adamw":
             raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
@@ -134,21 +152,17 @@ class Ingress:
         self._model_of[model_id] = body.base_model
         return await self._submit("create_model", model_id, handle.create_model.remote(work))
 
-    @api.post("/api/v1/get_info")
     async def get_info(self, body: wire.ModelIdRequest) -> dict:
         handle = await self._model_handle(body.model_id)
         return wire.GetInfoResponse.of(await handle.get_info.remote(body.model_id)).model_dump()
 
-    @api.post("/api/v1/unload_model")
     async def unload_model(self, body: wire.ModelIdRequest) -> dict:
         handle = await self._model_handle(body.model_id)
         return await self._submit("unload_model", body.model_id, handle.unload_model.remote(body.model_id))
 
-    @api.post("/api/v1/forward_backward")
     async def forward_backward(self, request: Request) -> dict:
         return await self._forward_backward(request, forward_only=False)
 
-    @api.post("/api/v1/optim_step")
     async def optim_step(self, body: wire.OptimStepRequest) -> dict:
         handle = await self._model_handle(body.model_id)
         try:
@@ -159,7 +173,6 @@ class Ingress:
 
     # ---- futures -------------------------------------------------------------------------------
 
-    @api.post("/api/v1/retrieve_future")
     async def retrieve_future(self, body: wire.RetrieveFutureRequest) -> Response:
         entry = await self._futures.find(body.request_id)
         if entry is None:
@@ -178,7 +191,7 @@ class Ingress:
     async def _forward_backward(self, request: Request, forward_only: bool) -> dict:
         body = await request.body()
         if len(body) > self._config.max_request_bytes:
-            raise UserError(f"request body of {len(body)} bytes exceeds the limit")
+            raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds {self._config.max_request_bytes}")
         if request.headers.get("content-encoding", "identity") != "identity":
             raise UserError("compressed forward_backward bodies are not supported (proto_compress_fwdbwd is off)")
         msg = wire_proto.parse_forward_backward(body)

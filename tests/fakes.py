@@ -1,0 +1,66 @@
+"""Test doubles: a pure-Python backend that records what it was asked to do."""
+
+import time
+
+import numpy as np
+
+from actors.work import (
+    CreateModelWork,
+    ForwardBackwardResult,
+    ForwardBackwardWork,
+    ModelDescription,
+    ModelInfo,
+    OptimStepResult,
+    OptimStepWork,
+)
+from configs.errors import NotFoundError, UserError
+
+
+class FakeBackend:
+    """Implements actors.backend.Backend without a model.
+
+    forward_backward sleeps `loss_fn_config["fake_delay_s"]` seconds if given, fails with a
+    UserError for loss "fake_user_error" and with a RuntimeError for "fake_crash".
+    """
+
+    def __init__(self, config=None, cache_dir=None):
+        self.name = getattr(config, "name", "fake")
+        self.calls: list[tuple[str, str, int | None]] = []
+        self.models: dict[str, ModelInfo] = {}
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(name=self.name, vocab_size=100, max_seq_len=64, max_batch_tokens=1024)
+
+    def create_model(self, work: CreateModelWork) -> ModelInfo:
+        self.calls.append(("create_model", work.model_id, 0))
+        info = ModelInfo(work.model_id, self.name, work.lora, "fake", None, work.user_metadata)
+        self.models[work.model_id] = info
+        return info
+
+    def get_info(self, model_id: str) -> ModelInfo:
+        if model_id not in self.models:
+            raise NotFoundError(model_id)
+        return self.models[model_id]
+
+    def list_models(self) -> list[str]:
+        return list(self.models)
+
+    def unload_model(self, model_id: str) -> None:
+        self.get_info(model_id)
+        del self.models[model_id]
+
+    def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        self.get_info(work.model_id)
+        self.calls.append(("forward_backward", work.model_id, work.seq_id))
+        time.sleep(float(work.loss_fn_config.get("fake_delay_s", 0)))
+        if work.loss_fn == "fake_user_error":
+            raise UserError("fake user error")
+        if work.loss_fn == "fake_crash":
+            raise RuntimeError("fake crash")
+        outputs = [{"logprobs": np.zeros(len(d.tokens), np.float32)} for d in work.data]
+        return ForwardBackwardResult(outputs, {"loss:sum": float(len(self.calls))})
+
+    def optim_step(self, work: OptimStepWork) -> OptimStepResult:
+        self.get_info(work.model_id)
+        self.calls.append(("optim_step", work.model_id, work.seq_id))
+        return OptimStepResult({"grad_norm:mean": 0.0})

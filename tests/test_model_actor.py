@@ -1,0 +1,103 @@
+"""The model actor's ordering, de-duplication and error handling, over a fake backend."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from actors.model_actor import ModelActor
+from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
+from configs.errors import ServerError, UserError
+from configs.schema import BaseModelConfig
+from tests.fakes import FakeBackend
+
+
+def make_actor(gap_timeout_s=5.0):
+    config = BaseModelConfig(name="fake", seq_gap_timeout_s=gap_timeout_s)
+    return ModelActor(config, backend_factory=FakeBackend)
+
+
+def fb(seq_id, loss_fn="cross_entropy", **config):
+    data = [Datum(np.arange(3), {"target_tokens": np.arange(3)})]
+    return ForwardBackwardWork("m", seq_id, data, loss_fn, config)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def created(actor):
+    await actor.create_model(CreateModelWork("m", LoraSpec(rank=2)))
+    return actor
+
+
+def test_forward_backward_runs_in_seq_order_even_when_submitted_out_of_order():
+    async def scenario():
+        actor = await created(make_actor())
+        later = asyncio.create_task(actor.optim_step(OptimStepWork("m", 2, AdamParams())))
+        await asyncio.sleep(0.05)
+        assert actor._backend.calls == [("create_model", "m", 0)]  # seq 2 waits for seq 1
+        await actor.forward_backward(fb(1))
+        await later
+        return actor._backend.calls
+
+    assert run(scenario()) == [("create_model", "m", 0), ("forward_backward", "m", 1), ("optim_step", "m", 2)]
+
+
+def test_retried_submission_runs_once_and_both_get_the_result():
+    async def scenario():
+        actor = await created(make_actor())
+        first, second = await asyncio.gather(actor.forward_backward(fb(1)), actor.forward_backward(fb(1)))
+        retried_later = await actor.forward_backward(fb(1))
+        return actor._backend.calls, first, second, retried_later
+
+    calls, first, second, later = run(scenario())
+    assert calls.count(("forward_backward", "m", 1)) == 1
+    assert first is second is later
+
+
+def test_skipped_seq_does_not_hold_later_requests():
+    async def scenario():
+        actor = await created(make_actor())
+        later = asyncio.create_task(actor.forward_backward(fb(2)))
+        await asyncio.sleep(0.05)
+        await actor.skip("m", 1)
+        await later
+        return actor._backend.calls
+
+    assert run(scenario())[-1] == ("forward_backward", "m", 2)
+
+
+def test_missing_seq_is_given_up_after_the_gap_timeout():
+    async def scenario():
+        actor = await created(make_actor(gap_timeout_s=0.2))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await actor.forward_backward(fb(2))
+        return loop.time() - start
+
+    assert 0.15 <= run(scenario()) < 5
+
+
+def test_failures_keep_their_category_and_the_actor_keeps_serving():
+    async def scenario():
+        actor = await created(make_actor())
+        with pytest.raises(UserError):
+            await actor.forward_backward(fb(1, "fake_user_error"))
+        with pytest.raises(ServerError, match="fake crash"):
+            await actor.forward_backward(fb(2, "fake_crash"))
+        return await actor.forward_backward(fb(3))
+
+    assert run(scenario()).metrics["loss:sum"] > 0
+
+
+def test_create_model_is_idempotent_and_release_session_unloads():
+    async def scenario():
+        actor = make_actor()
+        await actor.create_model(CreateModelWork("s1:train:0", LoraSpec(rank=2)))
+        await actor.create_model(CreateModelWork("s1:train:0", LoraSpec(rank=2)))
+        await actor.create_model(CreateModelWork("s2:train:0", LoraSpec(rank=2)))
+        released = await actor.release_session("s1")
+        return released, await actor.has_model("s1:train:0"), await actor.has_model("s2:train:0")
+
+    assert run(scenario()) == (["s1:train:0"], False, True)
