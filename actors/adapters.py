@@ -92,7 +92,9 @@ class AdapterTable:
             raise CapacityError(
                 f"this base model already hosts {self._capacity} adapters (max_adapters); unload one first"
             )
-        scopes = {s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on}
+        scopes = {
+            s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
+        }
         seed = lora.seed if lora.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         weights = {

@@ -33,9 +33,7 @@ class PackedBatch:
         return sum(self.lengths)
 
 
-def validate_data(
-    data: list[Datum], spec: LossSpec, vocab_size: int, max_seq_len: int, max_batch_tokens: int
-) -> None:
+def validate_data(data: list[Datum], spec: LossSpec, vocab_size: int, max_seq_len: int, max_batch_tokens: int) -> None:
     if not data:
         raise UserError("forward_backward needs at least one datum")
     total = 0

@@ -53,9 +53,7 @@ class LoraLinear(nn.Module):
         """The frozen base weight (transformers ties lm_head to the embedding through it)."""
         return self.base.weight
 
-    def new_adapter(
-        self, key: str, rank: int, alpha: float, generator: torch.Generator
-    ) -> LoraWeights:
+    def new_adapter(self, key: str, rank: int, alpha: float, generator: torch.Generator) -> LoraWeights:
         weight = self.base.weight
         A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)

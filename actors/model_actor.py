@@ -16,10 +16,11 @@ import asyncio
 import importlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from actors.backend import Backend
 from actors.sequencer import Sequencer
@@ -173,8 +174,10 @@ class ModelActor:
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
             try:
                 await asyncio.wait_for(self._gap_changed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             for job in self._sequencer.expire():
-                logger.warning("running a request after waiting %.1fs for a missing seq_id", self._config.seq_gap_timeout_s)
+                logger.warning(
+                    "running a request after waiting %.1fs for a missing seq_id", self._config.seq_gap_timeout_s
+                )
                 self._enqueue(job)

@@ -74,14 +74,16 @@ class ThinkerConfig(StrictConfig):
     future_ttl_s: float = Field(
         3600.0, gt=0, description="How long a request's result stays retrievable, also after a first fetch."
     )
-    long_poll_s: float = Field(25.0, gt=0, le=40, description="How long retrieve_future holds a poll for a pending result.")
+    long_poll_s: float = Field(
+        25.0, gt=0, le=40, description="How long retrieve_future holds a poll for a pending result."
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     cache_dir: str = Field(
         "~/.cache/thinker", description="Where converted models (the embedded default's safetensors) are cached."
     )
 
     @model_validator(mode="after")
-    def _unique_model_names(self) -> "ThinkerConfig":
+    def _unique_model_names(self) -> ThinkerConfig:
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"base model names must be unique, got {names}")

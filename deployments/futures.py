@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -84,7 +85,7 @@ class FutureStore:
         event = self._arrivals.setdefault(request_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), self._put_grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._arrivals.pop(request_id, None)
             return None
         return self._table.get(request_id)

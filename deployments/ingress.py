@@ -9,7 +9,6 @@
 - NOTE: this module must not import torch: replicas stay light and start fast.
 """
 
-
 import asyncio
 import logging
 import uuid
@@ -30,6 +29,7 @@ from deployments.futures import FutureEntry, Futures, new_request_id, wait_ref
 logger = logging.getLogger(__name__)
 PROTOBUF = "application/x-protobuf"
 REPLICA_HEADER = "x-thinker-replica"  # which ingress replica answered (debugging, tests)
+
 
 def encode_result(kind: str, value: Any) -> Response:
     """A finished future's wire form: protobuf for forward_backward, JSON otherwise."""
@@ -64,7 +64,9 @@ def build_api(ingress: "Ingress", max_request_bytes: int, replica_id: str) -> Fa
     async def _limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_request_bytes:
-            status, body = error_response(RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}"))
+            status, body = error_response(
+                RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}")
+            )
             response = JSONResponse(body, status_code=status)
         else:
             response = await call_next(request)
@@ -236,7 +238,8 @@ class Ingress:
 
     async def _describe_all(self) -> list[ModelDescription]:
         missing = [n for n in self._models if n not in self._descriptions]
-        for name, description in zip(missing, await asyncio.gather(*(self._models[n].describe.remote() for n in missing))):
+        for name, description in zip(
+            missing, await asyncio.gather(*(self._models[n].describe.remote() for n in missing))
+        ):
             self._descriptions[name] = description
         return [self._descriptions[n] for n in self._models]
-

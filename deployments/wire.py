@@ -157,7 +157,7 @@ class GetInfoResponse(WireOut):
     model_name: str | None = None
 
     @classmethod
-    def of(cls, info: work.ModelInfo) -> "GetInfoResponse":
+    def of(cls, info: work.ModelInfo) -> GetInfoResponse:
         return cls(
             model_id=info.model_id,
             model_data=ModelData(arch=info.arch, model_name=info.base_model, tokenizer_id=info.tokenizer_id),

@@ -39,7 +39,7 @@ _NUMPY_DTYPES = {
 }
 
 
-def parse_forward_backward(body: bytes) -> "pb.ForwardBackwardRequest":
+def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
     """Parse the wire message; an unparseable body is a UserError (answered with 400)."""
     msg = pb.ForwardBackwardRequest()
     try:
@@ -51,7 +51,7 @@ def parse_forward_backward(body: bytes) -> "pb.ForwardBackwardRequest":
     return msg
 
 
-def to_work(msg: "pb.ForwardBackwardRequest", forward_only: bool) -> ForwardBackwardWork:
+def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool) -> ForwardBackwardWork:
     """The compute-side request; datum-level problems raise UserError naming the datum."""
     return ForwardBackwardWork(
         model_id=msg.model_id,
@@ -63,7 +63,7 @@ def to_work(msg: "pb.ForwardBackwardRequest", forward_only: bool) -> ForwardBack
     )
 
 
-def _loss_config(msg: "pb.ForwardBackwardRequest") -> dict[str, float | str]:
+def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
     """v2 (number or text) wins; the legacy numeric map fills keys only it has."""
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for key, value in msg.loss_fn_config_v2.items():
@@ -71,7 +71,7 @@ def _loss_config(msg: "pb.ForwardBackwardRequest") -> dict[str, float | str]:
     return config
 
 
-def _datum(msg: "pb.Datum", index: int) -> Datum:
+def _datum(msg: pb.Datum, index: int) -> Datum:
     pieces = []
     for chunk in msg.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -88,7 +88,7 @@ def _datum(msg: "pb.Datum", index: int) -> Datum:
     return Datum(tokens=tokens, loss_fn_inputs=inputs)
 
 
-def tensor_to_numpy(msg: "pb.Tensor") -> np.ndarray:
+def tensor_to_numpy(msg: pb.Tensor) -> np.ndarray:
     """Dense or CSR tensor -> numpy (int64 for integer dtypes, float32 otherwise)."""
     dtype = _NUMPY_DTYPES.get(msg.dtype)
     if dtype is None:
@@ -106,7 +106,7 @@ def tensor_to_numpy(msg: "pb.Tensor") -> np.ndarray:
     return array.astype(np.int64 if dtype.kind == "i" else np.float32)
 
 
-def _densify(csr: "pb.SparseCsr", dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _densify(csr: pb.SparseCsr, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if len(shape) != 2:
         raise ValueError(f"sparse tensors must be 2-D, got shape {list(shape)}")
     values = np.frombuffer(csr.values, dtype=dtype)

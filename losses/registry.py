@@ -8,15 +8,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from configs.errors import UserError
 from losses import cispo, cross_entropy, dro, importance_sampling, ppo
 from losses.spec import LossFn, LossSpec
 
 BUILTIN_LOSSES: dict[str, LossSpec] = {
-    spec.name: spec
-    for spec in (cross_entropy.SPEC, importance_sampling.SPEC, ppo.SPEC, cispo.SPEC, dro.SPEC)
+    spec.name: spec for spec in (cross_entropy.SPEC, importance_sampling.SPEC, ppo.SPEC, cispo.SPEC, dro.SPEC)
 }
 _custom_losses: dict[str, LossSpec] = {}
 

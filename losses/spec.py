@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -53,9 +53,7 @@ class LossSpec:
         resolved = dict(self.config_defaults)
         for key, value in (config or {}).items():
             if key not in allowed:
-                raise UserError(
-                    f"loss {self.name!r} has no config key {key!r}; allowed: {sorted(allowed) or 'none'}"
-                )
+                raise UserError(f"loss {self.name!r} has no config key {key!r}; allowed: {sorted(allowed) or 'none'}")
             if isinstance(value, str) or not math.isfinite(float(value)):
                 raise UserError(f"loss {self.name!r} config {key!r} must be a finite number, got {value!r}")
             resolved[key] = float(value)

@@ -49,8 +49,11 @@ def peft_reference(model_dir, adapter, data, rank=4, alpha=32.0):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj", "lm_head"])
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    )
     model = get_peft_model(base, config)
     inner = model.base_model.model
     with torch.no_grad():
@@ -62,12 +65,17 @@ def peft_reference(model_dir, adapter, data, rank=4, alpha=32.0):
     logprobs = []
     for datum in data:
         logits = model(input_ids=torch.from_numpy(datum.tokens)[None]).logits[0]
-        lp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(datum.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(datum.loss_fn_inputs["target_tokens"])[:, None])[
+            :, 0
+        ]
         total = total - (torch.from_numpy(datum.loss_fn_inputs["weights"]) * lp).sum()
         logprobs.append(lp.detach().numpy())
     total.backward()
     grads = {
-        name: (inner.get_submodule(name).lora_A["default"].weight.grad, inner.get_submodule(name).lora_B["default"].weight.grad)
+        name: (
+            inner.get_submodule(name).lora_A["default"].weight.grad,
+            inner.get_submodule(name).lora_B["default"].weight.grad,
+        )
         for name in adapter.weights
     }
     return float(total.detach()), logprobs, grads
@@ -158,7 +166,12 @@ def test_same_seed_same_initial_adapter(backend):
     [
         (lambda d: d[0].loss_fn_inputs.update(target_tokens=np.array([1, 2])), "leading dimension"),
         (lambda d: d[1].loss_fn_inputs.update(target_tokens=d[1].loss_fn_inputs["target_tokens"] + VOCAB), "outside"),
-        (lambda d: d.__setitem__(0, Datum(tokens=np.array([-1, 3]), loss_fn_inputs={"target_tokens": np.array([1, 2])})), "outside"),
+        (
+            lambda d: d.__setitem__(
+                0, Datum(tokens=np.array([-1, 3]), loss_fn_inputs={"target_tokens": np.array([1, 2])})
+            ),
+            "outside",
+        ),
         (lambda d: d[2].loss_fn_inputs.pop("weights"), "every datum or for none"),
         (lambda d: d.clear(), "at least one datum"),
     ],
@@ -189,8 +202,13 @@ def test_top_k_cross_entropy_logprobs_have_k_columns(backend):
     create(backend, "a")
     rng = np.random.default_rng(5)
     data = [
-        Datum(tokens=rng.integers(0, VOCAB, n), loss_fn_inputs={
-            "target_tokens": rng.integers(0, VOCAB, (n, 3)), "weights": np.full((n, 3), 1 / 3, np.float32)})
+        Datum(
+            tokens=rng.integers(0, VOCAB, n),
+            loss_fn_inputs={
+                "target_tokens": rng.integers(0, VOCAB, (n, 3)),
+                "weights": np.full((n, 3), 1 / 3, np.float32),
+            },
+        )
         for n in (4, 6)
     ]
     result = backend.forward_backward(ForwardBackwardWork("a", None, data, "cross_entropy"))

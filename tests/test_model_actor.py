@@ -101,3 +101,27 @@ def test_create_model_is_idempotent_and_release_session_unloads():
         return released, await actor.has_model("s1:train:0"), await actor.has_model("s2:train:0")
 
     assert run(scenario()) == (["s1:train:0"], False, True)
+
+
+def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_model_dir):
+    from losses import unregister_custom_loss
+
+    config = BaseModelConfig(name="tiny", source=str(tiny_model_dir), custom_losses=["tests.custom_loss_example"])
+
+    async def scenario():
+        actor = ModelActor(config)
+        await actor.create_model(CreateModelWork("m", LoraSpec(rank=2, seed=0)))
+        data = [Datum(np.arange(5), {"target_tokens": np.arange(1, 6), "weights": np.ones(5, np.float32)})]
+        plain = await actor.forward_backward(ForwardBackwardWork("m", 1, data, "cross_entropy", forward_only=True))
+        custom = await actor.forward_backward(
+            ForwardBackwardWork("m", 2, data, "weighted_squared_logprob", {"scale": 2.0})
+        )
+        return plain, custom
+
+    try:
+        plain, custom = run(scenario())
+    finally:
+        unregister_custom_loss("weighted_squared_logprob")
+    expected = 2.0 * float((plain.loss_fn_outputs[0]["logprobs"].astype(np.float64) ** 2).sum())
+    assert custom.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+    assert custom.metrics["custom/squares:sum"] == 1.0

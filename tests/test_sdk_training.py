@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import requests
 import tinker
-import torch
 from tinker import types
 
 from configs.schema import ThinkerConfig
@@ -73,8 +72,14 @@ def test_forward_backward_each_loss_matches_its_formula(service):
     q = [x + rng.normal(0, 0.1, x.shape) for x in lp]
     adv = [rng.normal(size=x.shape) for x in lp]
     rl_data = [
-        types.Datum(model_input=d.model_input, loss_fn_inputs={
-            "target_tokens": d.loss_fn_inputs["target_tokens"], "logprobs": qi.tolist(), "advantages": ai.tolist()})
+        types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "logprobs": qi.tolist(),
+                "advantages": ai.tolist(),
+            },
+        )
         for d, qi, ai in zip(data, q, adv)
     ]
     ratio = [np.exp(x - qi) for x, qi in zip(lp, q)]
@@ -196,14 +201,22 @@ def test_retried_submission_is_executed_once(url):
     def fb_body(model_id: str) -> bytes:
         request = types.ForwardBackwardRequest(
             forward_backward_input=types.ForwardBackwardInput(data=[datum(4)], loss_fn="cross_entropy"),
-            model_id=model_id, seq_id=1)
+            model_id=model_id,
+            seq_id=1,
+        )
         return forward_backward_request_to_proto(request).SerializeToString()
 
     norms = []
     for posts in (1, 2):
         model_id = fresh_model()
-        ids = {requests.post(f"{url}/api/v1/forward_backward", data=fb_body(model_id),
-                             headers={"content-type": "application/x-protobuf"}).json()["request_id"] for _ in range(posts)}
+        ids = {
+            requests.post(
+                f"{url}/api/v1/forward_backward",
+                data=fb_body(model_id),
+                headers={"content-type": "application/x-protobuf"},
+            ).json()["request_id"]
+            for _ in range(posts)
+        }
         for rid in ids:
             assert poll(url, rid).status_code == 200
         step = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}
