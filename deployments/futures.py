@@ -8,12 +8,14 @@
 - A request can also be failed before any actor call (e.g. a datum that does not decode):
   its entry then holds the `{error, category}` body instead of a ref.
 - NOTE: the ingress answers a submission without waiting for the store's `put`; a `get` that
-  arrives first waits up to `put_grace_s` for it.
+  arrives first waits for it, up to `put_grace_s` after the id was minted (ids carry their
+  mint time, so an expired or foreign id is answered at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,7 +36,17 @@ class FutureEntry:
 
 
 def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
+    """`req-<mint time in ms, hex>-<random>`: the store can tell a fresh id from an expired one."""
+    return f"req-{int(time.time() * 1000):x}-{uuid.uuid4().hex}"
+
+
+def minted_at(request_id: str) -> float | None:
+    """Wall-clock seconds at which the id was made, or None for ids Thinker did not make."""
+    parts = request_id.split("-")
+    try:
+        return int(parts[1], 16) / 1000 if len(parts) == 3 and parts[0] == "req" else None
+    except ValueError:
+        return None
 
 
 class _TtlTable:
@@ -67,8 +81,9 @@ class _TtlTable:
 
 
 class FutureStore:
-    def __init__(self, ttl_s: float, put_grace_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ttl_s: float, put_grace_s: float = 10.0, clock: Callable[[], float] = time.time):
         self._table = _TtlTable(ttl_s, clock)
+        self._clock = clock  # wall-clock seconds: request ids carry their mint time in it
         self._put_grace_s = put_grace_s
         self._arrivals: dict[str, asyncio.Event] = {}
 
@@ -80,11 +95,15 @@ class FutureStore:
 
     async def get(self, request_id: str) -> FutureEntry | None:
         entry = self._table.get(request_id)
-        if entry is not None:
+        minted = minted_at(request_id)
+        if entry is not None or minted is None:
             return entry
+        wait_s = minted + self._put_grace_s - self._clock()
+        if wait_s <= 0:
+            return None
         event = self._arrivals.setdefault(request_id, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), self._put_grace_s)
+            await asyncio.wait_for(event.wait(), wait_s)
         except TimeoutError:
             self._arrivals.pop(request_id, None)
             return None
@@ -109,7 +128,10 @@ class Futures:
         task.add_done_callback(self._puts.discard)
 
     async def _put(self, request_id: str, entry: FutureEntry) -> None:
-        await self._store.put.remote(request_id, entry)
+        try:
+            await self._store.put.remote(request_id, entry)
+        except Exception:  # the local copy still answers this replica's polls
+            logger.exception("could not share future %s with the other ingress replicas", request_id)
 
     async def find(self, request_id: str) -> FutureEntry | None:
         entry = self._local.get(request_id)
