@@ -1,8 +1,9 @@
 """The narrow interface every compute backend implements, in Tinker verbs.
 
-The model actor owns ordering, de-duplication and threading; a backend only computes, and is
-called from one thread at a time. The HF backend implements it now; the Megatron group will
-implement the same methods.
+The model actor owns ordering, de-duplication, threading and checkpoint storage; a backend only
+computes, and is called from one thread at a time. Adapters go in and out as PEFT files
+(`actors.peft_format`), so a checkpoint written by one backend loads in another. The HF backend
+implements it now; the Megatron group will implement the same methods.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from actors.work import (
     ModelInfo,
     OptimStepResult,
     OptimStepWork,
+    SampleResult,
+    SamplerInfo,
+    SampleWork,
 )
 
 
 class Backend(Protocol):
+    tokenizer: object | None  # the base model's HF tokenizer, if it has one
+
     def describe(self) -> ModelDescription: ...
 
     def create_model(self, work: CreateModelWork) -> ModelInfo: ...
@@ -34,3 +40,19 @@ class Backend(Protocol):
     def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult: ...
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult: ...
+
+    def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]: ...
+
+    def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None: ...
+
+    def create_sampler(self, info: SamplerInfo, files: dict[str, bytes] | None) -> SamplerInfo: ...
+
+    def snapshot_sampler(self, model_id: str, info: SamplerInfo) -> SamplerInfo: ...
+
+    def sampler_info(self, sampler_id: str) -> SamplerInfo: ...
+
+    def list_samplers(self) -> list[str]: ...
+
+    def remove_sampler(self, sampler_id: str) -> None: ...
+
+    def sample(self, works: list[SampleWork]) -> list[SampleResult | Exception]: ...

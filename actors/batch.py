@@ -24,7 +24,7 @@ class PackedBatch:
     tokens_BT: torch.Tensor  # int64, right-padded with 0
     targets_BTK: torch.Tensor  # int64, K = 1 for plain targets
     mask_BT: torch.Tensor  # bool, True on real positions
-    lengths: list[int]
+    lengths: list[int]  # scored positions per datum
     topk: bool  # targets were (N, K)
     inputs: dict[str, torch.Tensor]  # loss inputs concatenated over datums (targets excluded)
 
@@ -44,8 +44,10 @@ def validate_data(data: list[Datum], spec: LossSpec, vocab_size: int, max_seq_le
             raise UserError(f"datum {i}: model_input must be a non-empty 1-D token list")
         if n > max_seq_len:
             raise UserError(f"datum {i}: {n} tokens exceed this model's maximum of {max_seq_len}")
+        if not 0 <= datum.loss_from < n:
+            raise UserError(f"datum {i}: nothing to score (loss_from {datum.loss_from}, {n} tokens)")
         _check_token_range(datum.tokens, vocab_size, f"datum {i}: model_input")
-        spec.check_inputs(datum.loss_fn_inputs, n, i)
+        spec.check_inputs(datum.loss_fn_inputs, datum.num_scored, i)
         _check_token_range(datum.loss_fn_inputs["target_tokens"], vocab_size, f"datum {i}: target_tokens")
         trailing.add(datum.loss_fn_inputs["target_tokens"].shape[1:])
         total += n
@@ -68,18 +70,18 @@ def _check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
 
 def pack(data: list[Datum], spec: LossSpec, device: torch.device) -> PackedBatch:
     """Pad validated datums into one batch (see `validate_data`)."""
-    lengths = [int(d.tokens.shape[0]) for d in data]
     first_targets = data[0].loss_fn_inputs["target_tokens"]
     topk = first_targets.ndim == 2
     k = first_targets.shape[1] if topk else 1
-    B, T = len(data), max(lengths)
+    B, T = len(data), max(int(d.tokens.shape[0]) for d in data)
     tokens = np.zeros((B, T), dtype=np.int64)
     targets = np.zeros((B, T, k), dtype=np.int64)
+    mask = np.zeros((B, T), dtype=bool)
     for row, datum in enumerate(data):
-        n = lengths[row]
+        n, start = int(datum.tokens.shape[0]), datum.loss_from
         tokens[row, :n] = datum.tokens
-        targets[row, :n] = datum.loss_fn_inputs["target_tokens"].reshape(n, k)
-    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+        targets[row, start:n] = datum.loss_fn_inputs["target_tokens"].reshape(n - start, k)
+        mask[row, start:n] = True
     inputs = {
         key: torch.from_numpy(np.concatenate([d.loss_fn_inputs[key] for d in data]).astype(np.float32)).to(device)
         for key in spec.inputs
@@ -89,7 +91,7 @@ def pack(data: list[Datum], spec: LossSpec, device: torch.device) -> PackedBatch
         tokens_BT=torch.from_numpy(tokens).to(device),
         targets_BTK=torch.from_numpy(targets).to(device),
         mask_BT=torch.from_numpy(mask).to(device),
-        lengths=lengths,
+        lengths=[d.num_scored for d in data],
         topk=topk,
         inputs=inputs,
     )

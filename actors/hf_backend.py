@@ -2,29 +2,47 @@
 
 - One copy of the frozen base weights serves every adapter; each forward_backward routes the
   batch rows to their adapter (see `actors.lora.Routing`) and gradients land on that adapter's
-  parameters only.
+  parameters only. Sampling decodes many requests, each with its own adapter, in one batch.
+- Adapters travel in and out as PEFT files (`actors.peft_format`); storage is the caller's job.
 - Called from one thread at a time (the model actor's compute thread).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
 
 import torch
 
 from actors.adapters import AdapterTable
 from actors.batch import flatten_valid, pack, split_by_datum, target_logprobs, validate_data
+from actors.generation import GenRow, generate
 from actors.lora import Routing, install_lora_layers
 from actors.model_source import load_base_model
+from actors.peft_format import (
+    OPTIMIZER_FILE,
+    adapter_files,
+    load_optimizer_state,
+    optimizer_file,
+    read_adapter,
+)
+from actors.sample_rows import SampleLimits, to_rows
+from actors.samplers import SamplerTable
 from actors.work import (
     CreateModelWork,
     ForwardBackwardResult,
     ForwardBackwardWork,
+    LoraSpec,
     ModelDescription,
     ModelInfo,
     OptimStepResult,
     OptimStepWork,
+    SampleResult,
+    SamplerInfo,
+    SampleWork,
 )
+from configs.errors import ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from losses import get_loss
 
@@ -44,6 +62,7 @@ class HFBackend:
         loaded = load_base_model(config, cache_dir)
         self.arch = loaded.arch
         self.tokenizer_dir = loaded.tokenizer_dir
+        self.tokenizer = _load_tokenizer(loaded.tokenizer_dir)
         self.model = loaded.model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.routing = Routing()
@@ -51,9 +70,12 @@ class HFBackend:
         if not self.lora_layers:
             raise ValueError(f"no LoRA-able projections found in a {self.arch!r} model")
         self.adapters = AdapterTable(self.lora_layers, config.max_adapters, config.max_lora_rank, config.lora_alpha)
+        spill_root = str(Path(cache_dir).expanduser() / "spill")
+        self.samplers = SamplerTable(self.lora_layers, config.max_resident_samplers, spill_root)
         hf_config = self.model.config
         self.vocab_size = int(hf_config.vocab_size)
         self.max_seq_len = int(config.max_seq_len or getattr(hf_config, "max_position_embeddings", 2048))
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
 
     def describe(self) -> ModelDescription:
         return ModelDescription(
@@ -61,13 +83,18 @@ class HFBackend:
             vocab_size=self.vocab_size,
             max_seq_len=self.max_seq_len,
             max_batch_tokens=self.config.max_batch_tokens,
+            sampleable=True,
+            tokenizer_id=self.tokenizer_dir,
         )
 
+    # ---- training models ---------------------------------------------------------------------
+
     def create_model(self, work: CreateModelWork) -> ModelInfo:
+        lora = work.lora if work.lora.seed is not None else _with_seed(work.lora, secrets.randbits(63))
         info = ModelInfo(
             model_id=work.model_id,
             base_model=self.config.name,
-            lora=work.lora,
+            lora=lora,
             arch=self.arch,
             tokenizer_id=self.tokenizer_dir,
             user_metadata=dict(work.user_metadata),
@@ -105,3 +132,134 @@ class HFBackend:
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))
+
+    # ---- weights in and out ------------------------------------------------------------------
+
+    def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]:
+        """The adapter as PEFT files, plus its AdamW state when asked."""
+        adapter = self.adapters.get(model_id)
+        files = adapter_files(adapter.weights, adapter.info.lora.rank, self.config.lora_alpha, self.config.name)
+        if with_optimizer:
+            files[OPTIMIZER_FILE] = optimizer_file(adapter.weights, adapter.optimizer)
+        return files
+
+    def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
+        adapter = self.adapters.get(model_id)
+        loaded, config = read_adapter(files)
+        if set(loaded) != set(adapter.weights) or config.get("r") != adapter.info.lora.rank:
+            raise UserError(
+                f"checkpoint (rank {config.get('r')}, {len(loaded)} modules) does not fit training model "
+                f"{model_id!r} (rank {adapter.info.lora.rank}, {len(adapter.weights)} modules)"
+            )
+        with torch.no_grad():
+            for name, (A, B) in loaded.items():
+                adapter.weights[name].A.copy_(A)
+                adapter.weights[name].B.copy_(B)
+        for p in adapter.parameters():
+            p.grad = None
+        if with_optimizer:
+            if OPTIMIZER_FILE not in files:
+                raise UserError("this checkpoint holds no optimizer state (save it with save_state)")
+            load_optimizer_state(files[OPTIMIZER_FILE], adapter.weights, adapter.optimizer)
+        else:
+            adapter.optimizer.state.clear()
+
+    # ---- sampling ----------------------------------------------------------------------------
+
+    def create_sampler(self, info: SamplerInfo, files: dict[str, bytes] | None) -> SamplerInfo:
+        """A sampler on the base model (no files) or on a PEFT adapter's files."""
+        if files is None:
+            self.samplers.add_base(info)
+            return info
+        loaded, config = read_adapter(files)
+        unknown = set(loaded) - set(self.lora_layers)
+        if unknown:
+            raise UserError(f"adapter targets modules this base model lacks: {sorted(unknown)[:3]}")
+        self.samplers.add_adapter(info, loaded, float(config["lora_alpha"]) / int(config["r"]))
+        return info
+
+    def snapshot_sampler(self, model_id: str, info: SamplerInfo) -> SamplerInfo:
+        """A frozen copy of a training model's current weights, sampled under `info.sampler_id`."""
+        adapter = self.adapters.get(model_id)
+        weights = {n: (w.A.detach().clone(), w.B.detach().clone()) for n, w in adapter.weights.items()}
+        scaling = next(iter(adapter.weights.values())).scaling
+        self.samplers.add_adapter(info, weights, scaling)
+        return info
+
+    def sampler_info(self, sampler_id: str) -> SamplerInfo:
+        return self.samplers.info(sampler_id)
+
+    def list_samplers(self) -> list[str]:
+        return self.samplers.ids()
+
+    def remove_sampler(self, sampler_id: str) -> None:
+        self.samplers.remove(sampler_id)
+
+    def sample(self, works: list[SampleWork]) -> list[SampleResult | ThinkerError]:
+        """Every request in one batched generation; a bad request fails alone."""
+        outcomes: list[SampleResult | ThinkerError | None] = [None] * len(works)
+        rows: list[GenRow] = []
+        owners: list[int] = []
+        for i, work in enumerate(works):
+            try:
+                new_rows = to_rows(work, self._routing_key(work.sampler_id), self._sample_limits())
+            except ThinkerError as exc:
+                outcomes[i] = exc
+                continue
+            rows += new_rows
+            owners += [i] * len(new_rows)
+        if rows:
+            outputs = generate(self.model, self.routing, rows, decode=self._decode)
+            for i in sorted(set(owners)):
+                mine = [o for o, owner in zip(outputs, owners) if owner == i]
+                outcomes[i] = SampleResult(
+                    sequences=[o.sequence for o in mine],
+                    prompt_logprobs=mine[0].prompt_logprobs,
+                    topk_prompt_ids=mine[0].topk_ids,
+                    topk_prompt_logprobs=mine[0].topk_logprobs,
+                )
+        return outcomes
+
+    def _sample_limits(self) -> SampleLimits:
+        return SampleLimits(
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            default_max_tokens=self.config.default_max_tokens,
+            max_rows=self.config.max_sample_rows,
+            eos_ids=self.eos_ids,
+            can_decode=self.tokenizer is not None,
+            device=self.device,
+        )
+
+    def _routing_key(self, sampler_id: str) -> str:
+        if sampler_id in self.adapters:  # a training model, sampled live
+            return sampler_id
+        if sampler_id == self.config.name:
+            return ""
+        return self.samplers.routing_key(sampler_id)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+def _with_seed(lora: LoraSpec, seed: int) -> LoraSpec:
+    return LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
+
+
+def _load_tokenizer(tokenizer_dir: str | None):
+    if tokenizer_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (generation_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,50 +1,44 @@
 """The model actor: one per base model, hosting many LoRA adapters over one copy of the weights.
 
 - Wrapped as a Serve deployment by `deployments.app` (pinned to `num_gpus` when configured).
-  Every training call returns only when its work is done, so the Ray ref of the call *is*
-  the request's future.
-- Ordering: each training model's requests run in seq_id order (`Sequencer`); a retried
-  submission of the same (model_id, seq_id) awaits the first one's result instead of running
-  twice.
-- NOTE: all backend work runs on one compute thread, in release order, so the backend needs
-  no locks; the event loop only queues, orders and answers.
+  Every call returns only when its work is done, so the Ray ref of the call *is* the future.
+- The `Scheduler` orders each training model's requests by seq_id, batches sampling, drops
+  retried duplicates and runs everything on one compute thread; `Checkpointing` moves adapters
+  between the backend and the checkpoint store.
+- NOTE: this module stays torch-free (the ingress imports it through the app); the backend is
+  built by `backend_factory` inside the actor process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import logging
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+
+import numpy as np
 
 from actors.backend import Backend
-from actors.sequencer import Sequencer
+from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
+from actors.checkpoint_store import CheckpointStore
+from actors.checkpointing import Checkpointing
+from actors.scheduler import Scheduler
 from actors.work import (
+    ChatForwardBackwardWork,
     CreateModelWork,
     ForwardBackwardResult,
     ForwardBackwardWork,
+    GeneratedText,
+    GenerateWork,
     ModelDescription,
     ModelInfo,
     OptimStepResult,
     OptimStepWork,
+    SampleResult,
+    SamplerInfo,
+    SampleWork,
 )
-from configs.errors import ServerError, ThinkerError
+from configs.errors import UserError
 from configs.schema import BaseModelConfig
-
-logger = logging.getLogger(__name__)
-
-DEDUPE_WINDOW = 4096  # (model_id, seq_id) results remembered for retried submissions
-
-
-@dataclass
-class _Job:
-    fn: Callable[[], Any]
-    future: asyncio.Future
 
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
@@ -58,39 +52,90 @@ class ModelActor:
         self,
         config: BaseModelConfig,
         cache_dir: str = "~/.cache/thinker",
+        checkpoint_root: str = "~/.cache/thinker/checkpoints",
         backend_factory: Callable[[BaseModelConfig, str], Backend] = default_backend,
     ):
         for module in config.custom_losses:
             importlib.import_module(module)
         self._config = config
         self._backend = backend_factory(config, cache_dir)
+        self._checkpoints = Checkpointing(self._backend, CheckpointStore(checkpoint_root), config.name)
+        self._scheduler = Scheduler(self._backend.sample, config.max_sample_rows, config.seq_gap_timeout_s)
         self._description = self._backend.describe()
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-compute")
-        self._sequencer: Sequencer[_Job] = Sequencer(config.seq_gap_timeout_s)
-        self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._gap_changed: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
 
-    # ---- Tinker verbs -------------------------------------------------------------------
+    # ---- training models --------------------------------------------------------------------
 
     async def create_model(self, work: CreateModelWork) -> ModelInfo:
-        return await self._ordered(work.model_id, 0, partial(self._create_model, work))
+        return await self._scheduler.ordered(work.model_id, 0, partial(self._checkpoints.create_model, work))
+
+    async def create_model_from_state(self, model_id: str, path: str, optimizer: bool, metadata: dict) -> ModelInfo:
+        """create_training_client_from_state*: a new training model (seq 0) from a checkpoint."""
+        fn = partial(self._checkpoints.create_from_state, model_id, path, optimizer, metadata)
+        return await self._scheduler.ordered(model_id, 0, fn)
 
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        return await self._ordered(work.model_id, work.seq_id, partial(self._backend.forward_backward, work))
+        return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.forward_backward, work))
 
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
-        return await self._ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
+        return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
+
+    async def save_weights(self, model_id: str, seq_id: int | None, name: str) -> str:
+        return await self._scheduler.ordered(
+            model_id, seq_id, partial(self._checkpoints.save, model_id, "weights", name)
+        )
+
+    async def save_weights_for_sampler(
+        self, model_id: str, seq_id: int | None, name: str | None, sampler_id: str | None
+    ) -> str:
+        """Named: a PEFT folder in storage (returns its path). Else: a snapshot sampler (returns its id)."""
+        if name is not None:
+            fn = partial(self._checkpoints.save, model_id, "sampler_weights", name)
+        else:
+            fn = partial(self._checkpoints.snapshot, model_id, sampler_id)
+        return await self._scheduler.ordered(model_id, seq_id, fn)
+
+    async def load_weights(self, model_id: str, seq_id: int | None, path: str, optimizer: bool) -> str:
+        return await self._scheduler.ordered(
+            model_id, seq_id, partial(self._checkpoints.load, model_id, path, optimizer)
+        )
 
     async def unload_model(self, model_id: str) -> str:
-        await self._ordered(model_id, None, partial(self._backend.unload_model, model_id))
-        for job in self._sequencer.forget(model_id):
-            self._enqueue(job)
+        await self._scheduler.ordered(model_id, None, partial(self._backend.unload_model, model_id))
+        self._scheduler.forget(model_id)
         return model_id
 
     async def get_info(self, model_id: str) -> ModelInfo:
         return self._backend.get_info(model_id)
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    async def create_sampler(self, sampler_id: str, model_path: str | None) -> SamplerInfo:
+        if await self.has_sampler(sampler_id):
+            return self._backend.sampler_info(sampler_id)
+        fn = partial(self._checkpoints.create_sampler, sampler_id, model_path)
+        return await self._scheduler.ordered(sampler_id, None, fn)
+
+    async def sampler_info(self, sampler_id: str) -> SamplerInfo:
+        return self._backend.sampler_info(sampler_id)
+
+    async def sample(self, work: SampleWork) -> SampleResult:
+        return await self._scheduler.sample(work)
+
+    # ---- the simple JSON routes: chat data, text in and out ------------------------------------
+
+    async def chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
+        return await self._scheduler.ordered(work.model_id, None, partial(self._chat_forward_backward, work))
+
+    async def generate_text(self, work: GenerateWork) -> GeneratedText:
+        # NOTE: the tokenizer runs on the compute thread only (fast tokenizers are not re-entrant).
+        prompt = await self._scheduler.run_now(partial(self._encode_prompt, work))
+        result = await self._scheduler.sample(SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params))
+        return await self._scheduler.run_now(partial(self._decode, result, len(prompt)))
+
+    async def loss_functions(self) -> dict[str, str]:
+        from losses import available_losses  # here, not at the top: this module stays torch-free
+
+        return available_losses()
 
     # ---- bookkeeping for the ingress ---------------------------------------------------------
 
@@ -98,86 +143,58 @@ class ModelActor:
         return self._description
 
     async def has_model(self, model_id: str) -> bool:
-        try:
-            self._backend.get_info(model_id)
-        except ThinkerError:
-            return False
-        return True
+        return model_id in self._backend.list_models()
+
+    async def has_sampler(self, sampler_id: str) -> bool:
+        return sampler_id in self._backend.list_samplers()
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [self._backend.get_info(m) for m in self._backend.list_models()]
 
     async def skip(self, model_id: str, seq_id: int) -> None:
         """The ingress rejected this submission: later seq ids must not wait for it."""
-        self._start()
-        for job in self._sequencer.skip(model_id, seq_id):
-            self._enqueue(job)
+        self._scheduler.skip(model_id, seq_id)
 
     async def release_session(self, session_id: str) -> list[str]:
-        """Unload the session's models that live here (its client has finished)."""
-        mine = [m for m in self._backend.list_models() if m.startswith(f"{session_id}:")]
-        return [await self.unload_model(model_id) for model_id in mine]
+        """Unload the session's models and samplers that live here (its client has finished)."""
+        prefix = f"{session_id}:"
+        released = [await self.unload_model(m) for m in self._backend.list_models() if m.startswith(prefix)]
+        for sampler_id in [s for s in self._backend.list_samplers() if s.startswith(prefix)]:
+            await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
+            released.append(sampler_id)
+        return released
 
-    # ---- ordering and execution ------------------------------------------------------------
+    # ---- compute-thread helpers ------------------------------------------------------------------
 
-    def _create_model(self, work: CreateModelWork) -> ModelInfo:
-        try:  # a retried create_model (lost response) finds its model already there
-            return self._backend.get_info(work.model_id)
-        except ThinkerError:
-            return self._backend.create_model(work)
+    def _chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
+        if work.create_with is not None:
+            self._checkpoints.create_model(CreateModelWork(work.model_id, work.create_with))
+        if not work.conversations:
+            raise UserError("data must hold at least one conversation")
+        inputs = work.loss_fn_inputs or [{} for _ in work.conversations]
+        if len(inputs) != len(work.conversations):
+            raise UserError(f"loss_fn_inputs cover {len(inputs)} conversations, data has {len(work.conversations)}")
+        tokenizer = self._backend.tokenizer
+        data = [chat_datum(tokenizer, c, work.loss_fn, i) for c, i in zip(work.conversations, inputs)]
+        result = self._backend.forward_backward(
+            ForwardBackwardWork(work.model_id, None, data, work.loss_fn, work.loss_fn_config)
+        )
+        result.metrics.update(likelihood_metrics(data, [o["logprobs"] for o in result.loss_fn_outputs]))
+        return result
 
-    async def _ordered(self, model_id: str, seq_id: int | None, fn: Callable[[], Any]) -> Any:
-        self._start()
-        key = (model_id, seq_id) if seq_id is not None else None
-        if key is not None and key in self._seen:
-            return await asyncio.shield(self._seen[key])
-        job = _Job(fn, asyncio.get_running_loop().create_future())
-        if key is not None:
-            self._remember(key, job.future)
-        for ready in self._sequencer.submit(model_id, seq_id, job):
-            self._enqueue(ready)
-        self._gap_changed.set()
-        return await asyncio.shield(job.future)
+    def _encode_prompt(self, work: GenerateWork) -> np.ndarray:
+        if work.messages is not None:
+            return prompt_tokens(self._backend.tokenizer, work.messages)
+        if self._backend.tokenizer is None:
+            raise UserError("this base model has no tokenizer, so it cannot take text prompts")
+        return np.asarray(self._backend.tokenizer(work.prompt or "", add_special_tokens=False)["input_ids"], np.int64)
 
-    def _remember(self, key: tuple[str, int], future: asyncio.Future) -> None:
-        self._seen[key] = future
-        while len(self._seen) > DEDUPE_WINDOW:
-            self._seen.popitem(last=False)
-
-    def _enqueue(self, job: _Job) -> None:
-        self._queue.put_nowait(job)
-
-    def _start(self) -> None:
-        """Start the dispatcher and the gap timer on the replica's event loop (first call)."""
-        if self._queue is not None:
-            return
-        self._queue = asyncio.Queue()
-        self._gap_changed = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._expire_gaps())]
-
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self._queue.get()
-            try:
-                result = await loop.run_in_executor(self._compute, job.fn)
-            except ThinkerError as exc:
-                job.future.set_exception(exc)
-            except Exception as exc:  # a bug or a device fault: never take the actor down
-                logger.exception("compute failed")
-                job.future.set_exception(ServerError(f"{type(exc).__name__}: {exc}"))
-            else:
-                job.future.set_result(result)
-
-    async def _expire_gaps(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            deadline = self._sequencer.next_deadline()
-            self._gap_changed.clear()
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                await asyncio.wait_for(self._gap_changed.wait(), timeout)
-            except TimeoutError:
-                pass
-            for job in self._sequencer.expire():
-                logger.warning(
-                    "running a request after waiting %.1fs for a missing seq_id", self._config.seq_gap_timeout_s
-                )
-                self._enqueue(job)
+    def _decode(self, result: SampleResult, prompt_length: int) -> GeneratedText:
+        tokenizer = self._backend.tokenizer
+        return GeneratedText(
+            texts=[tokenizer.decode(s.tokens.tolist(), skip_special_tokens=True) for s in result.sequences],
+            tokens=[s.tokens.tolist() for s in result.sequences],
+            logprobs=[s.logprobs.tolist() for s in result.sequences],
+            stop_reasons=[s.stop_reason for s in result.sequences],
+            prompt_tokens=prompt_length,
+        )

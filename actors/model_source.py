@@ -4,6 +4,8 @@
   package. transformers dequantizes it to float; `save_pretrained` refuses a GGUF-loaded model,
   so its state_dict is copied into a model built from the same config and saved once as a
   safetensors folder (with the tokenizer) under the cache dir. Later loads read that folder.
+- Models built with random weights get the byte-level tokenizer (`actors.byte_tokenizer`) when
+  their vocab can hold it.
 - NOTE: the cache folder is written to a temporary name and renamed, so a half-written cache is
   never loaded, even when two processes convert at once.
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actors.byte_tokenizer import VOCAB_SIZE as BYTE_VOCAB_SIZE
+from actors.byte_tokenizer import save_byte_level_tokenizer
 from configs.errors import UserError
 from configs.schema import EMBEDDED_DEFAULT, BaseModelConfig
 
@@ -75,6 +79,20 @@ def ensure_embedded_model(name: str, cache_dir: str) -> Path:
     return target
 
 
+def ensure_byte_tokenizer(cache_dir: str) -> str:
+    """The byte-level tokenizer random models get (when their vocab can hold it), saved once."""
+    target = Path(cache_dir).expanduser() / "tokenizers" / "byte-level"
+    if not (target / "tokenizer.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".byte-level-", dir=target.parent))
+        save_byte_level_tokenizer(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
 def resolve_source(config: BaseModelConfig, cache_dir: str) -> str:
     """A folder path or hub id that `from_pretrained` accepts."""
     if config.source.startswith("embedded:"):
@@ -91,7 +109,8 @@ def load_base_model(config: BaseModelConfig, cache_dir: str) -> LoadedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.random_seed)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        return LoadedModel(model=model, tokenizer_dir=None, arch=hf_config.model_type)
+        tokenizer_dir = ensure_byte_tokenizer(cache_dir) if hf_config.vocab_size >= BYTE_VOCAB_SIZE else None
+        return LoadedModel(model=model, tokenizer_dir=tokenizer_dir, arch=hf_config.model_type)
     path = resolve_source(config, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return LoadedModel(model=model, tokenizer_dir=path, arch=model.config.model_type)

@@ -17,6 +17,13 @@ import numpy as np
 class Datum:
     tokens: np.ndarray  # int64 [N]: the model input, position i predicts target_tokens[i]
     loss_fn_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # Positions before loss_from are context only: loss inputs cover positions loss_from..N-1.
+    # Tinker datums score every position (0); chat data of the simple JSON routes skip the prompt.
+    loss_from: int = 0
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.tokens.shape[0]) - self.loss_from
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,82 @@ class ModelDescription:
     max_batch_tokens: int
     trainable: bool = True
     sampleable: bool = False
+    tokenizer_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: the model's default_max_tokens
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0
+    seed: int | None = None  # same seed, same output
+    stop_tokens: tuple[int, ...] = ()  # stop after any of these, besides EOS
+    stop_strings: tuple[str, ...] = ()
+    stop_at_eos: bool = True  # Tinker's `stop=[]` turns this off: decode until max_tokens
+
+
+@dataclass
+class SampleWork:
+    sampler_id: str  # sampling session id, training model id, or base model name
+    seq_id: int | None
+    prompt: np.ndarray  # int64 [L]
+    num_samples: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass
+class SampledSequence:
+    tokens: np.ndarray  # int32, the stop token / stop string's tokens included
+    logprobs: np.ndarray  # float32, the model's log-prob of each sampled token (before temperature)
+    stop_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: np.ndarray | None = None  # float32 [L], NaN at 0
+    topk_prompt_ids: np.ndarray | None = None  # int32 [L, k]
+    topk_prompt_logprobs: np.ndarray | None = None  # float32 [L, k]
+
+
+@dataclass
+class SamplerInfo:
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None  # tinker:// path of the sampler weights, if any
+    source_model_id: str | None = None  # training model it was snapshot from, if any
+
+
+@dataclass
+class ChatForwardBackwardWork:
+    """The simple JSON route's forward_backward: chat conversations rendered by the actor."""
+
+    model_id: str
+    conversations: list[list[dict[str, str]]]
+    loss_fn: str
+    loss_fn_inputs: list[dict[str, np.ndarray]]  # per conversation, may be empty
+    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
+    create_with: LoraSpec | None = None  # create the adapter first if it does not exist
+
+
+@dataclass
+class GenerateWork:
+    """The simple JSON route's generate: a text prompt or chat messages, answered with text."""
+
+    sampler_id: str
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    num_samples: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GeneratedText:
+    texts: list[str]  # one per sample, special tokens left out
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    stop_reasons: list[str]
+    prompt_tokens: int

@@ -58,6 +58,11 @@ class BaseModelConfig(StrictConfig):
         gt=0,
         description="How long a training request waits for a missing earlier seq_id before it runs anyway.",
     )
+    default_max_tokens: int = Field(256, ge=1, description="Tokens sampled when a request sets no max_tokens.")
+    max_resident_samplers: int = Field(
+        16, ge=1, description="Sampler snapshots kept on the device; older ones wait in a spill file."
+    )
+    max_sample_rows: int = Field(64, ge=1, description="Most sequences decoded together in one batched generation.")
     custom_losses: list[str] = Field(
         default_factory=list,
         description="Python modules imported in the model actor at start; they call losses.register_custom_loss.",
@@ -80,6 +85,10 @@ class ThinkerConfig(StrictConfig):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     cache_dir: str = Field(
         "~/.cache/thinker", description="Where converted models (the embedded default's safetensors) are cached."
+    )
+    checkpoint_root: str = Field(
+        "~/.cache/thinker/checkpoints",
+        description="Where checkpoints live: a local folder, or an fsspec URI (s3://...) that every node shares.",
     )
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ def model_deployment_name(index: int, model: BaseModelConfig) -> str:
     return f"model-{index}-{slug}"
 
 
-def bind_model(index: int, model: BaseModelConfig, cache_dir: str, backend_factory: Any) -> Application:
+def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backend_factory: Any) -> Application:
     return (
         serve.deployment(ModelActor)
         .options(
@@ -37,7 +37,7 @@ def bind_model(index: int, model: BaseModelConfig, cache_dir: str, backend_facto
             health_check_period_s=10,
             health_check_timeout_s=120,
         )
-        .bind(model, cache_dir, backend_factory)
+        .bind(model, config.cache_dir, config.checkpoint_root, backend_factory)
     )
 
 
@@ -49,7 +49,7 @@ def build_app(args: dict[str, Any]) -> Application:
 def build_thinker_app(config: ThinkerConfig, backend_factory: Any = default_backend) -> Application:
     """Binds the deployments. `backend_factory(model_config, cache_dir)` builds each model
     actor's backend (tests pass a fake)."""
-    models = {m.name: bind_model(i, m, config.cache_dir, backend_factory) for i, m in enumerate(config.models)}
+    models = {m.name: bind_model(i, m, config, backend_factory) for i, m in enumerate(config.models)}
     store = (
         serve.deployment(FutureStore)
         .options(name="futures", num_replicas=1, max_ongoing_requests=UNBOUNDED, ray_actor_options={"num_cpus": 0})

@@ -24,6 +24,9 @@ from typing import Any
 
 import ray
 
+from configs.errors import NotFoundError
+from deployments.errors import error_response
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +35,7 @@ class FutureEntry:
     kind: str  # the Tinker verb that made it; decides the result's wire encoding
     refs: list[ray.ObjectRef] | None = None  # [ref]: a list, so Ray passes the ref, not its value
     failure: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # what the result's encoding needs to know
     created: float = field(default_factory=time.monotonic)
 
 
@@ -133,11 +137,41 @@ class Futures:
         except Exception:  # the local copy still answers this replica's polls
             logger.exception("could not share future %s with the other ingress replicas", request_id)
 
-    async def find(self, request_id: str) -> FutureEntry | None:
+    async def submit(self, kind: str, response: Any, **meta: Any) -> str:
+        """A new request id for a model deployment call (a DeploymentResponse) and its ref."""
+        ref = await response._to_object_ref()
+        request_id = new_request_id()
+        self.add(request_id, FutureEntry(kind=kind, refs=[ref], meta=meta))
+        return request_id
+
+    def fail(self, kind: str, failure: dict[str, str]) -> str:
+        """A new request id whose future has already failed with `failure` ({error, category})."""
+        request_id = new_request_id()
+        self.add(request_id, FutureEntry(kind=kind, failure=failure))
+        return request_id
+
+    async def find(self, request_id: str) -> FutureEntry:
         entry = self._local.get(request_id)
         if entry is None:
             entry = await self._store.get.remote(request_id)
+        if entry is None:
+            raise NotFoundError(f"unknown or expired request_id {request_id!r}")
         return entry
+
+    async def poll(self, request_id: str, timeout_s: float) -> tuple[bool, Any, dict[str, str] | None, FutureEntry]:
+        """(done, value, failure body, entry): the long-poll behind retrieve_future."""
+        entry = await self.find(request_id)
+        return (*await poll_entry(entry, timeout_s), entry)
+
+
+async def poll_entry(entry: FutureEntry, timeout_s: float) -> tuple[bool, Any, dict[str, str] | None]:
+    """(done, value, failure body) after waiting at most timeout_s for the entry's result."""
+    if entry.failure is not None:
+        return True, None, entry.failure
+    done, value, error = await wait_ref(entry.refs[0], timeout_s)
+    if error is not None:
+        return True, None, error_response(error)[1]
+    return done, value, None
 
 
 async def wait_ref(ref: ray.ObjectRef, timeout_s: float) -> tuple[bool, Any, BaseException | None]:

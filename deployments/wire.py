@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from actors import work
@@ -89,6 +90,111 @@ class OptimStepRequest(WireIn):
     )
 
 
+class EncodedTextChunk(WireIn):
+    type: str = "encoded_text"
+    tokens: list[int] = Field(default_factory=list)
+
+
+class ModelInput(WireIn):
+    chunks: list[dict[str, Any]] = Field(default_factory=list)
+
+    def tokens(self) -> np.ndarray:
+        """The concatenated token ids; non-text chunks (images, audio) are a UserError."""
+        pieces = []
+        for i, chunk in enumerate(self.chunks):
+            if chunk.get("type", "encoded_text") != "encoded_text":
+                raise UserError(f"prompt chunk {i} is {chunk.get('type')!r}; only encoded_text is supported")
+            pieces.append(EncodedTextChunk.model_validate(chunk).tokens)
+        return np.asarray([t for piece in pieces for t in piece], dtype=np.int64)
+
+
+class SamplingParams(WireIn):
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+    def to_work(self) -> work.SamplingParams:
+        """`stop`: None stops at EOS; [] never stops early; token ids or strings stop besides EOS."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return work.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_tokens=tuple(t for t in stop if isinstance(t, int)),
+            stop_strings=tuple(t for t in stop if isinstance(t, str)),
+            stop_at_eos=self.stop is None or bool(stop),
+        )
+
+
+class SampleRequest(WireIn):
+    sampling_session_id: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    seq_id: int | None = None
+    num_samples: int = 1
+    prompt: ModelInput
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
+    target_prompt_logprobs: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The name of an option Thinker does not serve, if the request asks for one."""
+        if self.topk_sample_logprobs:
+            return "topk_sample_logprobs"
+        if self.prompt_alt_tokens_k:
+            return "prompt_alt_tokens_k"
+        if self.record_stability_info:
+            return "record_stability_info (stable_reinforce)"
+        if self.target_prompt_logprobs is not None:
+            return "target_prompt_logprobs"
+        return None
+
+
+class CreateSamplingSessionRequest(WireIn):
+    session_id: str
+    sampling_session_seq_id: int = Field(ge=0)
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class SaveWeightsRequest(WireIn):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+
+
+class SaveWeightsForSamplerRequest(WireIn):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    sampling_session_seq_id: int | None = None
+
+
+class LoadWeightsRequest(WireIn):
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: str
+    optimizer: bool = False
+
+
+class WeightsInfoRequest(WireIn):
+    tinker_path: str
+
+
 class RetrieveFutureRequest(WireIn):
     request_id: str
     allow_metadata_only: bool = False
@@ -135,6 +241,7 @@ class ServerCapabilities(WireOut):
 class UntypedAPIFuture(WireOut):
     request_id: str
     model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
 
 
 class CreateModelResponse(WireOut):
@@ -173,6 +280,82 @@ class UnloadModelResponse(WireOut):
 
 class OptimStepResponse(WireOut):
     metrics: dict[str, float]
+
+
+class CreateSamplingSessionResponse(WireOut):
+    type: Literal["create_sampling_session"] = "create_sampling_session"
+    sampling_session_id: str
+
+
+class GetSamplerResponse(WireOut):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+class SaveWeightsResponse(WireOut):
+    type: Literal["save_weights"] = "save_weights"
+    path: str
+
+
+class SaveWeightsForSamplerResponse(WireOut):
+    type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
+    path: str | None = None
+    sampling_session_id: str | None = None
+
+
+class LoadWeightsResponse(WireOut):
+    type: Literal["load_weights"] = "load_weights"
+    path: str
+    model_id: str
+
+
+class Cursor(WireOut):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class Checkpoint(WireOut):
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: str
+    tinker_path: str
+    size_bytes: int
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRun(WireOut):
+    training_run_id: str
+    base_model: str
+    model_owner: str = "thinker"
+    is_lora: bool = True
+    corrupted: bool = False
+    lora_rank: int
+    last_request_time: str
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRunsResponse(WireOut):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class CheckpointsListResponse(WireOut):
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class WeightsInfoResponse(WireOut):
+    base_model: str
+    is_lora: bool = True
+    lora_rank: int
+    train_unembed: bool
+    train_mlp: bool
+    train_attn: bool
 
 
 class TryAgainResponse(WireOut):

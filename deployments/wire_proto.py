@@ -1,4 +1,4 @@
-"""The protobuf codec: ForwardBackwardRequest in, ForwardBackwardOutput out.
+"""The protobuf codec: ForwardBackwardRequest in; ForwardBackwardOutput and SampleResponse out.
 
 - The schema is the SDK's own `tinker_public_pb2`, loaded straight from the installed `tinker`
   package's file: importing `tinker` itself would pull torch into the ingress.
@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork
+from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork, SampleResult
 from configs.errors import UserError
 
 
@@ -31,6 +31,7 @@ def _load_schema() -> ModuleType:
 
 
 pb = _load_schema()
+TOPK_EMPTY_LOGPROB = -99999.0  # with token 0: an empty top-k slot (the SDK reads a row of them as None)
 
 _NUMPY_DTYPES = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -137,4 +138,30 @@ def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
         field.trailing_shape.extend(arrays[0].shape[1:])
         field.data = b"".join(a.tobytes() for a in arrays)
         field.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype="<i8").tobytes()
+    return out.SerializeToString()
+
+
+def encode_sample_response(result: SampleResult, prompt_logprobs_last_n: int | None = None) -> bytes:
+    """SampleResponse: one SampledSequence per sample (tokens int32, logprobs float32, stop reason),
+    plus prompt logprobs (NaN where not scored) and top-k prompt logprobs when asked for."""
+    out = pb.SampleResponse(prompt_cache_hit_tokens=0)
+    for sequence in result.sequences:
+        seq = out.sequences.add()
+        seq.stop_reason = pb.STOP_REASON_STOP if sequence.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        seq.tokens = np.ascontiguousarray(sequence.tokens, dtype="<i4").tobytes()
+        seq.logprobs = np.ascontiguousarray(sequence.logprobs, dtype="<f4").tobytes()
+    if result.prompt_logprobs is not None:
+        scores = np.array(result.prompt_logprobs, dtype="<f4")
+        if prompt_logprobs_last_n is not None:
+            scores[: len(scores) - prompt_logprobs_last_n] = np.nan
+        out.prompt_logprobs = scores.tobytes()
+    if result.topk_prompt_ids is not None:
+        ids = np.array(result.topk_prompt_ids, dtype="<i4")
+        lps = np.array(result.topk_prompt_logprobs, dtype="<f4")
+        if prompt_logprobs_last_n is not None:
+            ids[: len(ids) - prompt_logprobs_last_n] = 0
+            lps[: len(lps) - prompt_logprobs_last_n] = TOPK_EMPTY_LOGPROB
+        out.topk_prompt_logprobs.length, out.topk_prompt_logprobs.k = ids.shape
+        out.topk_prompt_logprobs.token_ids = ids.tobytes()
+        out.topk_prompt_logprobs.logprobs = lps.tobytes()
     return out.SerializeToString()

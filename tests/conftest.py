@@ -15,7 +15,7 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 TINY_LLAMA = dict(
-    vocab_size=256,
+    vocab_size=260,  # the byte-level tokenizer's 259 tokens, rounded up to an even number
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -36,10 +36,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny Llama saved as a local Hugging Face folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from actors.byte_tokenizer import save_byte_level_tokenizer
+
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(1234)
     AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).save_pretrained(path)
+    save_byte_level_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +80,29 @@ def serve_instance():
     ray.shutdown()
 
 
-def run_app(serve_instance: str, app, name: str = "thinker") -> str:
+def run_app(serve_instance: str, app, name: str) -> str:
+    """Serve `app` under /name (several test apps live side by side); returns its base URL."""
     from ray import serve
 
-    serve.run(app, name=name, route_prefix="/")
-    return serve_instance
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    return f"{serve_instance}/{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(checkpoint_root):
+    """Two tiny random Llamas (tiny-a, tiny-b), two ingress replicas."""
+    from configs.schema import ThinkerConfig
+
+    return ThinkerConfig(
+        models=[tiny_model_config("tiny-a"), tiny_model_config("tiny-b", random_seed=1)],
+        ingress_replicas=2,
+        long_poll_s=2,
+        checkpoint_root=checkpoint_root,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_url(serve_instance, tiny_config) -> str:
+    from deployments.app import build_thinker_app
+
+    return run_app(serve_instance, build_thinker_app(tiny_config), "tiny")

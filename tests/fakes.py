@@ -12,6 +12,8 @@ from actors.work import (
     ModelInfo,
     OptimStepResult,
     OptimStepWork,
+    SampleResult,
+    SampleWork,
 )
 from configs.errors import NotFoundError, UserError
 
@@ -45,6 +47,9 @@ class FakeBackend:
     def list_models(self) -> list[str]:
         return list(self.models)
 
+    def list_samplers(self) -> list[str]:
+        return []
+
     def unload_model(self, model_id: str) -> None:
         self.get_info(model_id)
         del self.models[model_id]
@@ -59,6 +64,9 @@ class FakeBackend:
             raise RuntimeError("fake crash")
         outputs = [{"logprobs": np.zeros(len(d.tokens), np.float32)} for d in work.data]
         return ForwardBackwardResult(outputs, {"loss:sum": float(len(self.calls))})
+
+    def sample(self, works: list[SampleWork]) -> list[SampleResult]:
+        return [SampleResult(sequences=[]) for _ in works]
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         self.get_info(work.model_id)

@@ -19,12 +19,11 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def url(serve_instance, default_model_dir):
-    config = ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, num_cpus=1)])
-    yield run_app(serve_instance, build_thinker_app(config))
-    from ray import serve
-
-    serve.delete("thinker")
+def url(serve_instance, default_model_dir, checkpoint_root):
+    config = ThinkerConfig(
+        models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, num_cpus=1)], checkpoint_root=checkpoint_root
+    )
+    return run_app(serve_instance, build_thinker_app(config), "default")
 
 
 def test_loss_falls_by_more_than_20_percent_in_10_steps(url):

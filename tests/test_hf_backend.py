@@ -9,8 +9,9 @@ from actors.lora import target_scope
 from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
 from configs.errors import CapacityError, NotFoundError, UserError
 from configs.schema import BaseModelConfig
+from tests.conftest import TINY_LLAMA
 
-VOCAB = 256
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 @pytest.fixture

@@ -18,18 +18,16 @@ PROTO = {"content-type": "application/x-protobuf"}
 
 
 @pytest.fixture(scope="module")
-def url(serve_instance):
+def url(serve_instance, checkpoint_root):
     config = ThinkerConfig(
+        checkpoint_root=checkpoint_root,
         models=[BaseModelConfig(name="fake", num_cpus=0, seq_gap_timeout_s=30)],
         ingress_replicas=2,
         long_poll_s=1,
         future_ttl_s=4,
         max_request_bytes=4096,
     )
-    yield run_app(serve_instance, build_thinker_app(config, backend_factory=FakeBackend))
-    from ray import serve
-
-    serve.delete("thinker")
+    return run_app(serve_instance, build_thinker_app(config, backend_factory=FakeBackend), "fake")
 
 
 def post(url, path, **kwargs):

@@ -1,20 +1,32 @@
 """The model actor's ordering, de-duplication and error handling, over a fake backend."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from actors.model_actor import ModelActor
-from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
+from actors.work import (
+    AdamParams,
+    CreateModelWork,
+    Datum,
+    ForwardBackwardWork,
+    LoraSpec,
+    OptimStepWork,
+    SampleResult,
+    SampleWork,
+)
 from configs.errors import ServerError, UserError
 from configs.schema import BaseModelConfig
 from tests.fakes import FakeBackend
 
 
 def make_actor(gap_timeout_s=5.0):
+    import tempfile
+
     config = BaseModelConfig(name="fake", seq_gap_timeout_s=gap_timeout_s)
-    return ModelActor(config, backend_factory=FakeBackend)
+    return ModelActor(config, checkpoint_root=tempfile.mkdtemp(), backend_factory=FakeBackend)
 
 
 def fb(seq_id, loss_fn="cross_entropy", **config):
@@ -103,13 +115,13 @@ def test_create_model_is_idempotent_and_release_session_unloads():
     assert run(scenario()) == (["s1:train:0"], False, True)
 
 
-def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_model_dir):
+def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_model_dir, checkpoint_root):
     from losses import unregister_custom_loss
 
     config = BaseModelConfig(name="tiny", source=str(tiny_model_dir), custom_losses=["tests.custom_loss_example"])
 
     async def scenario():
-        actor = ModelActor(config)
+        actor = ModelActor(config, checkpoint_root=checkpoint_root)
         await actor.create_model(CreateModelWork("m", LoraSpec(rank=2, seed=0)))
         data = [Datum(np.arange(5), {"target_tokens": np.arange(1, 6), "weights": np.ones(5, np.float32)})]
         plain = await actor.forward_backward(ForwardBackwardWork("m", 1, data, "cross_entropy", forward_only=True))
@@ -125,3 +137,33 @@ def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_mode
     expected = 2.0 * float((plain.loss_fn_outputs[0]["logprobs"].astype(np.float64) ** 2).sum())
     assert custom.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
     assert custom.metrics["custom/squares:sum"] == 1.0
+
+
+def test_sampling_requests_pending_together_run_as_one_batch():
+    class SpyBackend(FakeBackend):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.sample_batches = []
+
+        def list_samplers(self):
+            return ["s1", "s2"]
+
+        def sample(self, works):
+            time.sleep(0.2)  # the first batch runs while the others queue up
+            self.sample_batches.append(sorted(w.sampler_id for w in works))
+            return [SampleResult([]) for _ in works]
+
+    async def scenario():
+        import tempfile
+
+        actor = ModelActor(BaseModelConfig(name="fake"), checkpoint_root=tempfile.mkdtemp(), backend_factory=SpyBackend)
+        works = [SampleWork(s, i, np.arange(3)) for i, s in enumerate(["s1", "s2", "s1", "s2", "s1"])]
+        first = asyncio.create_task(actor.sample(works[0]))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, *(actor.sample(w) for w in works[1:]))
+        again = await actor.sample(works[1])  # a retried (sampler, seq_id) is answered, not re-run
+        return actor._backend.sample_batches, again
+
+    batches, again = run(scenario())
+    assert batches == [["s1"], ["s1", "s1", "s2", "s2"]]
+    assert isinstance(again, SampleResult)

@@ -9,25 +9,15 @@ import requests
 import tinker
 from tinker import types
 
-from configs.schema import ThinkerConfig
-from deployments.app import build_thinker_app
-from tests.conftest import run_app, tiny_model_config
+from tests.conftest import TINY_LLAMA
 
 pytestmark = pytest.mark.serve
-VOCAB = 256
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 @pytest.fixture(scope="module")
-def url(serve_instance):
-    config = ThinkerConfig(
-        models=[tiny_model_config("tiny-a"), tiny_model_config("tiny-b", random_seed=1)],
-        ingress_replicas=2,
-        long_poll_s=2,
-    )
-    yield run_app(serve_instance, build_thinker_app(config))
-    from ray import serve
-
-    serve.delete("thinker")
+def url(tiny_url):
+    return tiny_url
 
 
 @pytest.fixture(scope="module")

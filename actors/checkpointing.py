@@ -1,0 +1,87 @@
+"""Checkpoints of one model actor: between its backend's PEFT files and the checkpoint store.
+
+Every method runs on the compute thread, in the order the scheduler gives it, so a save sees
+exactly the weights of the requests before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from actors.backend import Backend
+from actors.checkpoint_store import CheckpointRecord, CheckpointStore, RunRecord, check_name, utc_now
+from actors.work import CreateModelWork, LoraSpec, ModelInfo, SamplerInfo
+from configs.errors import ThinkerError, UserError
+
+ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"]
+
+
+class Checkpointing:
+    def __init__(self, backend: Backend, store: CheckpointStore, base_model: str):
+        self._backend = backend
+        self._store = store
+        self._base_model = base_model
+
+    def create_model(self, work: CreateModelWork) -> ModelInfo:
+        """A new training model (and its training run); a retried create finds it already there."""
+        if work.model_id in self._backend.list_models():
+            return self._backend.get_info(work.model_id)
+        info = self._backend.create_model(work)
+        run = RunRecord(info.model_id, info.base_model, asdict(info.lora), utc_now(), info.user_metadata)
+        self._store.write_run(run)
+        return info
+
+    def create_from_state(self, model_id: str, path: str, optimizer: bool, metadata: dict) -> ModelInfo:
+        if model_id in self._backend.list_models():
+            return self._backend.get_info(model_id)
+        record = self._record(path)
+        info = self.create_model(CreateModelWork(model_id, LoraSpec(**record.lora), metadata or record.user_metadata))
+        try:
+            self._backend.load_state(model_id, self._store.read_files(path, ADAPTER_FILES), optimizer)
+        except ThinkerError:
+            self._backend.unload_model(model_id)
+            raise
+        return info
+
+    def save(self, model_id: str, segment: str, name: str) -> str:
+        """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights")."""
+        check_name(name)
+        info = self._backend.get_info(model_id)
+        training = segment == "weights"
+        files = self._backend.save_state(model_id, with_optimizer=training)
+        record = CheckpointRecord(
+            training_run_id=model_id,
+            segment=segment,
+            name=name,
+            base_model=info.base_model,
+            lora=asdict(info.lora),
+            time=utc_now(),
+            has_optimizer=training,
+            user_metadata=info.user_metadata,
+        )
+        return self._store.write(record, files).tinker_path
+
+    def load(self, model_id: str, path: str, optimizer: bool) -> str:
+        self._record(path)
+        self._backend.load_state(model_id, self._store.read_files(path, ADAPTER_FILES), optimizer)
+        return path
+
+    def snapshot(self, model_id: str, sampler_id: str | None) -> str:
+        if sampler_id is None:
+            raise UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
+        info = SamplerInfo(sampler_id, self._base_model, source_model_id=model_id)
+        self._backend.snapshot_sampler(model_id, info)
+        return sampler_id
+
+    def create_sampler(self, sampler_id: str, model_path: str | None) -> SamplerInfo:
+        info = SamplerInfo(sampler_id, self._base_model, model_path=model_path)
+        if model_path is None:
+            return self._backend.create_sampler(info, None)
+        self._record(model_path)
+        return self._backend.create_sampler(info, self._store.read_files(model_path, ADAPTER_FILES))
+
+    def _record(self, path: str) -> CheckpointRecord:
+        record = self._store.record(path)
+        if record.base_model != self._base_model:
+            raise UserError(f"{path} was trained on {record.base_model!r}, not {self._base_model!r}")
+        return record

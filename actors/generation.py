@@ -1,0 +1,177 @@
+"""Batched sampling with a KV cache: many requests, each with its own adapter, in one decode loop.
+
+- Prompts are left-padded into one batch (attention mask + explicit positions); each row is
+  routed to its adapter through the LoRA layers, so requests for different adapters decode
+  together.
+- Each row keeps its own sampling parameters and random generator (same seed, same output).
+- Reported logprobs are the model's own log-softmax at the sampled token, before temperature
+  and truncation (as vLLM reports by default): on-policy they equal the learner's logprobs.
+- Stop tokens and stop strings are part of the returned tokens; a finished row keeps its slot
+  (fed padding) until every row is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from actors.lora import Routing
+from actors.work import SampledSequence, SamplingParams
+
+TOPK_SENTINEL = (0, -99999.0)  # an empty top-k slot, as the Tinker wire expects
+
+
+@dataclass
+class GenRow:
+    key: str  # LoRA routing key ("" = the base model)
+    prompt: np.ndarray  # int64 [L]
+    params: SamplingParams
+    max_tokens: int
+    stop_tokens: frozenset[int]
+    generator: torch.Generator
+    prompt_logprobs: bool = False
+    topk_prompt: int = 0
+
+
+@dataclass
+class GenOutput:
+    sequence: SampledSequence
+    prompt_logprobs: np.ndarray | None = None
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+
+
+@dataclass
+class _RowState:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[GenOutput]:
+    """Sample every row; `decode(tokens) -> str` is needed only for rows with stop strings."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].key)
+    batch = [rows[i] for i in order]
+    outputs = _generate_sorted(model, routing, batch, decode)
+    result: list[GenOutput | None] = [None] * len(rows)
+    for position, index in enumerate(order):
+        result[index] = outputs[position]
+    return result
+
+
+def _routing_groups(rows: list[GenRow]) -> list[tuple[str, int, int]]:
+    groups: list[tuple[str, int, int]] = []
+    for i, row in enumerate(rows):
+        if groups and groups[-1][0] == row.key:
+            groups[-1] = (row.key, groups[-1][1], i + 1)
+        else:
+            groups.append((row.key, i, i + 1))
+    return groups
+
+
+@torch.no_grad()
+def _generate_sorted(model, routing: Routing, rows: list[GenRow], decode) -> list[GenOutput]:
+    device = next(model.parameters()).device
+    lengths = [len(r.prompt) for r in rows]
+    width = max(lengths)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - lengths[i] :] = torch.from_numpy(np.array(row.prompt, dtype=np.int64))
+        mask[i, width - lengths[i] :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    routing.set(_routing_groups(rows))
+    cache = DynamicCache()
+    want_prompt = any(r.prompt_logprobs or r.topk_prompt for r in rows)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=0 if want_prompt else 1,
+    )
+    prompt_outputs = [_prompt_scores(out.logits[i], row, width) for i, row in enumerate(rows)]
+    states = [_RowState() for _ in rows]
+    logits = out.logits[:, -1, :].float()
+    for _ in range(max(r.max_tokens for r in rows)):
+        _sample_step(logits, rows, states, decode)
+        if all(s.stop_reason is not None for s in states):
+            break
+        step_ids = torch.tensor([[s.tokens[-1] if s.stop_reason is None else 0] for s in states], device=device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()
+    return [_finish(state, prompt) for state, prompt in zip(states, prompt_outputs)]
+
+
+def _sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[_RowState], decode) -> None:
+    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+    for i, (row, state) in enumerate(zip(rows, states)):
+        if state.stop_reason is not None:
+            continue
+        token = _choose(logits_BV[i], row.params, row.generator)
+        state.tokens.append(token)
+        state.logprobs.append(float(logprobs_BV[i, token]))
+        if token in row.stop_tokens or _hit_stop_string(state.tokens, row.params.stop_strings, decode):
+            state.stop_reason = "stop"
+        elif len(state.tokens) >= row.max_tokens:
+            state.stop_reason = "length"
+
+
+def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    if params.temperature <= 0:
+        return int(torch.argmax(logits_V))
+    scaled = logits_V / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keeps at least one
+        scaled = scaled.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _hit_stop_string(tokens: list[int], stops: tuple[str, ...], decode) -> bool:
+    if not stops:
+        return False
+    text = decode(tokens)
+    return any(stop in text for stop in stops)
+
+
+def _prompt_scores(logits_TV: torch.Tensor, row: GenRow, width: int) -> GenOutput:
+    """log p(prompt[i] | prompt[:i]) for the row (NaN at 0) and the top-k alternatives."""
+    if not (row.prompt_logprobs or row.topk_prompt):
+        return GenOutput(sequence=None)
+    n = len(row.prompt)
+    logprobs_TV = torch.log_softmax(logits_TV[width - n : width - 1].float(), dim=-1)  # predicts 1..n-1
+    targets = torch.as_tensor(np.asarray(row.prompt[1:], dtype=np.int64), device=logprobs_TV.device)
+    scores = np.full(n, np.nan, dtype=np.float32)
+    scores[1:] = logprobs_TV.gather(-1, targets[:, None])[:, 0].cpu().numpy()
+    output = GenOutput(sequence=None, prompt_logprobs=scores if row.prompt_logprobs else None)
+    if row.topk_prompt:
+        k = min(row.topk_prompt, logprobs_TV.shape[-1])
+        top = torch.topk(logprobs_TV, k, dim=-1)
+        ids = np.full((n, row.topk_prompt), TOPK_SENTINEL[0], dtype=np.int32)
+        lps = np.full((n, row.topk_prompt), TOPK_SENTINEL[1], dtype=np.float32)
+        ids[1:, :k] = top.indices.cpu().numpy()
+        lps[1:, :k] = top.values.cpu().numpy()
+        output.topk_ids, output.topk_logprobs = ids, lps
+    return output
+
+
+def _finish(state: _RowState, prompt: GenOutput) -> GenOutput:
+    prompt.sequence = SampledSequence(
+        tokens=np.asarray(state.tokens, dtype=np.int32),
+        logprobs=np.asarray(state.logprobs, dtype=np.float32),
+        stop_reason=state.stop_reason or "length",
+    )
+    return prompt

@@ -1,0 +1,87 @@
+"""Adapters on disk in PEFT's format, and their AdamW state beside them.
+
+- `adapter_model.safetensors` + `adapter_config.json` form a standard PEFT LoRA folder:
+  `peft.PeftModel.from_pretrained(base, folder)` loads it (keys
+  `base_model.model.<module>.lora_A.weight`, r, lora_alpha, target_modules by leaf name).
+- `optimizer.safetensors` holds each parameter's AdamW moments and step under the same key
+  plus `.exp_avg`, `.exp_avg_sq`, `.step`; present only in training checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from actors.lora import LoraWeights
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def peft_key(module_name: str, which: str) -> str:
+    return f"base_model.model.{module_name}.lora_{which}.weight"
+
+
+def adapter_files(weights: dict[str, LoraWeights], rank: int, alpha: float, base_model: str) -> dict[str, bytes]:
+    tensors = {}
+    for name, w in weights.items():
+        tensors[peft_key(name, "A")] = w.A.detach().to("cpu", torch.float32).contiguous()
+        tensors[peft_key(name, "B")] = w.B.detach().to("cpu", torch.float32).contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in weights}),
+    }
+    return {ADAPTER_FILE: save_safetensors(tensors), CONFIG_FILE: json.dumps(config, indent=1).encode()}
+
+
+def read_adapter(files: dict[str, bytes]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """module name -> (A, B), and the PEFT config."""
+    tensors = load_safetensors(files[ADAPTER_FILE])
+    config = json.loads(files[CONFIG_FILE])
+    modules = {
+        key[len("base_model.model.") : -len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")
+    }
+    return {m: (tensors[peft_key(m, "A")], tensors[peft_key(m, "B")]) for m in modules}, config
+
+
+def optimizer_file(weights: dict[str, LoraWeights], optimizer: torch.optim.Optimizer) -> bytes:
+    tensors = {}
+    for name, w in weights.items():
+        for which, param in (("A", w.A), ("B", w.B)):
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            key = peft_key(name, which)
+            tensors[f"{key}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    return save_safetensors(tensors)
+
+
+def load_optimizer_state(data: bytes, weights: dict[str, LoraWeights], optimizer: torch.optim.Optimizer) -> None:
+    """Replace the optimizer's per-parameter state with the saved moments (missing ones start fresh)."""
+    tensors = load_safetensors(data)
+    optimizer.state.clear()
+    for name, w in weights.items():
+        for which, param in (("A", w.A), ("B", w.B)):
+            key = peft_key(name, which)
+            if f"{key}.exp_avg" not in tensors:
+                continue
+            optimizer.state[param] = {
+                "step": tensors[f"{key}.step"].reshape(()).clone(),
+                "exp_avg": tensors[f"{key}.exp_avg"].to(param.device).clone(),
+                "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(param.device).clone(),
+            }

@@ -1,0 +1,240 @@
+"""The original Thinker server's simple JSON routes, kept on the same app and port.
+
+- Training data are chat conversations (`[[{"role", "content"}, ...], ...]`), rendered by the
+  model actor with the base model's chat template. `POST /fwdbwd` (and `/api/v1/forward_backward`
+  with a JSON body) creates the adapter on first use, as the original server did (rank 16);
+  `/add_lora` chooses the base model and rank explicitly.
+- Results: `POST /retrieve_future` answers `{"loss", "metrics": {"mean_nll", "perplexity", ...}}`
+  for forward_backward, `{"metrics"}` for optim_step, `{"status": "pending", "request_id"}` with
+  HTTP 202 while pending, and `{"error", "category"}` with a 4xx/5xx status on failure.
+- Adapters made here are ordinary training models: the SDK can use them by model_id, and the
+  other way round.
+"""
+
+from typing import Any
+
+import numpy as np
+from fastapi.responses import JSONResponse
+from pydantic import Field, ValidationError
+
+from actors.work import ChatForwardBackwardWork, CreateModelWork, GenerateWork, LoraSpec, OptimStepWork
+from configs.errors import UserError
+from configs.schema import ThinkerConfig
+from deployments import wire
+from deployments.futures import Futures
+from deployments.model_handles import ModelHandles
+
+SIMPLE_RANK = 16  # the original server's LoRA rank
+
+
+class ChatForwardBackwardRequest(wire.WireIn):
+    model_id: str
+    data: list[list[dict[str, str]]]
+    loss_fn: str = "cross_entropy"
+    loss_fn_inputs: dict[str, list[list[float]]] | None = None
+    loss_fn_config: dict[str, float] | None = None
+
+    def inputs_per_conversation(self) -> list[dict[str, np.ndarray]]:
+        if not self.loss_fn_inputs:
+            return []
+        counts = {len(v) for v in self.loss_fn_inputs.values()}
+        if counts != {len(self.data)}:
+            raise UserError(f"every loss_fn_inputs list needs one entry per conversation ({len(self.data)})")
+        return [
+            {
+                key: np.asarray(values[i], dtype=np.int64 if key == "target_tokens" else np.float32)
+                for key, values in self.loss_fn_inputs.items()
+            }
+            for i in range(len(self.data))
+        ]
+
+
+class AddLoraRequest(wire.WireIn):
+    model_id: str
+    base_model: str | None = None
+    rank: int = SIMPLE_RANK
+    seed: int | None = None
+
+
+class GenerateRequest(wire.WireIn):
+    model_id: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    num_samples: int = Field(1, ge=1)
+
+
+class SimpleRoutes:
+    def __init__(self, models: ModelHandles, futures: Futures, config: ThinkerConfig):
+        self._models = models
+        self._futures = futures
+        self._config = config
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("POST", "/fwdbwd", self.forward_backward),
+            ("POST", "/optim_step", self.optim_step),
+            ("POST", "/retrieve_future", self.retrieve_future),
+            ("GET", "/loss_functions", self.loss_functions),
+            ("GET", "/adapters", self.list_adapters),
+            ("DELETE", "/adapters/{model_id:path}", self.delete_adapter),
+            ("POST", "/add_lora", self.add_lora),
+            ("POST", "/remove_lora", self.remove_lora),
+            ("POST", "/generate", self.generate),
+            ("POST", "/api/v1/sample", self.generate),
+            ("GET", "/healthz", self.healthz),
+            ("GET", "/get_server_capabilities", self.get_server_capabilities),
+            ("POST", "/get_info", self.get_info),
+        ]
+
+    @property
+    def _default_base(self) -> str:
+        return self._models.names[0]
+
+    async def forward_backward(self, body: ChatForwardBackwardRequest) -> dict:
+        try:
+            handle = await self._models.of_model(body.model_id)
+            create_with = None
+        except LookupError:  # created on first use, on the default base model
+            handle = self._models.base(self._default_base)
+            self._models.remember(body.model_id, self._default_base)
+            create_with = LoraSpec(rank=SIMPLE_RANK)
+        work = ChatForwardBackwardWork(
+            model_id=body.model_id,
+            conversations=body.data,
+            loss_fn=body.loss_fn,
+            loss_fn_inputs=body.inputs_per_conversation(),
+            loss_fn_config=dict(body.loss_fn_config or {}),
+            create_with=create_with,
+        )
+        request_id = await self._futures.submit("forward_backward", handle.chat_forward_backward.remote(work))
+        return {"request_id": request_id, "model_id": body.model_id}
+
+    async def forward_backward_json(self, raw: bytes) -> dict:
+        """/api/v1/forward_backward with a JSON body (the SDK's protobuf body goes elsewhere)."""
+        try:
+            body = ChatForwardBackwardRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise UserError(f"invalid forward_backward JSON: {exc.errors()[0]['msg']}") from None
+        return await self.forward_backward(body)
+
+    async def optim_step(self, body: wire.OptimStepRequest) -> dict:
+        handle = await self._models.of_model(body.model_id)
+        work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
+        request_id = await self._futures.submit("optim_step", handle.optim_step.remote(work))
+        return {"request_id": request_id, "model_id": body.model_id}
+
+    async def retrieve_future(self, body: wire.RetrieveFutureRequest) -> JSONResponse:
+        done, value, failure, entry = await self._futures.poll(body.request_id, self._config.long_poll_s)
+        if not done:
+            return JSONResponse({"status": "pending", "request_id": body.request_id}, status_code=202)
+        if failure is not None:
+            status = 400 if failure["category"] == "user" else 500
+            return JSONResponse(failure, status_code=status)
+        return JSONResponse(simple_result(entry.kind, value))
+
+    async def loss_functions(self) -> dict:
+        descriptions = await self._models.base(self._default_base).loss_functions.remote()
+        return {"available_loss_functions": list(descriptions), "descriptions": descriptions}
+
+    async def list_adapters(self) -> dict:
+        adapters = []
+        for handle in self._models.all():
+            for info in await handle.list_models.remote():
+                adapters.append(
+                    {
+                        "model_id": info.model_id,
+                        "base_model": info.base_model,
+                        "rank": info.lora.rank,
+                        "train_attn": info.lora.train_attn,
+                        "train_mlp": info.lora.train_mlp,
+                        "train_unembed": info.lora.train_unembed,
+                    }
+                )
+        return {"adapters": adapters}
+
+    async def add_lora(self, body: AddLoraRequest) -> dict:
+        base = body.base_model or self._default_base
+        handle = self._models.base(base)
+        if await self._models.model_exists(body.model_id):
+            raise UserError(f"adapter {body.model_id!r} already exists")
+        info = await handle.create_model.remote(
+            CreateModelWork(body.model_id, LoraSpec(rank=body.rank, seed=body.seed))
+        )
+        self._models.remember(body.model_id, base)
+        return {"model_id": info.model_id, "base_model": info.base_model, "rank": info.lora.rank}
+
+    async def remove_lora(self, body: wire.ModelIdRequest) -> dict:
+        return await self.delete_adapter(body.model_id)
+
+    async def delete_adapter(self, model_id: str) -> dict:
+        handle = await self._models.of_model(model_id)
+        await handle.unload_model.remote(model_id)
+        self._models.forget(model_id)
+        return {"deleted": model_id}
+
+    async def generate(self, body: GenerateRequest) -> dict:
+        if (body.prompt is None) == (body.messages is None):
+            raise UserError("give exactly one of prompt (text) or messages (chat)")
+        sampler_id = body.model_id or self._default_base
+        handle = await self._sampling_handle(sampler_id)
+        params = wire.SamplingParams(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop,
+        ).to_work()
+        work = GenerateWork(sampler_id, body.prompt, body.messages, body.num_samples, params)
+        out = await handle.generate_text.remote(work)
+        return {
+            "model_id": sampler_id,
+            "text": out.texts[0],
+            "texts": out.texts,
+            "tokens": out.tokens,
+            "logprobs": out.logprobs,
+            "stop_reasons": out.stop_reasons,
+            "prompt_tokens": out.prompt_tokens,
+        }
+
+    async def healthz(self) -> dict:
+        return wire.HealthResponse().model_dump()
+
+    async def get_server_capabilities(self) -> dict:
+        models = [
+            wire.SupportedModel(
+                model_name=d.name, max_context_length=d.max_seq_len, trainable=d.trainable, sampleable=d.sampleable
+            )
+            for d in await self._models.describe_all()
+        ]
+        return wire.ServerCapabilities(supported_models=models).model_dump()
+
+    async def get_info(self, body: wire.ModelIdRequest) -> dict:
+        handle = await self._models.of_model(body.model_id)
+        return wire.GetInfoResponse.of(await handle.get_info.remote(body.model_id)).model_dump()
+
+    async def _sampling_handle(self, sampler_id: str) -> Any:
+        try:
+            return await self._models.of_sampler(sampler_id)
+        except LookupError:
+            return await self._models.of_model(sampler_id)
+
+
+def simple_result(kind: str, value: Any) -> dict:
+    """The simple routes' result shapes: metric names without their ':reduction' suffix."""
+    if kind == "forward_backward":
+        metrics = {key.split(":")[0]: v for key, v in value.metrics.items() if key != "loss:sum"}
+        return {"loss": value.metrics["loss:sum"], "metrics": metrics}
+    if kind == "optim_step":
+        return {"metrics": {key.split(":")[0]: v for key, v in value.metrics.items()}}
+    if kind == "create_model":
+        return {"model_id": value.model_id}
+    if isinstance(value, str):
+        return {"result": value}
+    raise ValueError(f"no simple encoding for {kind!r}")
