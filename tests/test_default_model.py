@@ -45,3 +45,12 @@ def test_loss_falls_by_more_than_20_percent_in_10_steps(url):
 def test_first_training_example_runs(url):
     losses = first_training.main(url, steps=3, learning_rate=1e-4)
     assert losses[-1] < losses[0]
+
+
+def test_rl_loop_raises_mean_reward(url):
+    from examples import rl_loop
+
+    rewards = rl_loop.main(rl_loop.Config(base_url=url, steps=24))
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    print(f"rl_loop mean reward: first 6 steps {first:.3f}, last 6 steps {last:.3f}")
+    assert last > first + 0.2
