@@ -4,7 +4,9 @@
   so no attention mask is needed and positions stay 0..N-1.
 - Everything is validated before any compute, so a bad datum fails the request without
   touching any adapter's gradients.
-- Loss inputs are concatenated over datums along the token axis, matching `losses.spec`.
+- One pass may hold several requests (different adapters, losses and target shapes): each keeps
+  a span of the flattened scored positions; its loss inputs are concatenated over its datums
+  along the token axis, matching `losses.spec`.
 """
 
 from __future__ import annotations
@@ -20,17 +22,26 @@ from losses.spec import LossSpec
 
 
 @dataclass
-class PackedBatch:
-    tokens_BT: torch.Tensor  # int64, right-padded with 0
-    targets_BTK: torch.Tensor  # int64, K = 1 for plain targets
-    mask_BT: torch.Tensor  # bool, True on real positions
+class RequestSpan:
+    """One request's part of a pass: its scored positions in the flattened batch."""
+
+    first: int  # offset of its first scored position in the flattened [sum N, K] view
     lengths: list[int]  # scored positions per datum
+    k: int  # candidates per position (1 for plain targets)
     topk: bool  # targets were (N, K)
-    inputs: dict[str, torch.Tensor]  # loss inputs concatenated over datums (targets excluded)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
+
+
+@dataclass
+class PassBatch:
+    tokens_BT: torch.Tensor  # int64, right-padded with 0
+    targets_BTK: torch.Tensor  # int64, K = the largest K of the pass
+    mask_BT: torch.Tensor  # bool, True on scored positions
+    row_keys: list[str]  # each row's adapter
+    spans: list[RequestSpan]  # one per request, in order
 
 
 def validate_data(data: list[Datum], spec: LossSpec, vocab_size: int, max_seq_len: int, max_batch_tokens: int) -> None:
@@ -68,33 +79,46 @@ def _check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
         raise UserError(f"{what} has token ids outside [0, {vocab_size})")
 
 
-def pack(data: list[Datum], spec: LossSpec, device: torch.device) -> PackedBatch:
-    """Pad validated datums into one batch (see `validate_data`)."""
-    first_targets = data[0].loss_fn_inputs["target_tokens"]
-    topk = first_targets.ndim == 2
-    k = first_targets.shape[1] if topk else 1
+def pack_pass(requests: list[tuple[str, list[Datum]]], device: torch.device) -> PassBatch:
+    """Pad every request's validated datums (see `validate_data`) into one batch."""
+    data = [datum for _, request in requests for datum in request]
+    k_max = max(_candidates(d) for d in data)
     B, T = len(data), max(int(d.tokens.shape[0]) for d in data)
     tokens = np.zeros((B, T), dtype=np.int64)
-    targets = np.zeros((B, T, k), dtype=np.int64)
+    targets = np.zeros((B, T, k_max), dtype=np.int64)
     mask = np.zeros((B, T), dtype=bool)
     for row, datum in enumerate(data):
-        n, start = int(datum.tokens.shape[0]), datum.loss_from
+        n, start, k = int(datum.tokens.shape[0]), datum.loss_from, _candidates(datum)
         tokens[row, :n] = datum.tokens
-        targets[row, start:n] = datum.loss_fn_inputs["target_tokens"].reshape(n - start, k)
+        targets[row, start:n, :k] = datum.loss_fn_inputs["target_tokens"].reshape(n - start, k)
         mask[row, start:n] = True
-    inputs = {
+    spans, first = [], 0
+    for _, request in requests:
+        lengths = [d.num_scored for d in request]
+        k = _candidates(request[0])
+        spans.append(RequestSpan(first, lengths, k, request[0].loss_fn_inputs["target_tokens"].ndim == 2))
+        first += sum(lengths)
+    return PassBatch(
+        tokens_BT=torch.from_numpy(tokens).to(device),
+        targets_BTK=torch.from_numpy(targets).to(device),
+        mask_BT=torch.from_numpy(mask).to(device),
+        row_keys=[key for key, request in requests for _ in request],
+        spans=spans,
+    )
+
+
+def _candidates(datum: Datum) -> int:
+    targets = datum.loss_fn_inputs["target_tokens"]
+    return int(targets.shape[1]) if targets.ndim == 2 else 1
+
+
+def loss_inputs(data: list[Datum], spec: LossSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    """The request's loss inputs (targets aside), concatenated over its datums."""
+    return {
         key: torch.from_numpy(np.concatenate([d.loss_fn_inputs[key] for d in data]).astype(np.float32)).to(device)
         for key in spec.inputs
         if key != "target_tokens" and key in data[0].loss_fn_inputs
     }
-    return PackedBatch(
-        tokens_BT=torch.from_numpy(tokens).to(device),
-        targets_BTK=torch.from_numpy(targets).to(device),
-        mask_BT=torch.from_numpy(mask).to(device),
-        lengths=[d.num_scored for d in data],
-        topk=topk,
-        inputs=inputs,
-    )
 
 
 def target_logprobs(logits_BTV: torch.Tensor, targets_BTK: torch.Tensor) -> torch.Tensor:
@@ -103,11 +127,12 @@ def target_logprobs(logits_BTV: torch.Tensor, targets_BTK: torch.Tensor) -> torc
     return logits.gather(-1, targets_BTK) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
-def flatten_valid(batch: PackedBatch, values_BTK: torch.Tensor) -> torch.Tensor:
-    """The real positions in datum order: [sum N] for plain targets, [sum N, K] for top-K."""
-    flat = values_BTK[batch.mask_BT]
-    return flat if batch.topk else flat[:, 0]
+def request_logprobs(span: RequestSpan, flat_NK: torch.Tensor) -> torch.Tensor:
+    """The request's scored positions (of `values_BTK[mask_BT]`) in datum order: [sum N], or
+    [sum N, K] for top-K targets."""
+    flat = flat_NK[span.first : span.first + span.num_tokens, : span.k]
+    return flat if span.topk else flat[:, 0]
 
 
-def split_by_datum(batch: PackedBatch, flat: torch.Tensor) -> list[np.ndarray]:
-    return [t.numpy() for t in torch.split(flat.detach().to("cpu", torch.float32), batch.lengths)]
+def split_by_datum(span: RequestSpan, flat: torch.Tensor) -> list[np.ndarray]:
+    return [t.numpy() for t in torch.split(flat.detach().to("cpu", torch.float32), span.lengths)]

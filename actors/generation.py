@@ -51,29 +51,9 @@ class _RowState:
     stop_reason: str | None = None
 
 
+@torch.no_grad()
 def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[GenOutput]:
     """Sample every row; `decode(tokens) -> str` is needed only for rows with stop strings."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i].key)
-    batch = [rows[i] for i in order]
-    outputs = _generate_sorted(model, routing, batch, decode)
-    result: list[GenOutput | None] = [None] * len(rows)
-    for position, index in enumerate(order):
-        result[index] = outputs[position]
-    return result
-
-
-def _routing_groups(rows: list[GenRow]) -> list[tuple[str, int, int]]:
-    groups: list[tuple[str, int, int]] = []
-    for i, row in enumerate(rows):
-        if groups and groups[-1][0] == row.key:
-            groups[-1] = (row.key, groups[-1][1], i + 1)
-        else:
-            groups.append((row.key, i, i + 1))
-    return groups
-
-
-@torch.no_grad()
-def _generate_sorted(model, routing: Routing, rows: list[GenRow], decode) -> list[GenOutput]:
     device = next(model.parameters()).device
     lengths = [len(r.prompt) for r in rows]
     width = max(lengths)
@@ -84,7 +64,7 @@ def _generate_sorted(model, routing: Routing, rows: list[GenRow], decode) -> lis
         mask[i, width - lengths[i] :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    routing.set(_routing_groups(rows))
+    routing.set([row.key for row in rows])
     cache = DynamicCache()
     want_prompt = any(r.prompt_logprobs or r.topk_prompt for r in rows)
     out = model(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from actors.adapters import AdapterTable
-from actors.batch import flatten_valid, pack, split_by_datum, target_logprobs, validate_data
+from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum, target_logprobs, validate_data
 from actors.generation import GenRow, generate
 from actors.lora import Routing, install_lora_layers
 from actors.model_source import load_base_model
@@ -42,7 +42,7 @@ from actors.work import (
     SamplerInfo,
     SampleWork,
 )
-from configs.errors import ThinkerError, UserError
+from configs.errors import ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from losses import get_loss
 
@@ -112,23 +112,67 @@ class HFBackend:
         self.adapters.remove(model_id)
 
     def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        (outcome,) = self.forward_backward_batch([work])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
+        """Every request in one base-model pass, each with its adapter, loss and inputs; one backward.
+
+        A request that fails validation (or whose loss raises) fails alone, before any gradient.
+        """
+        outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(works)
+        ready = []
+        for i, work in enumerate(works):
+            try:
+                spec, config = self._checked(work)
+            except ThinkerError as exc:
+                outcomes[i] = exc
+                continue
+            ready.append((i, work, spec, config))
+        if ready:
+            self._run_pass(ready, outcomes)
+        return outcomes
+
+    def check_forward_backward(self, work: ForwardBackwardWork) -> None:
+        """Raise the UserError forward_backward would raise for this request, computing nothing."""
+        self._checked(work)
+
+    def _checked(self, work: ForwardBackwardWork):
         self.adapters.get(work.model_id)
         spec = get_loss(work.loss_fn)
         config = spec.resolve_config(work.loss_fn_config)
         validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
-        batch = pack(work.data, spec, self.device)
-        self.routing.set([(work.model_id, 0, len(work.data))])
-        with torch.set_grad_enabled(not work.forward_only):
+        return spec, config
+
+    def _run_pass(self, ready: list, outcomes: list) -> None:
+        batch = pack_pass([(work.model_id, work.data) for _, work, _, _ in ready], self.device)
+        training = {work.model_id for _, work, _, _ in ready if not work.forward_only}
+        self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
+        with torch.set_grad_enabled(bool(training)):
             logits = self.model(input_ids=batch.tokens_BT, use_cache=False).logits
-            logprobs = flatten_valid(batch, target_logprobs(logits, batch.targets_BTK))
+            flat = target_logprobs(logits, batch.targets_BTK)[batch.mask_BT]
             del logits
-            out = spec(logprobs, batch.inputs, config)
-            if not work.forward_only:
-                out.loss.backward()
-        return ForwardBackwardResult(
-            loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(batch, logprobs)],
-            metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-        )
+            total = None
+            for (i, work, spec, config), span in zip(ready, batch.spans):
+                logprobs = request_logprobs(span, flat)
+                try:
+                    out = spec(logprobs, loss_inputs(work.data, spec, self.device), config)
+                except ThinkerError as exc:
+                    outcomes[i] = exc
+                    continue
+                except Exception as exc:  # a custom loss that breaks fails its own request only
+                    outcomes[i] = ServerError(f"loss {work.loss_fn!r} failed: {type(exc).__name__}: {exc}")
+                    continue
+                if not work.forward_only:
+                    total = out.loss if total is None else total + out.loss
+                outcomes[i] = ForwardBackwardResult(
+                    loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
+                    metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+                )
+            if total is not None:
+                total.backward()
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))

@@ -1,10 +1,13 @@
 """Multi-adapter LoRA layers: one frozen base projection, many adapters, each over its own rows.
 
-- `LoraLinear` wraps a frozen `nn.Linear`. A shared `Routing` (set by the backend before each
-  pass) says which batch rows belong to which adapter; the base projection runs once for the
-  whole batch and each adapter adds `scaling * B(A(x))` to its rows only.
-- An adapter's weights are plain leaf Parameters owned by the backend's adapter table; rows of
-  adapters that have no weights on a layer (other scope) pass through unchanged.
+- `LoraLinear` wraps a frozen `nn.Linear`. A shared `Routing`, set by the backend before each
+  pass, names each batch row's adapter. The base projection runs once for the whole batch.
+- One adapter for every row: `y + s * B(A(x))`, exactly PEFT's computation.
+- Several adapters: a grouped matmul. Rows are gathered into [groups, rows per group] (padded
+  with a zero row), each group is multiplied by its own stacked A and B (ranks zero-padded to
+  the largest; zero rows and columns change nothing and get zero gradient), and the result is
+  gathered back per row. Two `bmm`s per layer, whatever the number of adapters.
+- Adapters marked frozen for a pass (forward-only requests) contribute without taking gradients.
 - Init follows PEFT: A ~ kaiming_uniform(a=sqrt(5)), B = 0, scaling = alpha / rank.
 """
 
@@ -24,20 +27,43 @@ UNEMBED_TARGETS = ("lm_head",)
 
 @dataclass
 class Routing:
-    """Row ranges of the current batch, in row order: (adapter key, first row, end row)."""
+    """Which adapter key each row of the current batch uses ("" = none), and which are frozen."""
 
-    groups: list[tuple[str, int, int]] = field(default_factory=list)
-    num_rows: int = 0
+    keys: list[str] = field(default_factory=list)  # the distinct keys, in first-row order
+    single: str | None = None  # set when every row uses the same key (the fast path)
+    frozen: frozenset[str] = frozenset()
+    _groups: list[list[int]] = field(default_factory=list)
+    _indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def set(self, groups: list[tuple[str, int, int]]) -> None:
-        self.groups = groups
-        self.num_rows = groups[-1][2] if groups else 0
+    def set(self, row_keys: list[str], frozen: frozenset[str] = frozenset()) -> None:
+        groups: dict[str, list[int]] = {}
+        for row, key in enumerate(row_keys):
+            groups.setdefault(key, []).append(row)
+        self.keys = list(groups)
+        self._groups = list(groups.values())
+        self.single = self.keys[0] if len(self.keys) == 1 else None
+        self.frozen = frozen
+        self._indices = {}
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather [groups, max rows] (pad: the zero row, index = number of rows) and, per row,
+        its position in the flattened [groups * max rows] layout."""
+        if device not in self._indices:
+            num_rows = sum(len(g) for g in self._groups)
+            width = max(len(g) for g in self._groups)
+            gather = torch.full((len(self._groups), width), num_rows, dtype=torch.long)
+            scatter = torch.empty(num_rows, dtype=torch.long)
+            for i, rows in enumerate(self._groups):
+                gather[i, : len(rows)] = torch.tensor(rows)
+                scatter[rows] = torch.arange(len(rows)) + i * width
+            self._indices[device] = (gather.to(device), scatter.to(device))
+        return self._indices[device]
 
 
 @dataclass
 class LoraWeights:
-    A: nn.Parameter  # [rank, in_features]
-    B: nn.Parameter  # [out_features, rank]
+    A: torch.Tensor  # [rank, in_features] (a Parameter for training models)
+    B: torch.Tensor  # [out_features, rank]
     scaling: float
 
 
@@ -64,22 +90,48 @@ class LoraLinear(nn.Module):
         self.adapters[key] = lora
         return lora
 
-    def delta(self, x: torch.Tensor, lora: LoraWeights) -> torch.Tensor:
-        out = F.linear(F.linear(x.to(lora.A.dtype), lora.A), lora.B) * lora.scaling
-        return out.to(x.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        active = [(self.adapters.get(key), start, end) for key, start, end in self.routing.groups]
-        if not any(lora is not None for lora, _, _ in active):
+        routing = self.routing
+        if routing.single is not None:
+            lora = self.adapters.get(routing.single)
+            if lora is None:
+                return y
+            A, B = self._weights(routing.single, lora)
+            return y + (F.linear(F.linear(x.to(A.dtype), A), B) * lora.scaling).to(y.dtype)
+        loras = [self.adapters.get(key) for key in routing.keys]
+        if all(lora is None for lora in loras):
             return y
-        if len(active) == 1 and active[0][1] == 0 and active[0][2] == x.shape[0]:
-            return y + self.delta(x, active[0][0])
-        pieces = []
-        for lora, start, end in active:
-            rows = y[start:end]
-            pieces.append(rows if lora is None else rows + self.delta(x[start:end], lora))
-        return torch.cat(pieces, dim=0)
+        return y + self._grouped_delta(x, loras).to(y.dtype)
+
+    def _weights(self, key: str, lora: LoraWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        if key in self.routing.frozen:
+            return lora.A.detach(), lora.B.detach()
+        return lora.A, lora.B
+
+    def _grouped_delta(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
+        rank = max(lora.A.shape[0] for lora in loras if lora is not None)
+        A_stack, B_stack, scales = [], [], []
+        for key, lora in zip(self.routing.keys, loras):
+            if lora is None:
+                A_stack.append(x.new_zeros(rank, self.base.in_features, dtype=torch.float32))
+                B_stack.append(x.new_zeros(self.base.out_features, rank, dtype=torch.float32))
+                scales.append(0.0)
+                continue
+            A, B = self._weights(key, lora)
+            pad = rank - A.shape[0]
+            A_stack.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
+            B_stack.append(F.pad(B, (0, pad)) if pad else B)
+            scales.append(lora.scaling)
+        gather, scatter = self.routing.indices(x.device)
+        groups, width = gather.shape
+        rest = x.shape[1:-1]
+        rows = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).to(torch.float32)
+        grouped = rows[gather].reshape(groups, -1, self.base.in_features)  # [groups, width * tokens, in]
+        hidden = torch.bmm(grouped, torch.stack(A_stack).transpose(1, 2))
+        delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2))
+        delta = delta * torch.tensor(scales, dtype=delta.dtype, device=delta.device).view(-1, 1, 1)
+        return delta.reshape(groups * width, *rest, self.base.out_features)[scatter]
 
 
 def target_scope(module_name: str) -> str | None:

@@ -21,7 +21,7 @@ from actors.backend import Backend
 from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
 from actors.checkpointing import Checkpointing
-from actors.scheduler import Scheduler
+from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
     ChatForwardBackwardWork,
     CreateModelWork,
@@ -60,7 +60,18 @@ class ModelActor:
         self._config = config
         self._backend = backend_factory(config, cache_dir)
         self._checkpoints = Checkpointing(self._backend, CheckpointStore(checkpoint_root), config.name)
-        self._scheduler = Scheduler(self._backend.sample, config.max_sample_rows, config.seq_gap_timeout_s)
+        limits = SchedulerLimits(
+            max_sample_rows=config.max_sample_rows,
+            max_pass_tokens=config.max_pass_tokens,
+            max_pass_adapters=config.max_resident_adapters,
+            cross_adapter_batching=config.cross_adapter_batching,
+            batch_window_s=config.batch_window_s,
+            gap_timeout_s=config.seq_gap_timeout_s,
+        )
+        backend = self._backend
+        self._scheduler = Scheduler(
+            backend.forward_backward_batch, backend.check_forward_backward, backend.sample, limits
+        )
         self._description = self._backend.describe()
 
     # ---- training models --------------------------------------------------------------------
@@ -74,7 +85,7 @@ class ModelActor:
         return await self._scheduler.ordered(model_id, 0, fn)
 
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.forward_backward, work))
+        return await self._scheduler.forward_backward(work)
 
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))

@@ -1,10 +1,15 @@
 """The model actor's scheduler: what runs next on its single compute thread.
 
 - Training requests are released in each model's seq_id order (`Sequencer`, with gap timeouts
-  and holes filled by `skip`), then run one at a time in release order.
-- Sampling requests need no order: those waiting together (up to `max_rows` sequences) run as
-  one batched generation.
-- A retried submission (same key: (model, seq_id) or (sampler, seq_id)) awaits the first one's
+  and holes filled by `skip`).
+- forward / forward_backward requests of different adapters pending together run as one
+  base-model pass (`Passes` decides which), packed by padded tokens up to `max_pass_tokens`.
+  A request bigger than its share is split into micro-batches across passes, so one tenant's
+  huge batch cannot starve the others; its result is merged when its last part is done.
+- Any other training request (optim_step, save, load, ...) is a barrier for its own model:
+  it runs alone, after that model's earlier requests and before its later ones.
+- Sampling requests pending together (up to `max_rows` sequences) run as one batched generation.
+- A retried submission (same (model, seq_id) or (sampler, seq_id)) awaits the first one's
   result instead of running twice.
 - NOTE: every job runs on the one compute thread, so the backend needs no locks; the event loop
   only queues, orders and answers. Unexpected exceptions become ServerError; the loop never dies.
@@ -14,66 +19,87 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from actors.passes import PassPlanner, merge_results, run_train_pass
 from actors.sequencer import Sequencer
-from actors.work import SampleResult, SampleWork
+from actors.work import ForwardBackwardResult, ForwardBackwardWork, SampleResult, SampleWork
 from configs.errors import ServerError, ThinkerError
 
 logger = logging.getLogger(__name__)
 
 DEDUPE_WINDOW = 4096  # results remembered for retried submissions
+ACTIVE_TENANT_S = 2.0  # a model that submitted training work this recently counts as active
 
 
 @dataclass
 class _Job:
     future: asyncio.Future
-    fn: Callable[[], Any] | None = None  # one unit of compute
+    model_id: str | None = None
+    fn: Callable[[], Any] | None = None  # a unit of compute (a barrier for its model)
     sample: SampleWork | None = None  # or a sampling request, batched with its neighbours
+    train: ForwardBackwardWork | None = None  # or a forward/forward_backward, batched across adapters
+    done_datums: int = 0  # micro-batches already run
+    parts: list[ForwardBackwardResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_sample_rows: int
+    max_pass_tokens: int
+    max_pass_adapters: int
+    cross_adapter_batching: bool
+    batch_window_s: float
+    gap_timeout_s: float
 
 
 class Scheduler:
     def __init__(
         self,
+        train_batch: Callable[[list[ForwardBackwardWork]], list[ForwardBackwardResult | Exception]],
+        check_train: Callable[[ForwardBackwardWork], None],
         sample_batch: Callable[[list[SampleWork]], list[SampleResult | Exception]],
-        max_rows: int,
-        gap_timeout_s: float,
+        limits: SchedulerLimits,
     ):
+        self._train_batch = train_batch
+        self._check_train = check_train
         self._sample_batch = sample_batch
-        self._max_rows = max_rows
-        self._gap_timeout_s = gap_timeout_s
+        self._limits = limits
+        self._planner = PassPlanner(limits.max_pass_tokens, limits.max_pass_adapters, limits.cross_adapter_batching)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-compute")
-        self._sequencer: Sequencer[_Job] = Sequencer(gap_timeout_s)
+        self._sequencer: Sequencer[_Job] = Sequencer(limits.gap_timeout_s)
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
         self._jobs: deque[_Job] = deque()
+        self._last_train: dict[str, float] = {}  # model id -> when it last submitted training work
         self._job_added: asyncio.Event | None = None
         self._gap_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
 
+    # ---- submitting ------------------------------------------------------------------------------
+
     async def ordered(self, model_id: str, seq_id: int | None, fn: Callable[[], Any]) -> Any:
-        """Run fn in model_id's seq_id order (seq_id None: in arrival order); its result."""
-        self._start()
-        key = (model_id, seq_id) if seq_id is not None else None
-        if key is not None and key in self._seen:
-            return await asyncio.shield(self._seen[key])
-        job = _Job(asyncio.get_running_loop().create_future(), fn=fn)
-        self._remember(key, job.future)
-        for ready in self._sequencer.submit(model_id, seq_id, job):
-            self._enqueue(ready)
-        self._gap_changed.set()
-        return await asyncio.shield(job.future)
+        """Run fn alone, in model_id's seq_id order (seq_id None: in arrival order); its result."""
+        return await self._submit(model_id, seq_id, _Job(self._new_future(), model_id=model_id, fn=fn))
+
+    async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        """A forward(_backward) in seq_id order, in a pass with whatever else is pending."""
+        self._last_train[work.model_id] = time.monotonic()
+        return await self._submit(
+            work.model_id, work.seq_id, _Job(self._new_future(), model_id=work.model_id, train=work)
+        )
 
     async def sample(self, work: SampleWork) -> SampleResult:
         self._start()
         key = (f"sample:{work.sampler_id}", work.seq_id) if work.seq_id is not None else None
         if key is not None and key in self._seen:
             return await asyncio.shield(self._seen[key])
-        job = _Job(asyncio.get_running_loop().create_future(), sample=work)
+        job = _Job(self._new_future(), sample=work)
         self._remember(key, job.future)
         self._enqueue(job)
         return await asyncio.shield(job.future)
@@ -93,10 +119,23 @@ class Scheduler:
 
     def forget(self, model_id: str) -> None:
         """The model is gone: release whatever still waits for it (it will fail on its own)."""
+        self._last_train.pop(model_id, None)
         for job in self._sequencer.forget(model_id):
             self._enqueue(job)
 
-    # ---- the loop ------------------------------------------------------------------------------
+    def _new_future(self) -> asyncio.Future:
+        self._start()
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, model_id: str, seq_id: int | None, job: _Job) -> Any:
+        key = (model_id, seq_id) if seq_id is not None else None
+        if key is not None and key in self._seen:
+            return await asyncio.shield(self._seen[key])
+        self._remember(key, job.future)
+        for ready in self._sequencer.submit(model_id, seq_id, job):
+            self._enqueue(ready)
+        self._gap_changed.set()
+        return await asyncio.shield(job.future)
 
     def _remember(self, key: tuple[str, int] | None, future: asyncio.Future) -> None:
         if key is None:
@@ -117,18 +156,7 @@ class Scheduler:
         self._gap_changed = asyncio.Event()
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._expire_gaps())]
 
-    def _next_batch(self) -> list[_Job]:
-        """The oldest job; a sampling job takes every sampling job waiting with it (up to the row cap)."""
-        first = self._jobs.popleft()
-        if first.sample is None:
-            return [first]
-        batch, rows = [first], first.sample.num_samples
-        for job in list(self._jobs):
-            if job.sample is not None and rows + job.sample.num_samples <= self._max_rows:
-                self._jobs.remove(job)
-                batch.append(job)
-                rows += job.sample.num_samples
-        return batch
+    # ---- the loop ------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,18 +165,66 @@ class Scheduler:
                 self._job_added.clear()
                 await self._job_added.wait()
                 continue
-            batch = self._next_batch()
-            if batch[0].sample is None:
-                outcomes = [await _run(loop, self._compute, batch[0].fn)]
+            first = self._jobs[0]
+            if first.train is not None:
+                await self._wait_for_other_tenants()
+                await self._run_train_pass(loop)
+            elif first.sample is not None:
+                await self._run_sample_batch(loop)
             else:
-                works = [job.sample for job in batch]
-                outcome = await _run(loop, self._compute, partial(self._sample_batch, works))
-                outcomes = outcome if isinstance(outcome, list) else [outcome] * len(batch)
-            for job, outcome in zip(batch, outcomes):
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+                self._jobs.popleft()
+                _settle(first, await _run(loop, self._compute, first.fn))
+
+    async def _wait_for_other_tenants(self) -> None:
+        """While several tenants are active, give their requests a short window to join this pass."""
+        window = self._limits.batch_window_s
+        if window <= 0 or not self._limits.cross_adapter_batching:
+            return
+        now = time.monotonic()
+        active = {m for m, t in self._last_train.items() if now - t < ACTIVE_TENANT_S}
+        waiting = {job.model_id for job in self._jobs if job.train is not None}
+        if len(active - waiting) == 0:
+            return
+        deadline = now + window
+        while (remaining := deadline - time.monotonic()) > 0 and active - waiting:
+            self._job_added.clear()
+            try:
+                await asyncio.wait_for(self._job_added.wait(), remaining)
+            except TimeoutError:
+                break
+            waiting = {job.model_id for job in self._jobs if job.train is not None}
+
+    async def _run_train_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        parts = self._planner.plan(list(self._jobs))
+        runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
+        outcome = await _run(loop, self._compute, runner)
+        outcomes = outcome if isinstance(outcome, list) else [outcome] * len(parts)
+        for part, result in zip(parts, outcomes):
+            job = part.job
+            if isinstance(result, BaseException):
+                self._finish(job, result)
+                continue
+            job.parts.append(result)
+            job.done_datums = part.end
+            if job.done_datums == len(job.train.data):
+                self._finish(job, merge_results(job.parts))
+
+    async def _run_sample_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, rows = [], 0
+        for job in list(self._jobs):
+            if job.sample is not None and (not batch or rows + job.sample.num_samples <= self._limits.max_sample_rows):
+                self._jobs.remove(job)
+                batch.append(job)
+                rows += job.sample.num_samples
+        outcome = await _run(loop, self._compute, partial(self._sample_batch, [job.sample for job in batch]))
+        outcomes = outcome if isinstance(outcome, list) else [outcome] * len(batch)
+        for job, result in zip(batch, outcomes):
+            _settle(job, result)
+
+    def _finish(self, job: _Job, outcome: Any) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        _settle(job, outcome)
 
     async def _expire_gaps(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,8 +237,21 @@ class Scheduler:
             except TimeoutError:
                 pass
             for job in self._sequencer.expire():
-                logger.warning("running a request after %.1fs without its seq_id predecessor", self._gap_timeout_s)
+                logger.warning(
+                    "running a request after %.1fs without its seq_id predecessor", self._limits.gap_timeout_s
+                )
                 self._enqueue(job)
+
+
+def _settle(job: _Job, outcome: Any) -> None:
+    if job.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        if not isinstance(outcome, ThinkerError):
+            outcome = ServerError(f"{type(outcome).__name__}: {outcome}")
+        job.future.set_exception(outcome)
+    else:
+        job.future.set_result(outcome)
 
 
 async def _run(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, fn: Callable[[], Any]) -> Any:

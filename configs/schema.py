@@ -44,7 +44,25 @@ class BaseModelConfig(StrictConfig):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op torch threads in the model actor; default: every core of its node."
     )
-    max_adapters: int = Field(64, ge=1, description="LoRA adapters one model actor hosts at once.")
+    max_adapters: int = Field(1024, ge=1, description="LoRA adapters (training models) one model actor holds.")
+    max_resident_adapters: int = Field(
+        64,
+        ge=1,
+        description="Adapters kept on the device; idle ones beyond this (weights and AdamW state) wait in "
+        "host memory (GPU) or a spill file (CPU) and come back on their next request.",
+    )
+    cross_adapter_batching: bool = Field(
+        True, description="Run forward/forward_backward requests of different adapters together in one pass."
+    )
+    max_pass_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Padded tokens (rows x longest row) in one base-model pass; bigger requests run as "
+        "micro-batches, interleaved with other tenants.",
+    )
+    batch_window_s: float = Field(
+        0.005, ge=0, description="How long a pass waits for other tenants' requests while several are active."
+    )
     max_lora_rank: int = Field(128, ge=1, description="Largest LoRA rank a client may ask for.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha; an adapter of rank r scales its update by alpha/r.")
     max_seq_len: int | None = Field(

@@ -68,6 +68,18 @@ class FakeBackend:
     def sample(self, works: list[SampleWork]) -> list[SampleResult]:
         return [SampleResult(sequences=[]) for _ in works]
 
+    def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list:
+        outcomes = []
+        for work in works:
+            try:
+                outcomes.append(self.forward_backward(work))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def check_forward_backward(self, work: ForwardBackwardWork) -> None:
+        self.get_info(work.model_id)
+
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         self.get_info(work.model_id)
         self.calls.append(("optim_step", work.model_id, work.seq_id))

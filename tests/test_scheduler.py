@@ -1,0 +1,128 @@
+"""The scheduler: cross-adapter passes, barriers, token budgets, micro-batches, the window."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from actors.passes import merge_results
+from actors.scheduler import Scheduler, SchedulerLimits
+from actors.work import CreateModelWork, Datum, ForwardBackwardResult, ForwardBackwardWork, LoraSpec
+from tests.fakes import FakeBackend
+
+
+class SpyBackend(FakeBackend):
+    """Records the (model, datums) of every pass; each pass takes `pass_s` seconds."""
+
+    def __init__(self, pass_s=0.1):
+        super().__init__()
+        self.passes: list[list[tuple[str, int]]] = []
+        self.pass_s = pass_s
+
+    def forward_backward_batch(self, works):
+        time.sleep(self.pass_s)
+        self.passes.append([(w.model_id, len(w.data)) for w in works])
+        return super().forward_backward_batch(works)
+
+
+def limits(**overrides) -> SchedulerLimits:
+    values = dict(
+        max_sample_rows=8,
+        max_pass_tokens=1000,
+        max_pass_adapters=8,
+        cross_adapter_batching=True,
+        batch_window_s=0.0,
+        gap_timeout_s=5.0,
+    )
+    return SchedulerLimits(**{**values, **overrides})
+
+
+def make(backend, **overrides) -> Scheduler:
+    for m in "abcd":
+        backend.create_model(CreateModelWork(m, LoraSpec(rank=2)))
+    return Scheduler(
+        backend.forward_backward_batch, backend.check_forward_backward, backend.sample, limits(**overrides)
+    )
+
+
+def fb(model_id, n_datums=1, length=10, seq_id=None):
+    data = [Datum(np.arange(length), {"target_tokens": np.arange(length)}) for _ in range(n_datums)]
+    return ForwardBackwardWork(model_id, seq_id, data, "cross_entropy")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def burst(scheduler, works, gap_s=0.02):
+    """Submit the first request, let it start, then the rest while it runs."""
+    first = asyncio.create_task(scheduler.forward_backward(works[0]))
+    await asyncio.sleep(gap_s)
+    return await asyncio.gather(first, *(scheduler.forward_backward(w) for w in works[1:]))
+
+
+def test_pending_requests_of_different_adapters_share_one_pass():
+    backend = SpyBackend()
+    run(burst(make(backend), [fb("a"), fb("b"), fb("c"), fb("d")]))
+    assert backend.passes == [[("a", 1)], [("b", 1), ("c", 1), ("d", 1)]]
+
+
+def test_without_cross_adapter_batching_each_pass_holds_one_adapter():
+    backend = SpyBackend()
+    run(burst(make(backend, cross_adapter_batching=False), [fb("a"), fb("b"), fb("c"), fb("b")]))
+    assert backend.passes == [[("a", 1)], [("b", 1), ("b", 1)], [("c", 1)]]
+
+
+def test_a_barrier_holds_its_own_model_only():
+    backend = SpyBackend()
+    scheduler = make(backend)
+
+    async def scenario():
+        first = asyncio.create_task(scheduler.forward_backward(fb("a")))
+        await asyncio.sleep(0.02)
+        queued = [
+            scheduler.forward_backward(fb("b", seq_id=1)),
+            scheduler.ordered("b", 2, lambda: backend.passes.append([("optim", "b")])),
+            scheduler.forward_backward(fb("b", seq_id=3)),
+            scheduler.forward_backward(fb("c")),
+        ]
+        await asyncio.gather(first, *queued)
+
+    run(scenario())
+    # c joins b's first request; b's third waits for its optim_step, then runs
+    assert backend.passes == [[("a", 1)], [("b", 1), ("c", 1)], [("optim", "b")], [("b", 1)]]
+
+
+def test_a_huge_request_is_split_and_interleaved_with_other_tenants():
+    backend = SpyBackend()
+    scheduler = make(backend, max_pass_tokens=100)
+    results = run(burst(scheduler, [fb("a"), fb("b", n_datums=12), fb("c", n_datums=2)]))
+    # b gets its fair half of the budget first, c its two datums, b the rest of the budget;
+    # b's last datums run in the next pass, and its result holds all twelve.
+    assert backend.passes == [[("a", 1)], [("b", 8), ("c", 2)], [("b", 4)]]
+    assert len(results[1].loss_fn_outputs) == 12
+
+
+def test_the_window_lets_an_active_tenant_join_the_pass():
+    backend = SpyBackend(pass_s=0.0)
+    scheduler = make(backend, batch_window_s=0.3)
+
+    async def scenario():
+        await asyncio.gather(scheduler.forward_backward(fb("a")), scheduler.forward_backward(fb("b")))  # both active
+        first = asyncio.create_task(scheduler.forward_backward(fb("a")))
+        await asyncio.sleep(0.1)
+        await asyncio.gather(first, scheduler.forward_backward(fb("b")))
+
+    run(scenario())
+    assert backend.passes[-1] == [("a", 1), ("b", 1)]
+
+
+def test_merge_results_like_the_sdk_merges_chunks():
+    parts = [
+        ForwardBackwardResult([{"logprobs": np.zeros(2)}], {"loss:sum": 1.0, "frac:mean": 0.5, "x:max": 1.0}),
+        ForwardBackwardResult([{"logprobs": np.ones(2)}] * 3, {"loss:sum": 2.0, "frac:mean": 0.1, "x:max": 3.0}),
+    ]
+    merged = merge_results(parts)
+    assert len(merged.loss_fn_outputs) == 4
+    assert merged.metrics == pytest.approx({"loss:sum": 3.0, "frac:mean": (0.5 + 0.3) / 4, "x:max": 3.0})
