@@ -69,8 +69,15 @@ class HFBackend:
         self.lora_layers = install_lora_layers(self.model, self.routing)
         if not self.lora_layers:
             raise ValueError(f"no LoRA-able projections found in a {self.arch!r} model")
-        self.adapters = AdapterTable(self.lora_layers, config.max_adapters, config.max_lora_rank, config.lora_alpha)
         spill_root = str(Path(cache_dir).expanduser() / "spill")
+        self.adapters = AdapterTable(
+            self.lora_layers,
+            config.max_adapters,
+            config.max_lora_rank,
+            config.lora_alpha,
+            resident_capacity=config.max_resident_adapters,
+            spill_root=spill_root,
+        )
         self.samplers = SamplerTable(self.lora_layers, config.max_resident_samplers, spill_root)
         hf_config = self.model.config
         self.vocab_size = int(hf_config.vocab_size)
@@ -103,7 +110,7 @@ class HFBackend:
         return info
 
     def get_info(self, model_id: str) -> ModelInfo:
-        return self.adapters.get(model_id).info
+        return self.adapters.info(model_id)
 
     def list_models(self) -> list[str]:
         return self.adapters.ids()
@@ -140,13 +147,14 @@ class HFBackend:
         self._checked(work)
 
     def _checked(self, work: ForwardBackwardWork):
-        self.adapters.get(work.model_id)
+        self.adapters.info(work.model_id)
         spec = get_loss(work.loss_fn)
         config = spec.resolve_config(work.loss_fn_config)
         validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
         return spec, config
 
     def _run_pass(self, ready: list, outcomes: list) -> None:
+        self.adapters.make_resident([work.model_id for _, work, _, _ in ready])
         batch = pack_pass([(work.model_id, work.data) for _, work, _, _ in ready], self.device)
         training = {work.model_id for _, work, _, _ in ready if not work.forward_only}
         self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
@@ -277,6 +285,7 @@ class HFBackend:
 
     def _routing_key(self, sampler_id: str) -> str:
         if sampler_id in self.adapters:  # a training model, sampled live
+            self.adapters.get(sampler_id)
             return sampler_id
         if sampler_id == self.config.name:
             return ""
