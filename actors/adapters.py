@@ -1,16 +1,17 @@
 """The adapter table: which LoRA adapters live in a model actor, their weights and AdamW state.
 
-- A resident adapter's weights sit on the LoRA layers of its scope (attn / mlp / unembed) and
-  are listed here for its own torch AdamW, so an optim_step touches that adapter alone;
-  gradients accumulate on its parameters across forward_backward calls until then.
+- A resident adapter's weights sit on the LoRA layers of its scope (attn / mlp / unembed); its
+  own AdamW moments live beside them, so an optim_step touches that adapter alone; gradients
+  accumulate across forward_backward calls until then.
 - At most `resident_capacity` adapters are resident. The least recently used one beyond that is
-  offloaded: weights, accumulated gradients and AdamW moments go to host memory (GPU models) or
-  to a spill file (CPU models), and come back bit-exact on its next request. Offloading never
-  fails a request and never drops optimizer state.
+  offloaded: its buffers (weights, accumulated gradients, AdamW moments) go to host memory (GPU
+  models) or to a spill file (CPU models) and come back bit-exact on its next request.
+  Offloading never fails a request and never drops optimizer state.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import shutil
@@ -27,42 +28,79 @@ from actors.lora import LoraLinear, LoraWeights, target_scope
 from actors.work import AdamParams, LoraSpec, ModelInfo
 from configs.errors import CapacityError, NotFoundError, UserError
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+_BUFFERS = ("values", "grad", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
 class Adapter:
+    """One adapter's parameters, gradients and AdamW moments, each in one flat float32 buffer.
+
+    The A and B Parameters on the LoRA layers are views of `values`, their `.grad` views of
+    `grad` (autograd accumulates into it in place), so AdamW runs as a handful of whole-buffer
+    ops, element for element the same arithmetic as torch.optim.AdamW's.
+    """
+
     info: ModelInfo
-    weights: dict[str, LoraWeights]  # LoRA module name -> weights (empty while offloaded)
-    optimizer: torch.optim.AdamW | None  # None while offloaded
+    layout: list[tuple[str, tuple[int, int], tuple[int, int]]]  # module name, A shape, B shape
+    buffers: dict[str, torch.Tensor] | None  # values, grad, exp_avg, exp_avg_sq (None while offloaded)
+    weights: dict[str, LoraWeights]  # module name -> views of the buffers (empty while offloaded)
+    step: int = 0  # AdamW steps taken
+    has_grad: bool = False  # a backward has accumulated into `grad` since the last step
     offloaded: dict[str, torch.Tensor] | Path | None = None  # host tensors or a spill file
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for w in self.weights.values() for p in (w.A, w.B)]
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
-        """Apply the accumulated gradients with AdamW (decoupled weight decay), then zero them."""
-        params = [p for p in self.parameters() if p.grad is not None]
-        grad_norm = _grad_norm(params, adam.grad_clip_norm)
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate,
-                betas=(adam.beta1, adam.beta2),
-                eps=adam.eps,
-                weight_decay=adam.weight_decay,
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate}
+        """Apply the accumulated gradients with AdamW (decoupled weight decay), then zero them.
+        Without any gradient nothing moves, as torch skips parameters whose grad is None."""
+        if not self.has_grad:
+            return {"grad_norm:mean": 0.0, "learning_rate:mean": adam.learning_rate}
+        values, grad = self.buffers["values"], self.buffers["grad"]
+        exp_avg, exp_avg_sq = self.buffers["exp_avg"], self.buffers["exp_avg_sq"]
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters()])
+        if adam.grad_clip_norm > 0:
+            grad.mul_(torch.clamp(adam.grad_clip_norm / (total_norm + 1e-6), max=1.0))
+        self.step += 1
+        lr, beta1, beta2 = adam.learning_rate, adam.beta1, adam.beta2
+        values.mul_(1 - lr * adam.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**self.step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**self.step) ** 0.5).add_(adam.eps)
+        values.addcdiv_(exp_avg, denom, value=-step_size)
+        grad.zero_()
+        self.has_grad = False
+        return {"grad_norm:mean": float(total_norm), "learning_rate:mean": lr}
 
+    def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """parameter key ("<module>.A" / ".B") -> its (exp_avg, exp_avg_sq) views."""
+        return {
+            key: (self._view("exp_avg", offset, shape), self._view("exp_avg_sq", offset, shape))
+            for key, offset, shape in self._slots()
+        }
 
-def _grad_norm(params: list[nn.Parameter], clip_norm: float) -> float:
-    """Global L2 norm of the gradients (before clipping); clips them in place when clip_norm > 0."""
-    if not params:
-        return 0.0
-    if clip_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    def _slots(self):
+        offset = 0
+        for name, a_shape, b_shape in self.layout:
+            for which, shape in (("A", a_shape), ("B", b_shape)):
+                yield f"{name}.{which}", offset, shape
+                offset += shape[0] * shape[1]
+
+    def _view(self, buffer: str, offset: int, shape: tuple[int, int]) -> torch.Tensor:
+        return self.buffers[buffer][offset : offset + shape[0] * shape[1]].view(shape)
+
+    def bind(self, layers: dict[str, LoraLinear], scaling: float) -> None:
+        """Make Parameters viewing the buffers and put them on the layers."""
+        self.weights = {}
+        views = {}
+        for key, offset, shape in self._slots():
+            param = nn.Parameter(self._view("values", offset, shape))
+            param.grad = self._view("grad", offset, shape)
+            views[key] = param
+        for name, _, _ in self.layout:
+            self.weights[name] = LoraWeights(A=views[f"{name}.A"], B=views[f"{name}.B"], scaling=scaling)
+            layers[name].adapters[self.info.model_id] = self.weights[name]
 
 
 def validate_lora(lora: LoraSpec, max_rank: int) -> None:
@@ -141,14 +179,22 @@ class AdapterTable:
         scopes = {
             s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
         }
-        seed = lora.seed if lora.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
-        weights = {
-            name: layer.new_adapter(info.model_id, lora.rank, self._alpha, generator)
-            for name, layer in self._layers.items()
-            if target_scope(name) in scopes
-        }
-        adapter = Adapter(info=info, weights=weights, optimizer=torch.optim.AdamW(_params(weights)))
+        targets = {name: layer for name, layer in self._layers.items() if target_scope(name) in scopes}
+        layout = [
+            (name, (lora.rank, layer.base.in_features), (layer.base.out_features, lora.rank))
+            for name, layer in targets.items()
+        ]
+        size = sum(a[0] * a[1] + b[0] * b[1] for _, a, b in layout)
+        device = next(iter(self._layers.values())).base.weight.device
+        buffers = {key: torch.zeros(size, dtype=torch.float32, device=device) for key in _BUFFERS}
+        adapter = Adapter(info=info, layout=layout, buffers=buffers, weights={})
+        adapter.bind(self._layers, self._alpha / lora.rank)
+        generator = torch.Generator().manual_seed(lora.seed if lora.seed is not None else secrets.randbits(63))
+        with torch.no_grad():  # PEFT's init, module by module in a fixed order: A kaiming-uniform, B zero
+            for name, _, _ in layout:
+                A = torch.empty(adapter.weights[name].A.shape)
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+                adapter.weights[name].A.copy_(A)
         self._adapters[info.model_id] = adapter
         self._resident[info.model_id] = None
         self.make_resident([info.model_id])
@@ -176,51 +222,24 @@ class AdapterTable:
         return adapter
 
     def _offload(self, adapter: Adapter) -> None:
-        tensors = {}
-        for name, w in adapter.weights.items():
-            for which, param in (("A", w.A), ("B", w.B)):
-                key = f"{name}.{which}"
-                tensors[key] = param.detach().cpu()
-                if param.grad is not None:
-                    tensors[f"{key}.grad"] = param.grad.cpu()
-                for state_key, value in adapter.optimizer.state.get(param, {}).items():
-                    tensors[f"{key}.{state_key}"] = (
-                        torch.as_tensor(value).cpu().reshape(-1 if state_key == "step" else value.shape)
-                    )
+        tensors = {key: buffer.cpu() for key, buffer in adapter.buffers.items()}
         for layer in self._layers.values():
             layer.adapters.pop(adapter.info.model_id, None)
-        device = next(iter(self._layers.values())).base.weight.device
-        if device.type == "cpu":  # host memory is where it already is: spill to disk instead
+        if next(iter(self._layers.values())).base.weight.device.type == "cpu":  # spill to disk
             path = self._spill_path(adapter.info.model_id)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+            save_file(tensors, path)
             adapter.offloaded = path
         else:
             adapter.offloaded = tensors
-        adapter.weights, adapter.optimizer = {}, None
+        adapter.buffers, adapter.weights = None, {}
         self._resident.pop(adapter.info.model_id, None)
 
     def _reload(self, adapter: Adapter) -> None:
         stored = adapter.offloaded
         tensors = load_file(stored) if isinstance(stored, Path) else stored
-        scaling = self._alpha / adapter.info.lora.rank
-        weights: dict[str, LoraWeights] = {}
-        state = {}
-        for name in sorted({key.rsplit(".", 1)[0] for key in tensors if key.endswith((".A", ".B"))}):
-            device = self._layers[name].base.weight.device
-            params = {}
-            for which in ("A", "B"):
-                key = f"{name}.{which}"
-                param = nn.Parameter(tensors[key].to(device))
-                if f"{key}.grad" in tensors:
-                    param.grad = tensors[f"{key}.grad"].to(device)
-                if f"{key}.step" in tensors:
-                    state[param] = {s: _state_tensor(tensors[f"{key}.{s}"], s, device) for s in _STATE_KEYS}
-                params[which] = param
-            weights[name] = LoraWeights(A=params["A"], B=params["B"], scaling=scaling)
-            self._layers[name].adapters[adapter.info.model_id] = weights[name]
-        optimizer = torch.optim.AdamW(_params(weights))
-        optimizer.state.update(state)
-        adapter.weights, adapter.optimizer = weights, optimizer
+        device = next(iter(self._layers.values())).base.weight.device
+        adapter.buffers = {key: tensors[key].to(device) for key in _BUFFERS}
+        adapter.bind(self._layers, self._alpha / adapter.info.lora.rank)
         if isinstance(stored, Path):
             stored.unlink(missing_ok=True)
         adapter.offloaded = None
@@ -232,12 +251,3 @@ class AdapterTable:
             root.mkdir(parents=True, exist_ok=True)
             self._spill_dir = Path(tempfile.mkdtemp(prefix="adapters-", dir=root))
         return self._spill_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}.safetensors"
-
-
-def _params(weights: dict[str, LoraWeights]) -> list[nn.Parameter]:
-    return [p for w in weights.values() for p in (w.A, w.B)]
-
-
-def _state_tensor(value: torch.Tensor, key: str, device: torch.device) -> torch.Tensor:
-    """AdamW keeps `step` as a CPU scalar tensor (unless capturable); moments live with the param."""
-    return value.reshape(()).clone() if key == "step" else value.to(device)

@@ -57,8 +57,7 @@ class HFBackend:
     def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
         self.config = config
         self.device = pick_device(config)
-        if self.device.type == "cpu":
-            torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        self.init_compute_thread()
         loaded = load_base_model(config, cache_dir)
         self.arch = loaded.arch
         self.tokenizer_dir = loaded.tokenizer_dir
@@ -83,6 +82,12 @@ class HFBackend:
         self.vocab_size = int(hf_config.vocab_size)
         self.max_seq_len = int(config.max_seq_len or getattr(hf_config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+    def init_compute_thread(self) -> None:
+        """torch's intra-op thread count is per thread under OpenMP: Ray sets OMP_NUM_THREADS to the
+        actor's CPUs (often 1), and a new thread would run every parallel kernel on one core."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
 
     def describe(self) -> ModelDescription:
         return ModelDescription(
@@ -162,7 +167,7 @@ class HFBackend:
             logits = self.model(input_ids=batch.tokens_BT, use_cache=False).logits
             flat = target_logprobs(logits, batch.targets_BTK)[batch.mask_BT]
             del logits
-            total = None
+            total, trained = None, set()
             for (i, work, spec, config), span in zip(ready, batch.spans):
                 logprobs = request_logprobs(span, flat)
                 try:
@@ -175,12 +180,15 @@ class HFBackend:
                     continue
                 if not work.forward_only:
                     total = out.loss if total is None else total + out.loss
+                    trained.add(work.model_id)
                 outcomes[i] = ForwardBackwardResult(
                     loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
                     metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
                 )
             if total is not None:
                 total.backward()
+                for model_id in trained:
+                    self.adapters.get(model_id).has_grad = True
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))
@@ -192,7 +200,7 @@ class HFBackend:
         adapter = self.adapters.get(model_id)
         files = adapter_files(adapter.weights, adapter.info.lora.rank, self.config.lora_alpha, self.config.name)
         if with_optimizer:
-            files[OPTIMIZER_FILE] = optimizer_file(adapter.weights, adapter.optimizer)
+            files[OPTIMIZER_FILE] = optimizer_file(adapter.moments(), adapter.step)
         return files
 
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
@@ -207,14 +215,16 @@ class HFBackend:
             for name, (A, B) in loaded.items():
                 adapter.weights[name].A.copy_(A)
                 adapter.weights[name].B.copy_(B)
-        for p in adapter.parameters():
-            p.grad = None
+            adapter.buffers["grad"].zero_()
+        adapter.has_grad = False
         if with_optimizer:
             if OPTIMIZER_FILE not in files:
                 raise UserError("this checkpoint holds no optimizer state (save it with save_state)")
-            load_optimizer_state(files[OPTIMIZER_FILE], adapter.weights, adapter.optimizer)
+            adapter.step = load_optimizer_state(files[OPTIMIZER_FILE], adapter.moments())
         else:
-            adapter.optimizer.state.clear()
+            adapter.buffers["exp_avg"].zero_()
+            adapter.buffers["exp_avg_sq"].zero_()
+            adapter.step = 0
 
     # ---- sampling ----------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ class Routing:
 
     keys: list[str] = field(default_factory=list)  # the distinct keys, in first-row order
     single: str | None = None  # set when every row uses the same key (the fast path)
+    in_order: bool = False  # rows come grouped, in equal groups: the grouped layout is the batch
     frozen: frozenset[str] = frozenset()
     _groups: list[list[int]] = field(default_factory=list)
     _indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -42,6 +43,8 @@ class Routing:
         self.keys = list(groups)
         self._groups = list(groups.values())
         self.single = self.keys[0] if len(self.keys) == 1 else None
+        sizes = {len(g) for g in self._groups}
+        self.in_order = len(sizes) == 1 and [r for g in self._groups for r in g] == list(range(len(row_keys)))
         self.frozen = frozen
         self._indices = {}
 
@@ -111,27 +114,29 @@ class LoraLinear(nn.Module):
 
     def _grouped_delta(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
         rank = max(lora.A.shape[0] for lora in loras if lora is not None)
-        A_stack, B_stack, scales = [], [], []
+        A_stack, B_stack = [], []
         for key, lora in zip(self.routing.keys, loras):
             if lora is None:
                 A_stack.append(x.new_zeros(rank, self.base.in_features, dtype=torch.float32))
                 B_stack.append(x.new_zeros(self.base.out_features, rank, dtype=torch.float32))
-                scales.append(0.0)
                 continue
             A, B = self._weights(key, lora)
             pad = rank - A.shape[0]
             A_stack.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
-            B_stack.append(F.pad(B, (0, pad)) if pad else B)
-            scales.append(lora.scaling)
+            B_stack.append((F.pad(B, (0, pad)) if pad else B) * lora.scaling)  # scale the small side
         gather, scatter = self.routing.indices(x.device)
         groups, width = gather.shape
         rest = x.shape[1:-1]
-        rows = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).to(torch.float32)
-        grouped = rows[gather].reshape(groups, -1, self.base.in_features)  # [groups, width * tokens, in]
-        hidden = torch.bmm(grouped, torch.stack(A_stack).transpose(1, 2))
-        delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2))
-        delta = delta * torch.tensor(scales, dtype=delta.dtype, device=delta.device).view(-1, 1, 1)
-        return delta.reshape(groups * width, *rest, self.base.out_features)[scatter]
+        x32 = x.to(torch.float32)
+        if self.routing.in_order:  # rows already grouped, no padding: reshape instead of copying
+            grouped = x32.reshape(groups, -1, self.base.in_features)
+        else:
+            grouped = torch.cat([x32, x32.new_zeros(1, *x.shape[1:])])[gather].reshape(
+                groups, -1, self.base.in_features
+            )
+        hidden = torch.bmm(grouped, torch.stack(A_stack).transpose(1, 2))  # [groups, width * tokens, rank]
+        delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2)).reshape(groups * width, *rest, -1)
+        return delta if self.routing.in_order else delta[scatter]
 
 
 def target_scope(module_name: str) -> str | None:

@@ -57,31 +57,31 @@ def read_adapter(files: dict[str, bytes]) -> tuple[dict[str, tuple[torch.Tensor,
     return {m: (tensors[peft_key(m, "A")], tensors[peft_key(m, "B")]) for m in modules}, config
 
 
-def optimizer_file(weights: dict[str, LoraWeights], optimizer: torch.optim.Optimizer) -> bytes:
+def optimizer_file(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> bytes:
+    """AdamW state: per parameter ("<module>.A" / ".B") its moments, under its PEFT key."""
     tensors = {}
-    for name, w in weights.items():
-        for which, param in (("A", w.A), ("B", w.B)):
-            state = optimizer.state.get(param)
-            if not state:
-                continue
-            key = peft_key(name, which)
-            tensors[f"{key}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-            tensors[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-            tensors[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    for key, (exp_avg, exp_avg_sq) in moments.items():
+        name, which = key.rsplit(".", 1)
+        prefix = peft_key(name, which)
+        tensors[f"{prefix}.exp_avg"] = exp_avg.detach().cpu().contiguous()
+        tensors[f"{prefix}.exp_avg_sq"] = exp_avg_sq.detach().cpu().contiguous()
+        tensors[f"{prefix}.step"] = torch.tensor([float(step)])
     return save_safetensors(tensors)
 
 
-def load_optimizer_state(data: bytes, weights: dict[str, LoraWeights], optimizer: torch.optim.Optimizer) -> None:
-    """Replace the optimizer's per-parameter state with the saved moments (missing ones start fresh)."""
+def load_optimizer_state(data: bytes, moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Copy the saved moments into the adapter's (missing ones start at zero); returns the step."""
     tensors = load_safetensors(data)
-    optimizer.state.clear()
-    for name, w in weights.items():
-        for which, param in (("A", w.A), ("B", w.B)):
-            key = peft_key(name, which)
-            if f"{key}.exp_avg" not in tensors:
-                continue
-            optimizer.state[param] = {
-                "step": tensors[f"{key}.step"].reshape(()).clone(),
-                "exp_avg": tensors[f"{key}.exp_avg"].to(param.device).clone(),
-                "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(param.device).clone(),
-            }
+    step = 0
+    with torch.no_grad():
+        for key, (exp_avg, exp_avg_sq) in moments.items():
+            name, which = key.rsplit(".", 1)
+            prefix = peft_key(name, which)
+            if f"{prefix}.exp_avg" in tensors:
+                exp_avg.copy_(tensors[f"{prefix}.exp_avg"])
+                exp_avg_sq.copy_(tensors[f"{prefix}.exp_avg_sq"])
+                step = max(step, int(tensors[f"{prefix}.step"].item()))
+            else:
+                exp_avg.zero_()
+                exp_avg_sq.zero_()
+    return step

@@ -35,7 +35,6 @@ from configs.errors import ServerError, ThinkerError
 logger = logging.getLogger(__name__)
 
 DEDUPE_WINDOW = 4096  # results remembered for retried submissions
-ACTIVE_TENANT_S = 2.0  # a model that submitted training work this recently counts as active
 
 
 @dataclass
@@ -66,17 +65,20 @@ class Scheduler:
         check_train: Callable[[ForwardBackwardWork], None],
         sample_batch: Callable[[list[SampleWork]], list[SampleResult | Exception]],
         limits: SchedulerLimits,
+        init_compute_thread: Callable[[], None] | None = None,
     ):
         self._train_batch = train_batch
         self._check_train = check_train
         self._sample_batch = sample_batch
         self._limits = limits
         self._planner = PassPlanner(limits.max_pass_tokens, limits.max_pass_adapters, limits.cross_adapter_batching)
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-compute")
+        self._compute = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="thinker-compute", initializer=init_compute_thread
+        )
         self._sequencer: Sequencer[_Job] = Sequencer(limits.gap_timeout_s)
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
         self._jobs: deque[_Job] = deque()
-        self._last_train: dict[str, float] = {}  # model id -> when it last submitted training work
+        self._last_done: dict[str, float] = {}  # model id -> when its last request finished
         self._job_added: asyncio.Event | None = None
         self._gap_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -89,7 +91,6 @@ class Scheduler:
 
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
         """A forward(_backward) in seq_id order, in a pass with whatever else is pending."""
-        self._last_train[work.model_id] = time.monotonic()
         return await self._submit(
             work.model_id, work.seq_id, _Job(self._new_future(), model_id=work.model_id, train=work)
         )
@@ -119,7 +120,7 @@ class Scheduler:
 
     def forget(self, model_id: str) -> None:
         """The model is gone: release whatever still waits for it (it will fail on its own)."""
-        self._last_train.pop(model_id, None)
+        self._last_done.pop(model_id, None)
         for job in self._sequencer.forget(model_id):
             self._enqueue(job)
 
@@ -173,31 +174,36 @@ class Scheduler:
                 await self._run_sample_batch(loop)
             else:
                 self._jobs.popleft()
-                _settle(first, await _run(loop, self._compute, first.fn))
+                t0 = time.monotonic()
+                self._settle(first, await _run(loop, self._compute, first.fn))
+                print(f"T{t0 % 1000:.2f} FN {time.monotonic() - t0:.3f}s", flush=True)
 
     async def _wait_for_other_tenants(self) -> None:
-        """While several tenants are active, give their requests a short window to join this pass."""
+        """Hold a pass briefly for tenants in the middle of a round trip: their last request just
+        finished (their client is about to send the next) and nothing of theirs is queued."""
         window = self._limits.batch_window_s
         if window <= 0 or not self._limits.cross_adapter_batching:
             return
-        now = time.monotonic()
-        active = {m for m, t in self._last_train.items() if now - t < ACTIVE_TENANT_S}
-        waiting = {job.model_id for job in self._jobs if job.train is not None}
-        if len(active - waiting) == 0:
-            return
-        deadline = now + window
-        while (remaining := deadline - time.monotonic()) > 0 and active - waiting:
+        while True:
+            now = time.monotonic()
+            queued = {job.model_id for job in self._jobs}
+            expected = [t + window for m, t in self._last_done.items() if now - t < window and m not in queued]
+            if not expected:
+                return
             self._job_added.clear()
             try:
-                await asyncio.wait_for(self._job_added.wait(), remaining)
+                await asyncio.wait_for(self._job_added.wait(), max(expected) - now)
             except TimeoutError:
-                break
-            waiting = {job.model_id for job in self._jobs if job.train is not None}
+                return
 
     async def _run_train_pass(self, loop: asyncio.AbstractEventLoop) -> None:
         parts = self._planner.plan(list(self._jobs))
         runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
+        t0 = time.monotonic()
         outcome = await _run(loop, self._compute, runner)
+        print(
+            f"T{t0 % 1000:.2f} PASS {len(parts)} parts {time.monotonic() - t0:.2f}s queue={len(self._jobs)}", flush=True
+        )
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(parts)
         for part, result in zip(parts, outcomes):
             job = part.job
@@ -224,6 +230,11 @@ class Scheduler:
     def _finish(self, job: _Job, outcome: Any) -> None:
         if job in self._jobs:
             self._jobs.remove(job)
+        self._settle(job, outcome)
+
+    def _settle(self, job: _Job, outcome: Any) -> None:
+        if job.model_id is not None:
+            self._last_done[job.model_id] = time.monotonic()
         _settle(job, outcome)
 
     async def _expire_gaps(self) -> None:

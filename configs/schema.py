@@ -61,7 +61,10 @@ class BaseModelConfig(StrictConfig):
         "micro-batches, interleaved with other tenants.",
     )
     batch_window_s: float = Field(
-        0.005, ge=0, description="How long a pass waits for other tenants' requests while several are active."
+        0.25,
+        ge=0,
+        description="How long a pass may wait for a tenant whose last request just finished (its client is "
+        "about to send the next), so that it joins the pass.",
     )
     max_lora_rank: int = Field(128, ge=1, description="Largest LoRA rank a client may ask for.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha; an adapter of rank r scales its update by alpha/r.")

@@ -54,9 +54,11 @@ def works(forward_only=()) -> list[ForwardBackwardWork]:
 
 
 def grads(be, model_id):
+    """The accumulated gradients (None when none accumulated)."""
+    adapter = be.adapters.get(model_id)
     return {
-        (name, which): (getattr(w, which).grad.clone() if getattr(w, which).grad is not None else None)
-        for name, w in be.adapters.get(model_id).weights.items()
+        (name, which): getattr(w, which).grad.clone() if adapter.has_grad else None
+        for name, w in adapter.weights.items()
         for which in ("A", "B")
     }
 
@@ -92,9 +94,11 @@ def test_shared_passes_never_change_a_bit_of_another_adapter(backends):
         be.forward_backward_batch(works())
         for model_id in TENANTS:
             be.optim_step(OptimStepWork(model_id, None, AdamParams(learning_rate=1e-2, weight_decay=0.1)))
-    for name, w in be.adapters.get("bystander").weights.items():
+    bystander = be.adapters.get("bystander")
+    for name, w in bystander.weights.items():
         assert torch.equal(w.A, before[name][0]) and torch.equal(w.B, before[name][1])
-        assert w.A.grad is None and w.B.grad is None
+        assert not w.A.grad.any() and not w.B.grad.any()
+    assert not bystander.has_grad and bystander.step == 0
 
 
 def test_a_bad_request_fails_alone_in_a_shared_pass(backends):

@@ -29,15 +29,15 @@ def train(be, model_id, seed, optim=True):
 
 
 def full_state(be, model_id) -> dict[str, torch.Tensor]:
+    """Weights, gradients and AdamW moments, per parameter, plus the step and the has-grad flag."""
     adapter = be.adapters.get(model_id)
-    state = {}
+    state = {"step": torch.tensor(adapter.step), "has_grad": torch.tensor(adapter.has_grad)}
     for name, w in adapter.weights.items():
         for which, p in (("A", w.A), ("B", w.B)):
             state[f"{name}.{which}"] = p.detach().clone()
-            if p.grad is not None:
-                state[f"{name}.{which}.grad"] = p.grad.clone()
-            for key, value in adapter.optimizer.state.get(p, {}).items():
-                state[f"{name}.{which}.{key}"] = torch.as_tensor(value).clone()
+            state[f"{name}.{which}.grad"] = p.grad.clone()
+    for key, (exp_avg, exp_avg_sq) in adapter.moments().items():
+        state[f"{key}.exp_avg"], state[f"{key}.exp_avg_sq"] = exp_avg.clone(), exp_avg_sq.clone()
     return state
 
 
