@@ -121,12 +121,6 @@ def loss_inputs(data: list[Datum], spec: LossSpec, device: torch.device) -> dict
     }
 
 
-def target_logprobs(logits_BTV: torch.Tensor, targets_BTK: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] for every position and candidate: [B, T, K], float32."""
-    logits = logits_BTV.float()
-    return logits.gather(-1, targets_BTK) - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
 def request_logprobs(span: RequestSpan, flat_NK: torch.Tensor) -> torch.Tensor:
     """The request's scored positions (of `values_BTK[mask_BT]`) in datum order: [sum N], or
     [sum N, K] for top-K targets."""

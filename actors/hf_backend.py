@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from actors.adapters import AdapterTable
-from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum, target_logprobs, validate_data
+from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum, validate_data
 from actors.generation import GenRow, generate
+from actors.logprobs import target_logprobs
 from actors.lora import Routing, install_lora_layers
 from actors.model_source import load_base_model
 from actors.peft_format import (
@@ -164,9 +165,7 @@ class HFBackend:
         training = {work.model_id for _, work, _, _ in ready if not work.forward_only}
         self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
         with torch.set_grad_enabled(bool(training)):
-            logits = self.model(input_ids=batch.tokens_BT, use_cache=False).logits
-            flat = target_logprobs(logits, batch.targets_BTK)[batch.mask_BT]
-            del logits
+            flat = target_logprobs(self.model, batch.tokens_BT, batch.targets_BTK)[batch.mask_BT]
             total, trained = None, set()
             for (i, work, spec, config), span in zip(ready, batch.spans):
                 logprobs = request_logprobs(span, flat)

@@ -1,0 +1,44 @@
+"""Target log-probs without holding the whole [rows, tokens, vocab] logits tensor.
+
+The decoder runs once; the LM head and log-softmax then run over slices of positions, each
+slice checkpointed (recomputed in backward), so at most one slice of logits is alive at a time.
+With a 49k vocabulary the full logits of an 8k-token pass alone would take 1.6 GB, and their
+softmax gradient as much again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LOGITS_PER_SLICE = 64 * 1024 * 1024  # floats of logits computed at once (256 MB in fp32)
+
+
+def target_logprobs_from_logits(logits_BTV: torch.Tensor, targets_BTK: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for every position and candidate: [B, T, K], float32."""
+    logits = logits_BTV.float()
+    return logits.gather(-1, targets_BTK) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def target_logprobs(
+    model, tokens_BT: torch.Tensor, targets_BTK: torch.Tensor, logits_per_slice: int = LOGITS_PER_SLICE
+) -> torch.Tensor:
+    """[B, T, K] log-probs of the targets under a causal LM with a `.model` decoder and an LM head."""
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    if decoder is None or head is None:  # an unusual architecture: the plain, memory-hungry way
+        return target_logprobs_from_logits(model(input_ids=tokens_BT, use_cache=False).logits, targets_BTK)
+    hidden_BTH = decoder(input_ids=tokens_BT, use_cache=False).last_hidden_state
+    B, T, _ = hidden_BTH.shape
+    step = max(1, logits_per_slice // (B * head.weight.shape[0]))
+
+    def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return target_logprobs_from_logits(head(hidden), targets)
+
+    slices = []
+    for start in range(0, T, step):
+        hidden, targets = hidden_BTH[:, start : start + step], targets_BTK[:, start : start + step]
+        if torch.is_grad_enabled() and T > step:
+            slices.append(checkpoint(head_logprobs, hidden, targets, use_reentrant=False))
+        else:
+            slices.append(head_logprobs(hidden, targets))
+    return torch.cat(slices, dim=1)
