@@ -3,7 +3,7 @@
 - Training requests are released in each model's seq_id order (`Sequencer`, with gap timeouts
   and holes filled by `skip`).
 - forward / forward_backward requests of different adapters pending together run as one
-  base-model pass (`Passes` decides which), packed by padded tokens up to `max_pass_tokens`.
+  base-model pass (`PassPlanner` decides which), packed by padded tokens up to `max_pass_tokens`.
   A request bigger than its share is split into micro-batches across passes, so one tenant's
   huge batch cannot starve the others; its result is merged when its last part is done.
 - Any other training request (optim_step, save, load, ...) is a barrier for its own model:
@@ -44,7 +44,7 @@ class _Job:
     fn: Callable[[], Any] | None = None  # a unit of compute (a barrier for its model)
     sample: SampleWork | None = None  # or a sampling request, batched with its neighbours
     train: ForwardBackwardWork | None = None  # or a forward/forward_backward, batched across adapters
-    done_datums: int = 0  # micro-batches already run
+    done_datums: int = 0  # datums already run in earlier micro-batches
     parts: list[ForwardBackwardResult] = field(default_factory=list)
 
 

@@ -59,23 +59,28 @@ def tenant_data(types, shape: tuple[int, int], vocab: int, seed: int):
 
 
 def run_rounds(clients, datas, rounds: int) -> float:
-    """Wall seconds for every tenant to do `rounds` forward_backward + optim_step, concurrently."""
+    """Wall seconds for every tenant to do `rounds` forward_backward + optim_step, concurrently,
+    after one untimed round (steady state: each tenant's next request follows its last one)."""
     from tinker import types
 
-    barrier = threading.Barrier(len(clients) + 1)
+    warm = threading.Barrier(len(clients) + 1)
+
+    def one_round(client, data):
+        fb = client.forward_backward(data, "cross_entropy")
+        op = client.optim_step(types.AdamParams(learning_rate=LR))
+        fb.result()
+        op.result()
 
     def tenant(client, data):
-        barrier.wait()
+        one_round(client, data)
+        warm.wait()
         for _ in range(rounds):
-            fb = client.forward_backward(data, "cross_entropy")
-            op = client.optim_step(types.AdamParams(learning_rate=LR))
-            fb.result()
-            op.result()
+            one_round(client, data)
 
     threads = [threading.Thread(target=tenant, args=(c, d)) for c, d in zip(clients, datas)]
     for t in threads:
         t.start()
-    barrier.wait()
+    warm.wait()
     start = time.perf_counter()
     for t in threads:
         t.join()
@@ -108,8 +113,6 @@ def main() -> None:
         shape = tuple(int(v) for v in spec.split("x"))
         datas = [tenant_data(types, shape, vocab, seed=i) for i in range(args.tenants)]
         tokens = args.tenants * args.rounds * shape[0] * shape[1]
-        for side in clients:  # warm-up round
-            run_rounds(clients[side], datas, 1)
         rates = {"batched": [], "unbatched": []}
         for _ in range(args.repeats):
             for side in ("batched", "unbatched"):

@@ -55,7 +55,7 @@ class BaseModelConfig(StrictConfig):
         True, description="Run forward/forward_backward requests of different adapters together in one pass."
     )
     max_pass_tokens: int = Field(
-        2048,
+        1024,
         ge=1,
         description="Padded tokens (rows x longest row) in one base-model pass; bigger requests run as "
         "micro-batches, interleaved with other tenants.",
