@@ -45,7 +45,7 @@ class GenOutput:
 
 
 @dataclass
-class _RowState:
+class RowState:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
@@ -75,11 +75,11 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
         use_cache=True,
         logits_to_keep=0 if want_prompt else 1,
     )
-    prompt_outputs = [_prompt_scores(out.logits[i], row, width) for i, row in enumerate(rows)]
-    states = [_RowState() for _ in rows]
+    prompt_outputs = [prompt_scores(out.logits[i], row, width - len(row.prompt)) for i, row in enumerate(rows)]
+    states = [RowState() for _ in rows]
     logits = out.logits[:, -1, :].float()
     for _ in range(max(r.max_tokens for r in rows)):
-        _sample_step(logits, rows, states, decode)
+        sample_step(logits, rows, states, decode)
         if all(s.stop_reason is not None for s in states):
             break
         step_ids = torch.tensor([[s.tokens[-1] if s.stop_reason is None else 0] for s in states], device=device)
@@ -87,10 +87,10 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
         positions = positions[:, -1:] + 1
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()
-    return [_finish(state, prompt) for state, prompt in zip(states, prompt_outputs)]
+    return [finish(state, prompt) for state, prompt in zip(states, prompt_outputs)]
 
 
-def _sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[_RowState], decode) -> None:
+def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowState], decode) -> None:
     logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
     for i, (row, state) in enumerate(zip(rows, states)):
         if state.stop_reason is not None:
@@ -127,12 +127,13 @@ def _hit_stop_string(tokens: list[int], stops: tuple[str, ...], decode) -> bool:
     return any(stop in text for stop in stops)
 
 
-def _prompt_scores(logits_TV: torch.Tensor, row: GenRow, width: int) -> GenOutput:
-    """log p(prompt[i] | prompt[:i]) for the row (NaN at 0) and the top-k alternatives."""
+def prompt_scores(logits_TV: torch.Tensor, row: GenRow, first: int) -> GenOutput:
+    """log p(prompt[i] | prompt[:i]) for the row (NaN at 0) and the top-k alternatives;
+    `first` is the position of the row's first prompt token in `logits_TV`."""
     if not (row.prompt_logprobs or row.topk_prompt):
         return GenOutput(sequence=None)
     n = len(row.prompt)
-    logprobs_TV = torch.log_softmax(logits_TV[width - n : width - 1].float(), dim=-1)  # predicts 1..n-1
+    logprobs_TV = torch.log_softmax(logits_TV[first : first + n - 1].float(), dim=-1)  # predicts 1..n-1
     targets = torch.as_tensor(np.asarray(row.prompt[1:], dtype=np.int64), device=logprobs_TV.device)
     scores = np.full(n, np.nan, dtype=np.float32)
     scores[1:] = logprobs_TV.gather(-1, targets[:, None])[:, 0].cpu().numpy()
@@ -148,10 +149,43 @@ def _prompt_scores(logits_TV: torch.Tensor, row: GenRow, width: int) -> GenOutpu
     return output
 
 
-def _finish(state: _RowState, prompt: GenOutput) -> GenOutput:
+def finish(state: RowState, prompt: GenOutput) -> GenOutput:
     prompt.sequence = SampledSequence(
         tokens=np.asarray(state.tokens, dtype=np.int32),
         logprobs=np.asarray(state.logprobs, dtype=np.float32),
         stop_reason=state.stop_reason or "length",
     )
     return prompt
+
+
+def generate_uncached(next_logits, rows: list[GenRow], decode=None) -> list[GenOutput]:
+    """The same sampling without a KV cache, for backends that run whole sequences each step.
+
+    `next_logits(tokens [rows, T] right-padded, lengths, all_positions)` returns logits at every
+    row's last token ([rows, V]), or at every position ([rows, T, V]) when asked.
+    """
+    lengths = [len(r.prompt) for r in rows]
+    sequences = [list(np.asarray(r.prompt, dtype=np.int64)) for r in rows]
+    if any(r.prompt_logprobs or r.topk_prompt for r in rows):
+        logits = next_logits(_right_padded(sequences), lengths, True)
+        prompts = [prompt_scores(logits[i], row, 0) for i, row in enumerate(rows)]
+    else:
+        prompts = [GenOutput(sequence=None) for _ in rows]
+    states = [RowState() for _ in rows]
+    for _ in range(max(r.max_tokens for r in rows)):
+        current = [len(s) for s in sequences]
+        sample_step(next_logits(_right_padded(sequences), current, False).float(), rows, states, decode)
+        if all(s.stop_reason is not None for s in states):
+            break
+        for sequence, state in zip(sequences, states):
+            if state.stop_reason is None:
+                sequence.append(state.tokens[-1])
+    return [finish(state, prompt) for state, prompt in zip(states, prompts)]
+
+
+def _right_padded(sequences: list[list[int]]) -> np.ndarray:
+    width = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), width), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = s
+    return tokens

@@ -42,6 +42,10 @@ from configs.schema import BaseModelConfig
 
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
+    if config.backend == "megatron":
+        from actors.megatron_backend import MegatronBackend
+
+        return MegatronBackend(config, cache_dir)
     from actors.hf_backend import HFBackend
 
     return HFBackend(config, cache_dir)

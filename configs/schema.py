@@ -18,6 +18,24 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class MegatronConfig(StrictConfig):
+    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel size (heads, KV groups and vocab divide by it).")
+    pipeline_parallel: int = Field(1, ge=1, description="Pipeline-parallel size (stages of whole layers).")
+    data_parallel: int = Field(1, ge=1, description="Data-parallel replicas of the TP x PP group.")
+    cpus_per_rank: float = Field(
+        1.0, gt=0, description="Logical CPUs each rank actor reserves (and its torch threads)."
+    )
+    gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each rank actor is pinned to (0: CPU with gloo).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy for the ranks (SPREAD puts them on different nodes)."
+    )
+    collective_timeout_s: float = Field(600.0, gt=0, description="torch.distributed timeout of every collective.")
+    call_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest a call on the group may take before it counts as failed."
+    )
+    setup_timeout_s: float = Field(900.0, gt=0, description="Longest the group may take to start and load its shards.")
+
+
 class BaseModelConfig(StrictConfig):
     name: str = Field(description="The base_model name clients ask for (create_lora_training_client).")
     source: str = Field(
@@ -35,7 +53,14 @@ class BaseModelConfig(StrictConfig):
         ),
     )
     random_seed: int = Field(0, description="Seed of the random weights when random_init is set.")
-    backend: Literal["hf"] = Field("hf", description="Compute backend: 'hf' (transformers + Thinker's LoRA layers).")
+    backend: Literal["hf", "megatron"] = Field(
+        "hf",
+        description="'hf': transformers + Thinker's multi-adapter LoRA layers, in the model actor. 'megatron': a "
+        "megatron-core group of rank actors (tensor/pipeline/data parallel), for models one device cannot hold.",
+    )
+    megatron: MegatronConfig = Field(
+        default_factory=MegatronConfig, description="Parallel sizes and placement of the Megatron rank group."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the frozen base weights; LoRA weights and optimizer state stay float32."
     )

@@ -1,0 +1,319 @@
+"""The Megatron backend: the same Backend interface as the HF backend, over a group of rank actors.
+
+- Requests are validated here (same checks as the HF backend), then every rank runs its part;
+  results come from the reporting ranks (last pipeline stage, TP rank 0, each DP replica).
+- One adapter per pass; data-parallel replicas each take a contiguous slice of the datums.
+- Adapters travel as PEFT files (`actors.peft_format`): a checkpoint written here loads in the
+  HF backend and the other way round.
+- A failed rank fails the in-flight request with a ServerError; before the next request the
+  group is rebuilt and every training model comes back from its last saved or loaded state
+  (or, if it never had one, from its initial weights). Sampler snapshots do not survive that.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from actors.batch import validate_data
+from actors.generation import generate_uncached
+from actors.megatron_group import RankGroup
+from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter
+from actors.sample_rows import SampleLimits, to_rows
+from actors.work import (
+    CreateModelWork,
+    ForwardBackwardResult,
+    ForwardBackwardWork,
+    LoraSpec,
+    ModelDescription,
+    ModelInfo,
+    OptimStepResult,
+    OptimStepWork,
+    SampleResult,
+    SamplerInfo,
+    SampleWork,
+)
+from configs.errors import NotFoundError, ThinkerError, UserError
+from configs.schema import BaseModelConfig
+from losses import get_loss
+
+
+class _Weights:
+    """The (A, B) pair in PEFT's file helpers' shape."""
+
+    def __init__(self, A, B):
+        self.A, self.B = A, B
+
+
+class MegatronBackend:
+    def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
+        from actors.model_source import ensure_byte_tokenizer, resolve_source
+
+        self.config = config
+        self._cache_dir = cache_dir
+        self._group = RankGroup(config, cache_dir)
+        hf_config = _hf_config(config, cache_dir)
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_seq_len = int(config.max_seq_len or hf_config.max_position_embeddings)
+        if config.random_init is not None:
+            self.tokenizer_dir = ensure_byte_tokenizer(cache_dir) if self.vocab_size >= 259 else None
+        else:
+            self.tokenizer_dir = resolve_source(config, cache_dir)
+        self.tokenizer = _tokenizer(self.tokenizer_dir)
+        self.eos_ids = frozenset([self.tokenizer.eos_token_id]) if self.tokenizer is not None else frozenset()
+        self._models: dict[str, ModelInfo] = {}
+        self._restore: dict[str, dict[str, bytes]] = {}  # model id -> files of its last saved/loaded state
+        self._samplers: dict[str, SamplerInfo] = {}
+
+    def init_compute_thread(self) -> None:
+        pass  # the compute runs in the rank actors
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(
+            name=self.config.name,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            max_batch_tokens=self.config.max_batch_tokens,
+            sampleable=True,
+            tokenizer_id=self.tokenizer_dir,
+        )
+
+    # ---- training models ------------------------------------------------------------------------
+
+    def create_model(self, work: CreateModelWork) -> ModelInfo:
+        self._heal()
+        lora = (
+            work.lora
+            if work.lora.seed is not None
+            else LoraSpec(
+                work.lora.rank, secrets.randbits(63), work.lora.train_mlp, work.lora.train_attn, work.lora.train_unembed
+            )
+        )
+        if not 1 <= lora.rank <= self.config.max_lora_rank:
+            raise UserError(f"LoRA rank must be between 1 and {self.config.max_lora_rank}, got {lora.rank}")
+        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+            raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
+        if len(self._models) >= self.config.max_adapters:
+            raise UserError(f"this base model already holds {self.config.max_adapters} adapters (max_adapters)")
+        self._group.call("create_adapter", work.model_id, lora, self.config.lora_alpha)
+        info = ModelInfo(work.model_id, self.config.name, lora, "llama", self.tokenizer_dir, dict(work.user_metadata))
+        self._models[work.model_id] = info
+        return info
+
+    def get_info(self, model_id: str) -> ModelInfo:
+        if model_id not in self._models:
+            raise NotFoundError(f"no training model {model_id!r} on this base model")
+        return self._models[model_id]
+
+    def list_models(self) -> list[str]:
+        return list(self._models)
+
+    def unload_model(self, model_id: str) -> None:
+        self.get_info(model_id)
+        self._group.call("remove_adapter", model_id)
+        del self._models[model_id]
+        self._restore.pop(model_id, None)
+
+    def check_forward_backward(self, work: ForwardBackwardWork) -> None:
+        self.get_info(work.model_id)
+        spec = get_loss(work.loss_fn)
+        spec.resolve_config(work.loss_fn_config)
+        validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
+
+    def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        self._heal()
+        self.check_forward_backward(work)
+        dp = self.config.megatron.data_parallel
+        bounds = np.linspace(0, len(work.data), dp + 1).astype(int)
+        slices = [(int(bounds[c["dp"]]), int(bounds[c["dp"] + 1])) for c in self._group.coords]
+        reports = self._group.reports(self._group.call("forward_backward", work, per_rank=[(s,) for s in slices]))
+        parts = [r for r in reports if r is not None]
+        metrics = {"loss:sum": sum(p["loss"] for p in parts)}
+        for key in parts[0]["metrics"]:
+            values = [p["metrics"][key] for p in parts]
+            metrics[key] = sum(values) if key.endswith(":sum") else float(np.mean(values))
+        outputs = [{"logprobs": lp} for p in parts for lp in p["logprobs"]]
+        return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+
+    def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
+        """One pass per request (the Megatron group runs one adapter at a time)."""
+        outcomes = []
+        for work in works:
+            try:
+                outcomes.append(self.forward_backward(work))
+            except ThinkerError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def optim_step(self, work: OptimStepWork) -> OptimStepResult:
+        self._heal()
+        self.get_info(work.model_id)
+        (metrics, *_) = self._group.reports(self._group.call("optim_step", work.model_id, work.adam))
+        return OptimStepResult(metrics=metrics)
+
+    # ---- weights in and out ---------------------------------------------------------------------
+
+    def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]:
+        self._heal()
+        info = self.get_info(model_id)
+        weights, moments, step = {}, {}, 0
+        for part in self._group.call("export_adapter", model_id, with_optimizer):
+            if part is not None:
+                weights.update(part["weights"])
+                moments.update(part["moments"])
+                step = max(step, part["step"])
+        as_lora = {name: _Weights(A, B) for name, (A, B) in weights.items()}
+        files = adapter_files(as_lora, info.lora.rank, self.config.lora_alpha, self.config.name)
+        if with_optimizer:
+            files[OPTIMIZER_FILE] = optimizer_file(moments, step)
+            self._restore[model_id] = files
+        return files
+
+    def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
+        self._heal()
+        info = self.get_info(model_id)
+        full, config = read_adapter(files)
+        if config.get("r") != info.lora.rank:
+            raise UserError(
+                f"checkpoint rank {config.get('r')} does not fit training model {model_id!r} (rank {info.lora.rank})"
+            )
+        if with_optimizer and OPTIMIZER_FILE not in files:
+            raise UserError("this checkpoint holds no optimizer state (save it with save_state)")
+        moments, step = _moments(files) if with_optimizer else ({}, 0)
+        self._group.call("remove_adapter", model_id)
+        self._group.call("import_adapter", model_id, full, info.lora, self.config.lora_alpha, True, moments, step)
+        self._restore[model_id] = files
+
+    # ---- sampling ---------------------------------------------------------------------------------
+
+    def create_sampler(self, info: SamplerInfo, files: dict[str, bytes] | None) -> SamplerInfo:
+        self._heal()
+        if files is not None:
+            full, config = read_adapter(files)
+            lora = LoraSpec(rank=int(config["r"]))
+            self._group.call("import_adapter", info.sampler_id, full, lora, float(config["lora_alpha"]), False)
+        self._samplers[info.sampler_id] = info
+        return info
+
+    def snapshot_sampler(self, model_id: str, info: SamplerInfo) -> SamplerInfo:
+        self._heal()
+        self.get_info(model_id)
+        self._group.call("copy_adapter", model_id, info.sampler_id)
+        self._samplers[info.sampler_id] = info
+        return info
+
+    def sampler_info(self, sampler_id: str) -> SamplerInfo:
+        if sampler_id not in self._samplers:
+            raise NotFoundError(f"no sampling session {sampler_id!r} on this base model")
+        return self._samplers[sampler_id]
+
+    def list_samplers(self) -> list[str]:
+        return list(self._samplers)
+
+    def remove_sampler(self, sampler_id: str) -> None:
+        self._samplers.pop(sampler_id, None)
+        self._group.call("remove_adapter", sampler_id)
+
+    def sample(self, works: list[SampleWork]) -> list[SampleResult | Exception]:
+        outcomes: list[SampleResult | Exception] = []
+        for work in works:
+            try:
+                outcomes.append(self._sample(work))
+            except ThinkerError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _sample(self, work: SampleWork) -> SampleResult:
+        self._heal()
+        if work.sampler_id == self.config.name:
+            key = ""
+        elif work.sampler_id in self._models or work.sampler_id in self._samplers:
+            key = work.sampler_id
+        else:
+            raise NotFoundError(f"no sampling session {work.sampler_id!r} on this base model")
+        limits = SampleLimits(
+            self.vocab_size,
+            self.max_seq_len,
+            self.config.default_max_tokens,
+            self.config.max_sample_rows,
+            self.eos_ids,
+            self.tokenizer is not None,
+            _cpu(),
+        )
+        rows = to_rows(work, key, limits)
+
+        def next_logits(tokens, lengths, all_positions):
+            (logits, *_) = self._group.reports(self._group.call("next_logits", key, tokens, lengths, all_positions))
+            return logits
+
+        outputs = generate_uncached(next_logits, rows, decode=self._decode)
+        return SampleResult(
+            sequences=[o.sequence for o in outputs],
+            prompt_logprobs=outputs[0].prompt_logprobs,
+            topk_prompt_ids=outputs[0].topk_ids,
+            topk_prompt_logprobs=outputs[0].topk_logprobs,
+        )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # ---- failures ---------------------------------------------------------------------------------
+
+    def _heal(self) -> None:
+        """Rebuild a broken group and bring every training model back from its last state."""
+        if not self._group.broken:
+            return
+        self._group.rebuild()
+        self._samplers.clear()
+        for model_id, info in self._models.items():
+            files = self._restore.get(model_id)
+            if files is None:
+                self._group.call("create_adapter", model_id, info.lora, self.config.lora_alpha)
+                continue
+            full, _ = read_adapter(files)
+            moments, step = _moments(files) if OPTIMIZER_FILE in files else ({}, 0)
+            self._group.call("import_adapter", model_id, full, info.lora, self.config.lora_alpha, True, moments, step)
+
+    def close(self) -> None:
+        self._group.close()
+
+
+def _moments(files: dict[str, bytes]):
+    """PEFT-keyed AdamW moments -> ("<module>.A"/".B" -> (exp_avg, exp_avg_sq)), and the step."""
+    from safetensors.torch import load
+
+    tensors = load(files[OPTIMIZER_FILE])
+    moments, step = {}, 0
+    for key in tensors:
+        if key.endswith(".exp_avg"):
+            prefix = key[: -len(".exp_avg")]  # base_model.model.<module>.lora_<A|B>.weight
+            module, which = prefix[len("base_model.model.") : -len(".weight")].rsplit(".lora_", 1)
+            moments[f"{module}.{which}"] = (tensors[key], tensors[prefix + ".exp_avg_sq"])
+            step = max(step, int(tensors[prefix + ".step"].item()))
+    return moments, step
+
+
+def _hf_config(config: BaseModelConfig, cache_dir: str):
+    from transformers import AutoConfig, LlamaConfig
+
+    if config.random_init is not None:
+        return LlamaConfig(**config.random_init)
+    from actors.model_source import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(config, cache_dir))
+
+
+def _tokenizer(folder: str | None):
+    if folder is None or not Path(folder).exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")

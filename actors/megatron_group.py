@@ -1,0 +1,105 @@
+"""The Megatron rank group: one Ray actor per rank, placed in a Ray placement group so the
+ranks may land on different nodes (one bundle per rank; GPUs when configured).
+
+- Rank 0 hosts the torch.distributed rendezvous; every rank then sets up its shard.
+- `call` runs a method on every rank and waits at most `call_timeout_s`: a dead or stuck rank
+  becomes a ServerError (never a hang), and the group is marked broken so that the backend
+  rebuilds it (and restores its adapters) before the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.megatron_rank import MegatronRank
+from configs.errors import ServerError
+from configs.schema import BaseModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RankGroup:
+    def __init__(self, config: BaseModelConfig, cache_dir: str):
+        self._config = config
+        self._cache_dir = cache_dir
+        self._actors: list = []
+        self._pg = None
+        self.coords: list[dict] = []
+        self.broken = False
+        self._start()
+
+    @property
+    def world_size(self) -> int:
+        m = self._config.megatron
+        return m.tensor_parallel * m.pipeline_parallel * m.data_parallel
+
+    def _start(self) -> None:
+        m = self._config.megatron
+        bundle = {"CPU": m.cpus_per_rank, **({"GPU": m.gpus_per_rank} if m.gpus_per_rank else {})}
+        self._pg = placement_group([bundle] * self.world_size, strategy=m.placement_strategy)
+        ray.get(self._pg.ready(), timeout=m.setup_timeout_s)
+        remote = ray.remote(MegatronRank)
+        threads = max(1, int(m.cpus_per_rank))
+        self._actors = [
+            remote.options(
+                num_cpus=m.cpus_per_rank,
+                num_gpus=m.gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+            ).remote(i, self.world_size, threads)
+            for i in range(self.world_size)
+        ]
+        addr, port = ray.get(self._actors[0].address.remote(), timeout=m.setup_timeout_s)
+        setups = [
+            a.setup.remote(
+                addr,
+                port,
+                m.tensor_parallel,
+                m.pipeline_parallel,
+                self._config,
+                self._cache_dir,
+                m.collective_timeout_s,
+            )
+            for a in self._actors
+        ]
+        self.coords = ray.get(setups, timeout=m.setup_timeout_s)
+        self.broken = False
+
+    def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
+        """`method` on every rank (with `per_rank[i]` appended to rank i's arguments); all results."""
+        if self.broken:
+            raise ServerError("the Megatron group is being rebuilt after a rank failure; retry")
+        refs = [
+            getattr(actor, method).remote(*args, *(per_rank[i] if per_rank else ()))
+            for i, actor in enumerate(self._actors)
+        ]
+        try:
+            return ray.get(refs, timeout=self._config.megatron.call_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            self.broken = True
+            logger.error("Megatron rank failure during %s: %s", method, exc)
+            raise ServerError(
+                f"a Megatron rank failed during {method} ({type(exc).__name__}); the group is rebuilt"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:  # an exception inside the method: pass it on
+            raise exc.as_instanceof_cause() from None
+
+    def reports(self, results: list[Any]) -> list[Any]:
+        """The reporting ranks' results (last stage, TP rank 0), in data-parallel order."""
+        ranked = sorted((c["dp"], r) for c, r in zip(self.coords, results) if c["reports"])
+        return [r for _, r in ranked]
+
+    def rebuild(self) -> None:
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+        self._actors, self._pg = [], None

@@ -1,0 +1,324 @@
+"""One rank of a Megatron group: a Ray actor holding its GPTModel shard and its adapters' shards.
+
+- `setup` initialises torch.distributed (gloo on CPU, NCCL on GPUs; collectives time out) and
+  megatron's parallel state, builds the shard and wraps its linears with LoRA.
+- Every verb is called on all ranks of the group at once (the backend does that); collectives
+  inside keep them in step. Results come from the last pipeline stage's TP rank 0 of each
+  data-parallel replica; other ranks return None.
+- forward_backward runs megatron-core's pipeline schedule; Thinker's loss registry plugs into
+  its forward step (the last stage gathers the vocab-parallel logits and computes the losses).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from actors import megatron_cpu
+from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum
+from actors.logprobs import target_logprobs_from_logits
+from actors.megatron_lora import new_adapter_weights
+from actors.work import AdamParams, ForwardBackwardWork, LoraSpec
+from configs.errors import UserError
+
+
+def _scope(hf_name: str) -> str:
+    leaf = hf_name.rsplit(".", 1)[-1]
+    if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        return "attn"
+    return "unembed" if leaf == "lm_head" else "mlp"
+
+
+class MegatronRank:
+    def __init__(self, rank: int, world_size: int, threads: int):
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        torch.set_num_threads(threads)
+        megatron_cpu.install()
+        self._adapters: dict[str, dict] = {}  # key -> {"lora", "optimizer", "trainable"}
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port (rank 0 hosts the rendezvous)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, addr: str, port: int, tp: int, pp: int, config, cache_dir: str, timeout_s: float) -> dict:
+        import torch.distributed as dist
+        from megatron.core import parallel_state, tensor_parallel
+
+        from actors.megatron_model import build
+
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        with megatron_cpu.cpu_mode():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            tensor_parallel.model_parallel_cuda_manual_seed(config.random_seed)  # megatron's RNG tracker
+            self._m = build(config, cache_dir, tp, pp)
+        head_dim = self._m.hf_config.hidden_size // self._m.hf_config.num_attention_heads
+        self._head_dim = getattr(self._m.hf_config, "head_dim", None) or head_dim
+        return self.coords()
+
+    def coords(self) -> dict:
+        from megatron.core import parallel_state as ps
+
+        return {
+            "rank": self.rank,
+            "tp": ps.get_tensor_model_parallel_rank(),
+            "pp": ps.get_pipeline_model_parallel_rank(),
+            "dp": ps.get_data_parallel_rank(),
+            "dp_size": ps.get_data_parallel_world_size(),
+            "reports": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0,
+        }
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def create_adapter(self, key: str, lora: LoraSpec, alpha: float) -> None:
+        """HF's init in HF's module order (over every stage, so all ranks draw the same numbers)."""
+        scopes = {
+            s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
+        }
+        pieces = [p for p in self._all_pieces() if _scope(p.hf_name) in scopes]
+        full = new_adapter_weights(pieces, lora.rank, torch.Generator().manual_seed(lora.seed))
+        self._install(key, full, lora, alpha, trainable=True)
+
+    def import_adapter(self, key: str, full: dict, lora: LoraSpec, alpha: float, trainable: bool, moments=None, step=0):
+        self._install(key, full, lora, alpha, trainable)
+        if moments:
+            entry = self._adapters[key]
+            state = entry["optimizer"].state
+            for name, (exp_avg, exp_avg_sq), param in self._param_slots(key, moments):
+                state[param] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+    def export_adapter(self, key: str, with_optimizer: bool):
+        """Full HF-shaped (A, B) of this stage's modules (and AdamW moments), on reporting ranks."""
+        weights, moments, step = {}, {}, 0
+        state = self._adapters[key]["optimizer"].state if with_optimizer and self._adapters[key]["optimizer"] else {}
+        for layer in self._m.lora_layers:
+            if key not in layer.adapters:
+                continue
+            weights.update(layer.full(key))
+            if not with_optimizer:
+                continue
+            local = {"exp_avg": {}, "exp_avg_sq": {}}
+            for name, w in layer.adapters[key].items():
+                for moment, per_piece in local.items():
+                    per_piece[name] = tuple(state.get(p, {}).get(moment, torch.zeros_like(p)) for p in (w.A, w.B))
+                step = max([step] + [int(state.get(p, {}).get("step", 0)) for p in (w.A, w.B)])
+            m_full, v_full = layer.full(key, local["exp_avg"]), layer.full(key, local["exp_avg_sq"])
+            for name in m_full:
+                moments[f"{name}.A"] = (m_full[name][0], v_full[name][0])
+                moments[f"{name}.B"] = (m_full[name][1], v_full[name][1])
+        if self.coords()["tp"] != 0:
+            return None
+        return {"weights": weights, "moments": moments, "step": step}
+
+    def remove_adapter(self, key: str) -> None:
+        for layer in self._m.lora_layers:
+            layer.adapters.pop(key, None)
+        self._adapters.pop(key, None)
+
+    def copy_adapter(self, source: str, key: str) -> None:
+        """A frozen copy (a sampler snapshot) of an adapter's current weights."""
+        for layer in self._m.lora_layers:
+            if source in layer.adapters:
+                from actors.lora import LoraWeights
+
+                layer.adapters[key] = {
+                    n: LoraWeights(A=w.A.detach().clone(), B=w.B.detach().clone(), scaling=w.scaling)
+                    for n, w in layer.adapters[source].items()
+                }
+        self._adapters[key] = {"lora": self._adapters[source]["lora"], "optimizer": None, "trainable": False}
+
+    # ---- compute --------------------------------------------------------------------------------
+
+    def forward_backward(self, work: ForwardBackwardWork, data_slice: tuple[int, int]):
+        """This data-parallel replica's slice of the request through the pipeline schedule."""
+        from losses import get_loss
+
+        spec = get_loss(work.loss_fn)
+        config = spec.resolve_config(work.loss_fn_config)
+        data = work.data[data_slice[0] : data_slice[1]]
+        trainable = self._adapters[work.model_id]["trainable"] and not work.forward_only
+        if not data:  # more data-parallel replicas than datums: still join the gradient all-reduce
+            if trainable:
+                self._reduce_data_parallel_grads(work.model_id)
+            return self._report(None)
+        self._m.routing.set([work.model_id], frozen=frozenset() if trainable else frozenset([work.model_id]))
+        device = self._device()
+        batch = pack_pass([(work.model_id, data)], device)
+        inputs = loss_inputs(data, spec, device)
+
+        def loss_func(output_tensor):
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(output_tensor)
+            flat = target_logprobs_from_logits(logits, batch.targets_BTK)[batch.mask_BT]
+            logprobs = request_logprobs(batch.spans[0], flat)
+            out = spec(logprobs, inputs, config)
+            report = {
+                "logprobs": split_by_datum(batch.spans[0], logprobs),
+                "loss": float(out.loss.detach()),
+                "metrics": out.metrics,
+            }
+            return out.loss, report
+
+        stored = self._schedule(batch.tokens_BT, loss_func, forward_only=not trainable)
+        if trainable:
+            self._reduce_data_parallel_grads(work.model_id)
+        return self._report(stored[0] if stored else None)
+
+    def optim_step(self, key: str, adam: AdamParams) -> dict | None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        optimizer = self._adapters[key]["optimizer"]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        squares = torch.zeros(1, dtype=torch.float64, device=self._device())
+        for p in params:  # each unique element once: shards everywhere, replicas on TP rank 0
+            if p.grad is not None and (p.tensor_model_parallel or tp_rank == 0):
+                squares += p.grad.double().square().sum()
+        dist.all_reduce(squares, group=ps.get_model_parallel_group())
+        total_norm = math.sqrt(float(squares))
+        if adam.grad_clip_norm > 0:
+            coef = min(adam.grad_clip_norm / (total_norm + 1e-6), 1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        for group in optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return self._report({"grad_norm:mean": total_norm, "learning_rate:mean": adam.learning_rate})
+
+    def next_logits(self, key: str, tokens: np.ndarray, lengths: list[int], all_positions: bool):
+        """Logits at each row's last token ([rows, vocab]), or at every position, on reporting ranks."""
+        self._m.routing.set([key or ""], frozen=frozenset([key or ""]))
+        tokens_BT = torch.from_numpy(np.array(tokens, dtype=np.int64)).to(self._device())
+
+        def loss_func(output_tensor):
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(output_tensor).float()
+            if all_positions:
+                return logits.sum() * 0, {"logits": logits.cpu()}
+            rows = torch.arange(len(lengths))
+            last = logits[rows, torch.tensor(lengths) - 1]
+            return logits.sum() * 0, {"logits": last.cpu()}
+
+        stored = self._schedule(tokens_BT, loss_func, forward_only=True)
+        return self._report(stored[0]["logits"] if stored else None)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _schedule(self, tokens_BT: torch.Tensor, loss_func, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        B, T = tokens_BT.shape
+        positions = torch.arange(T, device=tokens_BT.device).unsqueeze(0).expand(B, T)
+
+        def forward_step(data_iterator, model):
+            tokens = next(data_iterator)
+            return model(input_ids=tokens, position_ids=positions, attention_mask=None), loss_func
+
+        with megatron_cpu.cpu_mode(), torch.set_grad_enabled(not forward_only):
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter([tokens_BT]),
+                model=[self._m.model],
+                num_microbatches=1,
+                seq_length=T,
+                micro_batch_size=B,
+                forward_only=forward_only,
+            )
+
+    def _install(self, key: str, full: dict, lora: LoraSpec, alpha: float, trainable: bool) -> None:
+        params = []
+        for layer in self._m.lora_layers:
+            mine = {p.hf_name: full[p.hf_name] for p in layer.pieces if p.hf_name in full}
+            if not mine:
+                continue
+            if len(mine) != len(layer.pieces):
+                raise UserError("an adapter must cover every piece of a fused megatron linear")
+            layer.add(key, mine, alpha / lora.rank, trainable)
+            params += [t for w in layer.adapters[key].values() for t in (w.A, w.B)]
+        optimizer = torch.optim.AdamW(params) if trainable and params else None
+        self._adapters[key] = {"lora": lora, "optimizer": optimizer, "trainable": trainable}
+
+    def _param_slots(self, key: str, moments: dict):
+        for layer in self._m.lora_layers:
+            for name, w in layer.adapters.get(key, {}).items():
+                for which, param in (("A", w.A), ("B", w.B)):
+                    if f"{name}.{which}" in moments:
+                        full_m, full_v = moments[f"{name}.{which}"]
+                        yield name, (self._local(layer, which, full_m), self._local(layer, which, full_v)), param
+
+    def _local(self, layer, which: str, full: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        if layer.column and which == "B":
+            full = full.chunk(tp)[tp_rank]
+        elif not layer.column and which == "A":
+            full = full.chunk(tp, dim=1)[tp_rank]
+        return full.to(self._device()).clone()
+
+    def _all_pieces(self):
+        """Every HF LoRA module of the whole model, in HF's order (all stages, not just this one)."""
+        from actors.megatron_lora import Piece
+
+        c = self._m.hf_config
+        H, F_, V, NH, NKV, D = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            self._head_dim,
+        )
+        pieces = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            pieces += [
+                Piece(p + "self_attn.q_proj", NH * D, H),
+                Piece(p + "self_attn.k_proj", NKV * D, H),
+                Piece(p + "self_attn.v_proj", NKV * D, H),
+                Piece(p + "self_attn.o_proj", H, NH * D),
+                Piece(p + "mlp.gate_proj", F_, H),
+                Piece(p + "mlp.up_proj", F_, H),
+                Piece(p + "mlp.down_proj", H, F_),
+            ]
+        return pieces + [Piece("lm_head", V, H)]
+
+    def _reduce_data_parallel_grads(self, key: str) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        if ps.get_data_parallel_world_size() == 1:
+            return
+        optimizer = self._adapters[key]["optimizer"]
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+
+    def _report(self, value):
+        return value if self.coords()["reports"] else None
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
