@@ -98,7 +98,7 @@ class MegatronRank:
         if moments:
             entry = self._adapters[key]
             state = entry["optimizer"].state
-            for name, (exp_avg, exp_avg_sq), param in self._param_slots(key, moments):
+            for (exp_avg, exp_avg_sq), param in self._param_slots(key, moments):
                 state[param] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
     def export_adapter(self, key: str, with_optimizer: bool):
@@ -265,7 +265,7 @@ class MegatronRank:
                 for which, param in (("A", w.A), ("B", w.B)):
                     if f"{name}.{which}" in moments:
                         full_m, full_v = moments[f"{name}.{which}"]
-                        yield name, (self._local(layer, which, full_m), self._local(layer, which, full_v)), param
+                        yield (self._local(layer, which, full_m), self._local(layer, which, full_v)), param
 
     def _local(self, layer, which: str, full: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state as ps
