@@ -17,7 +17,14 @@ def test_serve_config_args_validate(path):
     config = yaml.safe_load(path.read_text())
     (app,) = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
-    assert config["http_options"]["host"] == "127.0.0.1"
+    assert config["http_options"]["host"] in ("127.0.0.1", "0.0.0.0")
+    ThinkerConfig.model_validate(app["args"])
+
+
+def test_kuberay_service_embeds_a_valid_thinker_config():
+    service = yaml.safe_load((REPO / "configs" / "kuberay" / "rayservice.yaml").read_text())
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
     ThinkerConfig.model_validate(app["args"])
 
 
