@@ -29,6 +29,10 @@ class Backend(Protocol):
 
     def describe(self) -> ModelDescription: ...
 
+    def close(self) -> None:
+        """Release what the backend holds outside its process (rank actors, spill files)."""
+        ...
+
     def init_compute_thread(self) -> None:
         """Called once on the compute thread before any work: thread-local settings."""
         ...

@@ -90,6 +90,11 @@ class HFBackend:
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
 
+    def close(self) -> None:
+        """Remove the spill files of offloaded adapters and samplers."""
+        self.adapters.close()
+        self.samplers.close()
+
     def describe(self) -> ModelDescription:
         return ModelDescription(
             name=self.config.name,

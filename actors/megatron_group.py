@@ -99,7 +99,10 @@ class RankGroup:
 
     def close(self) -> None:
         for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
         if self._pg is not None:
             remove_placement_group(self._pg)
         self._actors, self._pg = [], None

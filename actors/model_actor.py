@@ -78,6 +78,12 @@ class ModelActor:
         )
         self._description = self._backend.describe()
 
+    def __del__(self):
+        """Serve calls this when the replica shuts down: free the backend's rank actors and files."""
+        close = getattr(getattr(self, "_backend", None), "close", None)
+        if close is not None:
+            close()
+
     # ---- training models --------------------------------------------------------------------
 
     async def create_model(self, work: CreateModelWork) -> ModelInfo:

@@ -33,6 +33,9 @@ class FakeBackend:
     def init_compute_thread(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def describe(self) -> ModelDescription:
         return ModelDescription(name=self.name, vocab_size=100, max_seq_len=64, max_batch_tokens=1024)
 
