@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import torch
@@ -34,7 +33,6 @@ from actors.work import (
     CreateModelWork,
     ForwardBackwardResult,
     ForwardBackwardWork,
-    LoraSpec,
     ModelDescription,
     ModelInfo,
     OptimStepResult,
@@ -96,19 +94,12 @@ class HFBackend:
         self.samplers.close()
 
     def describe(self) -> ModelDescription:
-        return ModelDescription(
-            name=self.config.name,
-            vocab_size=self.vocab_size,
-            max_seq_len=self.max_seq_len,
-            max_batch_tokens=self.config.max_batch_tokens,
-            sampleable=True,
-            tokenizer_id=self.tokenizer_dir,
-        )
+        return ModelDescription.of(self.config, self.vocab_size, self.max_seq_len, self.tokenizer_dir)
 
     # ---- training models ---------------------------------------------------------------------
 
     def create_model(self, work: CreateModelWork) -> ModelInfo:
-        lora = work.lora if work.lora.seed is not None else _with_seed(work.lora, secrets.randbits(63))
+        lora = work.lora.seeded()
         info = ModelInfo(
             model_id=work.model_id,
             base_model=self.config.name,
@@ -307,10 +298,6 @@ class HFBackend:
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
-
-
-def _with_seed(lora: LoraSpec, seed: int) -> LoraSpec:
-    return LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
 
 
 def _load_tokenizer(tokenizer_dir: str | None):

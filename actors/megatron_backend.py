@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import numpy as np
 
+from actors.adapters import validate_lora
 from actors.batch import validate_data
 from actors.generation import generate_uncached
 from actors.megatron_group import RankGroup
@@ -71,30 +71,14 @@ class MegatronBackend:
         pass  # the compute runs in the rank actors
 
     def describe(self) -> ModelDescription:
-        return ModelDescription(
-            name=self.config.name,
-            vocab_size=self.vocab_size,
-            max_seq_len=self.max_seq_len,
-            max_batch_tokens=self.config.max_batch_tokens,
-            sampleable=True,
-            tokenizer_id=self.tokenizer_dir,
-        )
+        return ModelDescription.of(self.config, self.vocab_size, self.max_seq_len, self.tokenizer_dir)
 
     # ---- training models ------------------------------------------------------------------------
 
     def create_model(self, work: CreateModelWork) -> ModelInfo:
         self._heal()
-        lora = (
-            work.lora
-            if work.lora.seed is not None
-            else LoraSpec(
-                work.lora.rank, secrets.randbits(63), work.lora.train_mlp, work.lora.train_attn, work.lora.train_unembed
-            )
-        )
-        if not 1 <= lora.rank <= self.config.max_lora_rank:
-            raise UserError(f"LoRA rank must be between 1 and {self.config.max_lora_rank}, got {lora.rank}")
-        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-            raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
+        lora = work.lora.seeded()
+        validate_lora(lora, self.config.max_lora_rank)
         if len(self._models) >= self.config.max_adapters:
             raise UserError(f"this base model already holds {self.config.max_adapters} adapters (max_adapters)")
         self._group.call("create_adapter", work.model_id, lora, self.config.lora_alpha)

@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from configs.schema import BaseModelConfig
 
 
 @dataclass
@@ -33,6 +37,10 @@ class LoraSpec:
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
+
+    def seeded(self) -> LoraSpec:
+        """This spec, with a fresh random seed when it has none (the adapter's init must be replayable)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,19 @@ class ModelDescription:
     trainable: bool = True
     sampleable: bool = False
     tokenizer_id: str | None = None
+
+    @classmethod
+    def of(
+        cls, config: BaseModelConfig, vocab_size: int, max_seq_len: int, tokenizer_id: str | None
+    ) -> ModelDescription:
+        return cls(
+            name=config.name,
+            vocab_size=vocab_size,
+            max_seq_len=max_seq_len,
+            max_batch_tokens=config.max_batch_tokens,
+            sampleable=True,
+            tokenizer_id=tokenizer_id,
+        )
 
 
 @dataclass(frozen=True)

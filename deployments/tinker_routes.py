@@ -116,13 +116,7 @@ class TinkerRoutes:
         return wire.HealthResponse().model_dump()
 
     async def get_server_capabilities(self) -> dict:
-        models = [
-            wire.SupportedModel(
-                model_name=d.name, max_context_length=d.max_seq_len, trainable=d.trainable, sampleable=d.sampleable
-            )
-            for d in await self._models.describe_all()
-        ]
-        return wire.ServerCapabilities(supported_models=models).model_dump()
+        return wire.ServerCapabilities.of(await self._models.describe_all()).model_dump()
 
     # ---- training models -----------------------------------------------------------------------
 

@@ -237,6 +237,17 @@ class SupportedModel(WireOut):
 class ServerCapabilities(WireOut):
     supported_models: list[SupportedModel]
 
+    @classmethod
+    def of(cls, models: list[work.ModelDescription]) -> ServerCapabilities:
+        return cls(
+            supported_models=[
+                SupportedModel(
+                    model_name=d.name, max_context_length=d.max_seq_len, trainable=d.trainable, sampleable=d.sampleable
+                )
+                for d in models
+            ]
+        )
+
 
 class UntypedAPIFuture(WireOut):
     request_id: str
