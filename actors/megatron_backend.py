@@ -20,6 +20,7 @@ from actors.adapters import validate_lora
 from actors.batch import validate_data
 from actors.generation import generate_uncached
 from actors.megatron_group import RankGroup
+from actors.passes import merge_results
 from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter
 from actors.sample_rows import SampleLimits, to_rows
 from actors.work import (
@@ -53,8 +54,9 @@ class MegatronBackend:
 
         self.config = config
         self._cache_dir = cache_dir
-        self._group = RankGroup(config, cache_dir)
         hf_config = _hf_config(config, cache_dir)
+        check_layout(hf_config, config)
+        self._group = RankGroup(config, cache_dir)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_seq_len = int(config.max_seq_len or hf_config.max_position_embeddings)
         if config.random_init is not None:
@@ -113,13 +115,7 @@ class MegatronBackend:
         bounds = np.linspace(0, len(work.data), dp + 1).astype(int)
         slices = [(int(bounds[c["dp"]]), int(bounds[c["dp"] + 1])) for c in self._group.coords]
         reports = self._group.reports(self._group.call("forward_backward", work, per_rank=[(s,) for s in slices]))
-        parts = [r for r in reports if r is not None]
-        metrics = {"loss:sum": sum(p["loss"] for p in parts)}
-        for key in parts[0]["metrics"]:
-            values = [p["metrics"][key] for p in parts]
-            metrics[key] = sum(values) if key.endswith(":sum") else float(np.mean(values))
-        outputs = [{"logprobs": lp} for p in parts for lp in p["logprobs"]]
-        return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+        return merge_results([r for r in reports if r is not None])
 
     def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
         """One pass per request (the Megatron group runs one adapter at a time)."""
@@ -277,6 +273,24 @@ def _moments(files: dict[str, bytes]):
             moments[f"{module}.{which}"] = (tensors[key], tensors[prefix + ".exp_avg_sq"])
             step = max(step, int(tensors[prefix + ".step"].item()))
     return moments, step
+
+
+def check_layout(hf_config, config: BaseModelConfig) -> None:
+    """The parallel sizes must split the model evenly; say which do not before any rank starts."""
+    tp, pp = config.megatron.tensor_parallel, config.megatron.pipeline_parallel
+    sizes = {
+        "num_attention_heads": (hf_config.num_attention_heads, tp),
+        "num_key_value_heads": (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp),
+        "intermediate_size": (hf_config.intermediate_size, tp),
+        "vocab_size": (hf_config.vocab_size, tp),
+        "num_hidden_layers": (hf_config.num_hidden_layers, pp),
+    }
+    wrong = [f"{name} {value} by {by}" for name, (value, by) in sizes.items() if value % by]
+    if wrong:
+        raise UserError(
+            f"{config.name}: tensor_parallel={tp} x pipeline_parallel={pp} does not divide the model evenly: "
+            f"cannot split {', '.join(wrong)}"
+        )
 
 
 def _hf_config(config: BaseModelConfig, cache_dir: str):

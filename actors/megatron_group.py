@@ -42,7 +42,7 @@ class RankGroup:
         m = self._config.megatron
         bundle = {"CPU": m.cpus_per_rank, **({"GPU": m.gpus_per_rank} if m.gpus_per_rank else {})}
         self._pg = placement_group([bundle] * self.world_size, strategy=m.placement_strategy)
-        ray.get(self._pg.ready(), timeout=m.setup_timeout_s)
+        self._await_placement(bundle, m.setup_timeout_s)
         remote = ray.remote(MegatronRank)
         threads = max(1, int(m.cpus_per_rank))
         self._actors = [
@@ -68,6 +68,33 @@ class RankGroup:
         ]
         self.coords = ray.get(setups, timeout=m.setup_timeout_s)
         self.broken = False
+
+    def _await_placement(self, bundle: dict, timeout_s: float) -> None:
+        """Wait for the ranks' resources; say what is missing while waiting, and fail clearly."""
+        ready = self._pg.ready()
+        waited, warn_after = 0.0, min(30.0, timeout_s)
+        while waited < timeout_s:
+            step = min(warn_after, timeout_s - waited)
+            done, _ = ray.wait([ready], timeout=step)
+            if done:
+                return
+            waited += step
+            logger.warning(
+                "the Megatron group of %s waits %.0f s for %d bundles of %s (%s placement); the cluster has %s",
+                self._config.name,
+                waited,
+                self.world_size,
+                bundle,
+                self._config.megatron.placement_strategy,
+                {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+            )
+        remove_placement_group(self._pg)
+        self._pg = None
+        raise ServerError(
+            f"the cluster did not provide {self.world_size} x {bundle} for the Megatron group of "
+            f"{self._config.name} within {timeout_s:.0f} s (megatron.setup_timeout_s); lower cpus_per_rank / "
+            "gpus_per_rank or add nodes"
+        )
 
     def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
         """`method` on every rank (with `per_rank[i]` appended to rank i's arguments); all results."""

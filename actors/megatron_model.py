@@ -84,6 +84,8 @@ def build(config, cache_dir: str, tp: int, pp: int) -> RankModel:
         use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        variable_seq_lengths=pp > 1,  # micro-batches differ in rows and length: stages exchange shapes
+        moe_token_dispatcher_type="alltoall",  # (no MoE here; the default one refuses variable lengths)
         bf16=dtype == torch.bfloat16,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,

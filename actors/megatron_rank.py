@@ -7,6 +7,8 @@
   data-parallel replica; other ranks return None.
 - forward_backward runs megatron-core's pipeline schedule; Thinker's loss registry plugs into
   its forward step (the last stage gathers the vocab-parallel logits and computes the losses).
+  With pipeline parallelism a request's datums go through in several micro-batches (losses are
+  sums over datums, so the gradients add up to the whole request's).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from actors import megatron_cpu
 from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum
 from actors.logprobs import target_logprobs_from_logits
 from actors.megatron_lora import new_adapter_weights
-from actors.work import AdamParams, ForwardBackwardWork, LoraSpec
+from actors.passes import merge_results
+from actors.work import AdamParams, ForwardBackwardResult, ForwardBackwardWork, LoraSpec
 from configs.errors import UserError
 
 
@@ -58,6 +61,7 @@ class MegatronRank:
         from actors.megatron_model import build
 
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+        self._microbatch_target = config.megatron.microbatches
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
@@ -157,27 +161,38 @@ class MegatronRank:
             return self._report(None)
         self._m.routing.set([work.model_id], frozen=frozenset() if trainable else frozenset([work.model_id]))
         device = self._device()
-        batch = pack_pass([(work.model_id, data)], device)
-        inputs = loss_inputs(data, spec, device)
+        groups = [g for g in np.array_split(np.arange(len(data)), self._microbatches(len(data))) if len(g)]
+        micro = [[data[i] for i in g] for g in groups]
+        batches = [pack_pass([(work.model_id, d)], device) for d in micro]
 
-        def loss_func(output_tensor):
+        def loss_func(index: int, output_tensor):
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+            batch = batches[index]
             logits = gather_from_tensor_model_parallel_region(output_tensor)
             flat = target_logprobs_from_logits(logits, batch.targets_BTK)[batch.mask_BT]
             logprobs = request_logprobs(batch.spans[0], flat)
-            out = spec(logprobs, inputs, config)
-            report = {
-                "logprobs": split_by_datum(batch.spans[0], logprobs),
-                "loss": float(out.loss.detach()),
-                "metrics": out.metrics,
-            }
-            return out.loss, report
+            out = spec(logprobs, loss_inputs(micro[index], spec, device), config)
+            report = ForwardBackwardResult(
+                loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(batch.spans[0], logprobs)],
+                metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+            )
+            # Losses are sums over datums; the schedule divides each micro-batch's loss by their count.
+            return out.loss * len(batches), report
 
-        stored = self._schedule(batch.tokens_BT, loss_func, forward_only=not trainable)
+        stored = self._schedule([b.tokens_BT for b in batches], loss_func, forward_only=not trainable)
         if trainable:
             self._reduce_data_parallel_grads(work.model_id)
-        return self._report(stored[0] if stored else None)
+        return self._report(merge_results(stored) if stored else None)
+
+    def _microbatches(self, datums: int) -> int:
+        """One pass without pipeline parallelism; else enough micro-batches to keep the stages busy."""
+        from megatron.core import parallel_state as ps
+
+        pp = ps.get_pipeline_model_parallel_world_size()
+        if pp == 1:
+            return 1
+        return max(1, min(datums, self._microbatch_target or 2 * pp))
 
     def optim_step(self, key: str, adam: AdamParams) -> dict | None:
         import torch.distributed as dist
@@ -220,28 +235,32 @@ class MegatronRank:
             last = logits[rows, torch.tensor(lengths) - 1]
             return logits.sum() * 0, {"logits": last.cpu()}
 
-        stored = self._schedule(tokens_BT, loss_func, forward_only=True)
+        stored = self._schedule([tokens_BT], lambda _, output: loss_func(output), forward_only=True)
         return self._report(stored[0]["logits"] if stored else None)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    def _schedule(self, tokens_BT: torch.Tensor, loss_func, forward_only: bool) -> list:
+    def _schedule(self, micro_tokens: list[torch.Tensor], loss_func, forward_only: bool) -> list:
+        """Megatron's pipeline schedule over micro-batches ([B_i, T_i] token ids each); `loss_func(i,
+        output)` scores micro-batch i on the last stage. Returns the last stage's reports, in order."""
+        from functools import partial
+
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        B, T = tokens_BT.shape
-        positions = torch.arange(T, device=tokens_BT.device).unsqueeze(0).expand(B, T)
-
         def forward_step(data_iterator, model):
-            tokens = next(data_iterator)
-            return model(input_ids=tokens, position_ids=positions, attention_mask=None), loss_func
+            index, tokens = next(data_iterator)
+            B, T = tokens.shape
+            positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
+            return model(input_ids=tokens, position_ids=positions, attention_mask=None), partial(loss_func, index)
 
+        B, T = micro_tokens[0].shape
         with megatron_cpu.cpu_mode(), torch.set_grad_enabled(not forward_only):
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
-                data_iterator=iter([tokens_BT]),
+                data_iterator=iter(enumerate(micro_tokens)),
                 model=[self._m.model],
-                num_microbatches=1,
-                seq_length=T,
+                num_microbatches=len(micro_tokens),
+                seq_length=T,  # (the stages exchange each micro-batch's real shape: variable_seq_lengths)
                 micro_batch_size=B,
                 forward_only=forward_only,
             )

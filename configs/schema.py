@@ -25,6 +25,12 @@ class MegatronConfig(StrictConfig):
     cpus_per_rank: float = Field(
         1.0, gt=0, description="Logical CPUs each rank actor reserves (and its torch threads)."
     )
+    microbatches: int = Field(
+        0,
+        ge=0,
+        description="Micro-batches a pipeline-parallel forward_backward splits a request's datums into, so that "
+        "the stages work at the same time (0: 2 x pipeline_parallel; never more than the datums).",
+    )
     gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each rank actor is pinned to (0: CPU with gloo).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the ranks (SPREAD puts them on different nodes)."

@@ -11,7 +11,7 @@ from actors.megatron_backend import MegatronBackend
 from actors.megatron_group import RankGroup
 from actors.model_source import load_base_model
 from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
-from configs.errors import ServerError
+from configs.errors import ServerError, UserError
 from configs.schema import BaseModelConfig
 from tests.conftest import TINY_LLAMA
 
@@ -109,3 +109,16 @@ def test_a_dead_rank_fails_the_request_and_the_group_comes_back_from_the_last_ch
         np.testing.assert_allclose(restored, saved, atol=1e-6)
     finally:
         backend.close()
+
+
+def test_a_group_the_cluster_cannot_place_fails_clearly_instead_of_waiting_forever(cache):
+    config = megatron_config(tp=2)
+    config.megatron.cpus_per_rank, config.megatron.setup_timeout_s = 64.0, 2.0
+    with pytest.raises(ServerError, match="did not provide 2 x"):
+        RankGroup(config, cache)
+    assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
+
+
+def test_a_layout_that_does_not_divide_the_model_is_refused_before_any_rank_starts(cache):
+    with pytest.raises(UserError, match="cannot split num_attention_heads 4 by 3, num_key_value_heads 2 by 3"):
+        MegatronBackend(megatron_config(tp=3), cache)
