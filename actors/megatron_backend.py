@@ -7,7 +7,8 @@
   HF backend and the other way round.
 - A failed rank fails the in-flight request with a ServerError; before the next request the
   group is rebuilt and every training model comes back from its last saved or loaded state
-  (or, if it never had one, from its initial weights). Sampler snapshots do not survive that.
+  (or, if it never had one, from its initial weights). Samplers do not survive that: sampling
+  one afterwards fails with a ServerError that says how to get it back.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from actors.work import (
     SamplerInfo,
     SampleWork,
 )
-from configs.errors import NotFoundError, ThinkerError, UserError
+from configs.errors import NotFoundError, ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from losses import get_loss
 
@@ -68,6 +69,7 @@ class MegatronBackend:
         self._models: dict[str, ModelInfo] = {}
         self._restore: dict[str, dict[str, bytes]] = {}  # model id -> files of its last saved/loaded state
         self._samplers: dict[str, SamplerInfo] = {}
+        self._lost_samplers: dict[str, str] = {}  # sampler id -> how to get it back (after a rebuild)
 
     def init_compute_thread(self) -> None:
         pass  # the compute runs in the rank actors
@@ -190,9 +192,11 @@ class MegatronBackend:
         return self._samplers[sampler_id]
 
     def list_samplers(self) -> list[str]:
-        return list(self._samplers)
+        return [*self._samplers, *self._lost_samplers]
 
     def remove_sampler(self, sampler_id: str) -> None:
+        if self._lost_samplers.pop(sampler_id, None) is not None:
+            return
         self._samplers.pop(sampler_id, None)
         self._group.call("remove_adapter", sampler_id)
 
@@ -207,6 +211,11 @@ class MegatronBackend:
 
     def _sample(self, work: SampleWork) -> SampleResult:
         self._heal()
+        if work.sampler_id in self._lost_samplers:
+            raise ServerError(
+                f"sampling session {work.sampler_id!r} was lost when the Megatron group was rebuilt after a rank "
+                f"failure; {self._lost_samplers[work.sampler_id]}"
+            )
         if work.sampler_id == self.config.name:
             key = ""
         elif work.sampler_id in self._models or work.sampler_id in self._samplers:
@@ -246,6 +255,12 @@ class MegatronBackend:
         if not self._group.broken:
             return
         self._group.rebuild()
+        for sampler_id, info in self._samplers.items():
+            self._lost_samplers[sampler_id] = (
+                f"create a sampling client from {info.model_path} again"
+                if info.model_path
+                else "save_weights_for_sampler again"
+            )
         self._samplers.clear()
         for model_id, info in self._models.items():
             files = self._restore.get(model_id)

@@ -10,7 +10,17 @@ from actors.hf_backend import HFBackend
 from actors.megatron_backend import MegatronBackend
 from actors.megatron_group import RankGroup
 from actors.model_source import load_base_model
-from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
+from actors.work import (
+    AdamParams,
+    CreateModelWork,
+    Datum,
+    ForwardBackwardWork,
+    LoraSpec,
+    OptimStepWork,
+    SamplerInfo,
+    SampleWork,
+    SamplingParams,
+)
 from configs.errors import ServerError, UserError
 from configs.schema import BaseModelConfig
 from tests.conftest import TINY_LLAMA
@@ -98,6 +108,9 @@ def test_a_dead_rank_fails_the_request_and_the_group_comes_back_from_the_last_ch
     try:
         trajectory(backend, steps=1)
         backend.save_state("m", with_optimizer=True)
+        backend.snapshot_sampler("m", SamplerInfo("s", "tiny", source_model_id="m"))
+        sample = SampleWork("s", None, np.arange(5), params=SamplingParams(max_tokens=3, stop_at_eos=False))
+        assert len(backend.sample([sample])[0].sequences[0].tokens) == 3
         probe = ForwardBackwardWork("m", None, data(7), "cross_entropy", forward_only=True)
         saved = backend.forward_backward(probe).loss_fn_outputs[0]["logprobs"]
         backend.forward_backward(ForwardBackwardWork("m", None, data(8), "cross_entropy"))
@@ -107,6 +120,11 @@ def test_a_dead_rank_fails_the_request_and_the_group_comes_back_from_the_last_ch
             backend.forward_backward(probe)
         restored = backend.forward_backward(probe).loss_fn_outputs[0]["logprobs"]  # rebuilt, state reloaded
         np.testing.assert_allclose(restored, saved, atol=1e-6)
+        (lost,) = backend.sample([sample])  # a snapshot lives only in the ranks: gone, and said so
+        assert isinstance(lost, ServerError) and "save_weights_for_sampler again" in str(lost)
+        assert "s" in backend.list_samplers()
+        backend.remove_sampler("s")
+        assert backend.list_samplers() == []
     finally:
         backend.close()
 
