@@ -298,8 +298,14 @@ def check_layout(hf_config, config: BaseModelConfig) -> None:
         "num_key_value_heads": (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp),
         "intermediate_size": (hf_config.intermediate_size, tp),
         "vocab_size": (hf_config.vocab_size, tp),
-        "num_hidden_layers": (hf_config.num_hidden_layers, pp),
     }
+    layers, last = hf_config.num_hidden_layers, config.megatron.last_stage_layers
+    if last is None or pp == 1:
+        sizes["num_hidden_layers"] = (layers, pp)
+    elif last >= layers:
+        raise UserError(f"{config.name}: last_stage_layers {last} leaves no layers for the other stages of {layers}")
+    else:
+        sizes["layers before the last stage"] = (layers - last, pp - 1)
     wrong = [f"{name} {value} by {by}" for name, (value, by) in sizes.items() if value % by]
     if wrong:
         raise UserError(

@@ -80,6 +80,7 @@ def build(config, cache_dir: str, tp: int, pp: int) -> RankModel:
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        num_layers_in_last_pipeline_stage=config.megatron.last_stage_layers if pp > 1 else None,
         sequence_parallel=False,
         use_cpu_initialization=True,
         params_dtype=dtype,

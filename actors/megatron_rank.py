@@ -74,6 +74,10 @@ class MegatronRank:
         self._head_dim = getattr(self._m.hf_config, "head_dim", None) or head_dim
         return self.coords()
 
+    def layer_numbers(self) -> list[int]:
+        """The global (1-based) numbers of this stage's decoder layers."""
+        return [layer.layer_number for layer in self._m.model.decoder.layers]
+
     def coords(self) -> dict:
         from megatron.core import parallel_state as ps
 

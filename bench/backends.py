@@ -64,6 +64,7 @@ def configs(args) -> tuple:
         cpus_per_rank=(os.cpu_count() or 1) / (args.tp * args.pp) if not args.gpu else 1,
         gpus_per_rank=1 if args.gpu else 0,
         microbatches=args.microbatches,
+        last_stage_layers=args.last_stage_layers,
     )
     return hf, BaseModelConfig(**common, backend="megatron", megatron=layout)
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--microbatches", type=int, default=0, help="megatron.microbatches (0: 2 x PP)")
+    parser.add_argument("--last-stage-layers", type=int, default=None, help="megatron.last_stage_layers")
     parser.add_argument("--shape", default="8x128", help="datums x tokens per step")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round and backend")

@@ -25,6 +25,12 @@ class MegatronConfig(StrictConfig):
     cpus_per_rank: float = Field(
         1.0, gt=0, description="Logical CPUs each rank actor reserves (and its torch threads)."
     )
+    last_stage_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Decoder layers of the last pipeline stage (None: an even split). The last stage also computes "
+        "the LM head and the loss, so fewer layers there balance the stages; the rest split evenly.",
+    )
     microbatches: int = Field(
         0,
         ge=0,

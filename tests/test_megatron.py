@@ -29,8 +29,9 @@ pytestmark = pytest.mark.megatron
 VOCAB = TINY_LLAMA["vocab_size"]
 
 
-def megatron_config(tp=1, pp=1, dp=1, **extra) -> BaseModelConfig:
+def megatron_config(tp=1, pp=1, dp=1, megatron_extra=None, **extra) -> BaseModelConfig:
     layout = {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp, "cpus_per_rank": 0.25}
+    layout.update(megatron_extra or {})
     return BaseModelConfig(name="tiny", random_init=TINY_LLAMA, backend="megatron", megatron=layout, **extra)
 
 
@@ -48,6 +49,25 @@ def test_logits_equal_transformers(cache, tp, pp):
     finally:
         group.close()
     reference = load_base_model(BaseModelConfig(name="tiny", random_init=TINY_LLAMA), cache).model
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(tokens)).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_an_uneven_pipeline_split_equals_transformers_too(cache):
+    """3 layers at PP=2, one on the last stage (which also holds the LM head)."""
+    three = {**TINY_LLAMA, "num_hidden_layers": 3}
+    layout = {"pipeline_parallel": 2, "last_stage_layers": 1, "cpus_per_rank": 0.25}
+    config = BaseModelConfig(name="tiny3", random_init=three, backend="megatron", megatron=layout)
+    group = RankGroup(config, cache)
+    try:
+        tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
+        (logits,) = group.reports(group.call("next_logits", "", tokens, [9, 9], True))
+        layers = group.call("layer_numbers")
+    finally:
+        group.close()
+    assert sorted(layers) == [[1, 2], [3]]
+    reference = load_base_model(BaseModelConfig(name="tiny3", random_init=three), cache).model
     with torch.no_grad():
         expected = reference(input_ids=torch.from_numpy(tokens)).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
@@ -140,3 +160,5 @@ def test_a_group_the_cluster_cannot_place_fails_clearly_instead_of_waiting_forev
 def test_a_layout_that_does_not_divide_the_model_is_refused_before_any_rank_starts(cache):
     with pytest.raises(UserError, match="cannot split num_attention_heads 4 by 3, num_key_value_heads 2 by 3"):
         MegatronBackend(megatron_config(tp=3), cache)
+    with pytest.raises(UserError, match="leaves no layers"):
+        MegatronBackend(megatron_config(pp=2, megatron_extra={"last_stage_layers": 2}), cache)
