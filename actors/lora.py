@@ -48,6 +48,10 @@ class Routing:
         self.frozen = frozen
         self._indices = {}
 
+    def rows(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """(key, its row indices) for every key of the batch, in `keys` order."""
+        return [(key, torch.tensor(rows, device=device)) for key, rows in zip(self.keys, self._groups)]
+
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """gather [groups, max rows] (pad: the zero row, index = number of rows) and, per row,
         its position in the flattened [groups * max rows] layout."""

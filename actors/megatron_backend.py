@@ -2,7 +2,8 @@
 
 - Requests are validated here (same checks as the HF backend), then every rank runs its part;
   results come from the reporting ranks (last pipeline stage, TP rank 0, each DP replica).
-- One adapter per pass; data-parallel replicas each take a contiguous slice of the datums.
+- A pass holds every adapter the scheduler batched (as in the HF backend); data-parallel replicas
+  each take a contiguous slice of every request's datums.
 - Adapters travel as PEFT files (`actors.peft_format`): a checkpoint written here loads in the
   HF backend and the other way round.
 - A failed rank fails the in-flight request with a ServerError; before the next request the
@@ -111,22 +112,34 @@ class MegatronBackend:
         validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
 
     def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        self._heal()
-        self.check_forward_backward(work)
-        dp = self.config.megatron.data_parallel
-        bounds = np.linspace(0, len(work.data), dp + 1).astype(int)
-        slices = [(int(bounds[c["dp"]]), int(bounds[c["dp"] + 1])) for c in self._group.coords]
-        reports = self._group.reports(self._group.call("forward_backward", work, per_rank=[(s,) for s in slices]))
-        return merge_results([r for r in reports if r is not None])
+        (outcome,) = self.forward_backward_batch([work])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
-        """One pass per request (the Megatron group runs one adapter at a time)."""
-        outcomes = []
-        for work in works:
+        """Every valid request in one pipeline pass, each with its adapter and loss; data-parallel
+        replicas each take a contiguous slice of every request's datums."""
+        self._heal()
+        outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(works)
+        ready = []
+        for i, work in enumerate(works):
             try:
-                outcomes.append(self.forward_backward(work))
+                self.check_forward_backward(work)
+                ready.append(i)
             except ThinkerError as exc:
-                outcomes.append(exc)
+                outcomes[i] = exc
+        if not ready:
+            return outcomes
+        batch = [works[i] for i in ready]
+        dp = self.config.megatron.data_parallel
+        bounds = [np.linspace(0, len(w.data), dp + 1).astype(int) for w in batch]
+        per_rank = [([(int(b[c["dp"]]), int(b[c["dp"] + 1])) for b in bounds],) for c in self._group.coords]
+        reports = [r for r in self._group.reports(self._group.call("forward_backward", batch, per_rank=per_rank)) if r]
+        for j, i in enumerate(ready):
+            parts = [r[j] for r in reports if r[j] is not None]
+            errors = [p for p in parts if isinstance(p, str)]
+            outcomes[i] = ServerError(errors[0]) if errors else merge_results(parts)
         return outcomes
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:

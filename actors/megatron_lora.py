@@ -9,7 +9,8 @@ arithmetic is exactly the HF backend's.
 - Row-parallel bases (linear_proj = o_proj, linear_fc2 = down_proj): A is sharded by input
   columns [r, in/tp] and B is replicated [out, r]; `reduce_from_tensor_model_parallel_region`
   sums the partial x A^T over TP ranks.
-- One adapter per pass (`Routing.single`); frozen adapters (samplers) take no gradient.
+- One pass may hold several adapters: each adds its delta on its own rows (batch dim 1 of
+  megatron's [s, b, h]); frozen adapters (samplers, forward-only requests) take no gradient.
 - Gradients enter each wrapped linear contiguous: megatron hands the output layer a transposed
   [s, b, vocab] gradient, and its frozen-weight backward matmul on that layout measured 4-17x
   slower on CPU than on a contiguous copy (worst for small micro-batches).
@@ -70,13 +71,21 @@ class MegatronLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
-        key = self.routing.single
-        loras = self.adapters.get(key) if key is not None else None
+        if self.routing.single is not None:
+            delta = self._adapter_delta(self.routing.single, x)
+            return _contiguous_grad(out if delta is None else out + delta.to(out.dtype)), bias
+        for key, rows in self.routing.rows(x.device):  # several adapters: each on its rows (dim 1)
+            delta = self._adapter_delta(key, x.index_select(1, rows))
+            if delta is not None:
+                out = out.index_add(1, rows, delta.to(out.dtype))
+        return _contiguous_grad(out), bias
+
+    def _adapter_delta(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
+        loras = self.adapters.get(key)
         if not loras:
-            return _contiguous_grad(out), bias
+            return None
         frozen = key in self.routing.frozen
-        deltas = [self._delta(x, loras[p.hf_name], frozen) for p in self.pieces]
-        return _contiguous_grad(out + self._arrange(deltas).to(out.dtype)), bias
+        return self._arrange([self._delta(x, loras[p.hf_name], frozen) for p in self.pieces])
 
     def _delta(self, x: torch.Tensor, lora: LoraWeights, frozen: bool) -> torch.Tensor:
         from megatron.core.tensor_parallel import (

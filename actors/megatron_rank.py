@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from datetime import timedelta
@@ -61,6 +62,8 @@ class MegatronRank:
         from actors.megatron_model import build
 
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+        for module in config.custom_losses:  # the loss registry of this process, as the model actor's
+            importlib.import_module(module)
         self._microbatch_target = config.megatron.microbatches
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -151,23 +154,38 @@ class MegatronRank:
 
     # ---- compute --------------------------------------------------------------------------------
 
-    def forward_backward(self, work: ForwardBackwardWork, data_slice: tuple[int, int]):
-        """This data-parallel replica's slice of the request through the pipeline schedule."""
+    def forward_backward(self, works: list[ForwardBackwardWork], slices: list[tuple[int, int]]):
+        """This data-parallel replica's slice of every request, all adapters in one pipeline pass.
+
+        On reporting ranks: per request a ForwardBackwardResult, or an error message when its loss
+        raised (that request alone fails; the others' gradients stand).
+        """
         from losses import get_loss
 
-        spec = get_loss(work.loss_fn)
-        config = spec.resolve_config(work.loss_fn_config)
-        data = work.data[data_slice[0] : data_slice[1]]
-        trainable = self._adapters[work.model_id]["trainable"] and not work.forward_only
-        if not data:  # more data-parallel replicas than datums: still join the gradient all-reduce
-            if trainable:
-                self._reduce_data_parallel_grads(work.model_id)
+        specs = [get_loss(w.loss_fn) for w in works]
+        configs = [spec.resolve_config(w.loss_fn_config) for spec, w in zip(specs, works)]
+        trained = sorted({w.model_id for w in works if not w.forward_only and self._adapters[w.model_id]["trainable"]})
+        rows = [(r, datum) for r, (w, (a, b)) in enumerate(zip(works, slices)) for datum in w.data[a:b]]
+        if not rows:  # more data-parallel replicas than datums: still join the gradient all-reduce
+            self._reduce_data_parallel_grads(trained)
             return self._report(None)
-        self._m.routing.set([work.model_id], frozen=frozenset() if trainable else frozenset([work.model_id]))
         device = self._device()
-        groups = [g for g in np.array_split(np.arange(len(data)), self._microbatches(len(data))) if len(g)]
-        micro = [[data[i] for i in g] for g in groups]
-        batches = [pack_pass([(work.model_id, d)], device) for d in micro]
+        micro = []  # per micro-batch: [(request index, its datums here)], in order
+        for group in np.array_split(np.arange(len(rows)), self._microbatches(len(rows))):
+            runs: list[tuple[int, list]] = []
+            for i in group:
+                r, datum = rows[i]
+                if runs and runs[-1][0] == r:
+                    runs[-1][1].append(datum)
+                else:
+                    runs.append((r, [datum]))
+            if runs:
+                micro.append(runs)
+        batches = [pack_pass([(works[r].model_id, d) for r, d in runs], device) for runs in micro]
+        frozen = frozenset(w.model_id for w in works) - frozenset(trained)
+
+        def prepare(index: int) -> None:
+            self._m.routing.set(batches[index].row_keys, frozen=frozen)
 
         def loss_func(index: int, output_tensor):
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -175,19 +193,43 @@ class MegatronRank:
             batch = batches[index]
             logits = gather_from_tensor_model_parallel_region(output_tensor)
             flat = target_logprobs_from_logits(logits, batch.targets_BTK)[batch.mask_BT]
-            logprobs = request_logprobs(batch.spans[0], flat)
-            out = spec(logprobs, loss_inputs(micro[index], spec, device), config)
-            report = ForwardBackwardResult(
-                loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(batch.spans[0], logprobs)],
-                metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-            )
+            total, reports = output_tensor.sum() * 0, []
+            for (r, data), span in zip(micro[index], batch.spans):
+                work, spec = works[r], specs[r]
+                logprobs = request_logprobs(span, flat)
+                try:
+                    out = spec(logprobs, loss_inputs(data, spec, device), configs[r])
+                except Exception as exc:  # a loss that breaks fails its own request; the pipeline goes on
+                    reports.append((r, f"loss {work.loss_fn!r} failed: {type(exc).__name__}: {exc}"))
+                    continue
+                if not work.forward_only:
+                    total = total + out.loss
+                reports.append(
+                    (
+                        r,
+                        ForwardBackwardResult(
+                            loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
+                            metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+                        ),
+                    )
+                )
             # Losses are sums over datums; the schedule divides each micro-batch's loss by their count.
-            return out.loss * len(batches), report
+            return total * len(batches), reports
 
-        stored = self._schedule([b.tokens_BT for b in batches], loss_func, forward_only=not trainable)
-        if trainable:
-            self._reduce_data_parallel_grads(work.model_id)
-        return self._report(merge_results(stored) if stored else None)
+        stored = self._schedule([b.tokens_BT for b in batches], loss_func, forward_only=not trained, prepare=prepare)
+        self._reduce_data_parallel_grads(trained)
+        if not stored:
+            return self._report(None)
+        parts: dict[int, list] = {}
+        for reports in stored:
+            for r, part in reports:
+                parts.setdefault(r, []).append(part)
+        results = []
+        for r in range(len(works)):
+            mine = parts.get(r, [])
+            errors = [p for p in mine if isinstance(p, str)]
+            results.append(errors[0] if errors else merge_results(mine) if mine else None)
+        return self._report(results)
 
     def _microbatches(self, datums: int) -> int:
         """One pass without pipeline parallelism; else enough micro-batches to keep the stages busy."""
@@ -202,8 +244,8 @@ class MegatronRank:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        optimizer = self._adapters[key]["optimizer"]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer = self._adapters[key]["optimizer"]  # None: the adapter has nothing on this stage
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
         tp_rank = ps.get_tensor_model_parallel_rank()
         squares = torch.zeros(1, dtype=torch.float64, device=self._device())
         for p in params:  # each unique element once: shards everywhere, replicas on TP rank 0
@@ -216,12 +258,13 @@ class MegatronRank:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        for group in optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group.update(
+                    lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return self._report({"grad_norm:mean": total_norm, "learning_rate:mean": adam.learning_rate})
 
     def next_logits(self, key: str, tokens: np.ndarray, lengths: list[int], all_positions: bool):
@@ -244,15 +287,18 @@ class MegatronRank:
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    def _schedule(self, micro_tokens: list[torch.Tensor], loss_func, forward_only: bool) -> list:
+    def _schedule(self, micro_tokens: list[torch.Tensor], loss_func, forward_only: bool, prepare=None) -> list:
         """Megatron's pipeline schedule over micro-batches ([B_i, T_i] token ids each); `loss_func(i,
-        output)` scores micro-batch i on the last stage. Returns the last stage's reports, in order."""
+        output)` scores micro-batch i on the last stage; `prepare(i)` runs before its forward (routing).
+        Returns the last stage's reports, in order."""
         from functools import partial
 
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
             index, tokens = next(data_iterator)
+            if prepare is not None:
+                prepare(index)
             B, T = tokens.shape
             positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
             return model(input_ids=tokens, position_ids=positions, attention_mask=None), partial(loss_func, index)
@@ -327,18 +373,20 @@ class MegatronRank:
             ]
         return pieces + [Piece("lm_head", V, H)]
 
-    def _reduce_data_parallel_grads(self, key: str) -> None:
+    def _reduce_data_parallel_grads(self, keys: list[str]) -> None:
+        """Sum the adapters' gradients over data-parallel replicas (every replica, same key order)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         if ps.get_data_parallel_world_size() == 1:
             return
-        optimizer = self._adapters[key]["optimizer"]
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+        for key in keys:
+            optimizer = self._adapters[key]["optimizer"]  # None: the adapter has nothing on this stage
+            for group in optimizer.param_groups if optimizer is not None else []:
+                for p in group["params"]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
 
     def _report(self, value):
         return value if self.coords()["reports"] else None

@@ -3,10 +3,13 @@
 Both backends are driven in this process the way the model actor drives them (create_model,
 forward_backward + optim_step), alternating rounds so machine noise hits both alike. The HF
 backend computes in this process; the Megatron backend in its rank actors (TP x PP of them).
-Printed: median training tokens/s of each and their ratio (Megatron over HF).
+Printed: median training tokens/s of each and their ratio (Megatron over HF). With `--tenants K`
+each step trains K adapters, one request each, in one pass; Megatron is then also timed with one
+adapter per pass.
 
     python bench/backends.py                                   # default model, TP=1, CPU
     python bench/backends.py --model tiny --tp 2 --pp 2        # plumbing check, seconds
+    python bench/backends.py --tenants 8 --shape 1x64          # many small tenants
     python bench/backends.py --model llama-1b --gpu --shape 8x1024   # on a GPU machine
 
 `llama-1b` is a Llama-3.2-1B-shaped model (1.24B parameters) with seeded random weights
@@ -69,23 +72,31 @@ def configs(args) -> tuple:
     return hf, BaseModelConfig(**common, backend="megatron", megatron=layout)
 
 
-def work_items(vocab: int, batch: int, seq: int, seed: int):
+def work_items(vocab: int, batch: int, seq: int, seed: int, tenants: int):
+    """One step's requests: one per tenant, each `batch` datums of `seq` tokens."""
     from actors.work import Datum, ForwardBackwardWork
 
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (batch, seq + 1))
-    data = [Datum(t[:-1], {"target_tokens": t[1:]}) for t in tokens]
-    return ForwardBackwardWork("bench", None, data, "cross_entropy")
+    works = []
+    for t in range(tenants):
+        tokens = rng.integers(0, vocab, (batch, seq + 1))
+        data = [Datum(row[:-1], {"target_tokens": row[1:]}) for row in tokens]
+        works.append(ForwardBackwardWork(f"t{t}", None, data, "cross_entropy"))
+    return works
 
 
-def step(backend, work) -> float:
+def step(backend, works, batched: bool = True) -> float:
+    """forward_backward of every tenant (in one pass, or one pass each), then their optim_steps."""
     from actors.work import AdamParams, OptimStepWork
 
     start = time.perf_counter()
-    loss = backend.forward_backward(work).metrics["loss:sum"]
-    backend.optim_step(OptimStepWork("bench", None, AdamParams(learning_rate=1e-4)))
-    if not np.isfinite(loss):
-        raise RuntimeError(f"{type(backend).__name__}: loss {loss}")
+    results = backend.forward_backward_batch(works) if batched else [backend.forward_backward(w) for w in works]
+    for work, result in zip(works, results):
+        if isinstance(result, Exception):
+            raise result
+        if not np.isfinite(result.metrics["loss:sum"]):
+            raise RuntimeError(f"{type(backend).__name__}: loss {result.metrics['loss:sum']}")
+        backend.optim_step(OptimStepWork(work.model_id, None, AdamParams(learning_rate=1e-4)))
     return time.perf_counter() - start
 
 
@@ -97,6 +108,7 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=0, help="megatron.microbatches (0: 2 x PP)")
     parser.add_argument("--last-stage-layers", type=int, default=None, help="megatron.last_stage_layers")
     parser.add_argument("--shape", default="8x128", help="datums x tokens per step")
+    parser.add_argument("--tenants", type=int, default=1, help="adapters, one request each per step")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round and backend")
     parser.add_argument("--gpu", action="store_true", help="HF backend and every rank on a GPU, bfloat16")
@@ -116,28 +128,38 @@ def main() -> None:
     hf.init_compute_thread()
     megatron = MegatronBackend(megatron_config)
     try:
-        backends = {"hf": hf, "megatron": megatron}
-        for backend in backends.values():
-            backend.create_model(CreateModelWork("bench", LoraSpec(rank=RANK, seed=0)))
+        sides = {"hf": (hf, True), "megatron": (megatron, True)}
+        if args.tenants > 1:
+            sides["megatron, one adapter per pass"] = (megatron, False)
+        for backend in (hf, megatron):
+            for t in range(args.tenants):
+                backend.create_model(CreateModelWork(f"t{t}", LoraSpec(rank=RANK, seed=t)))
         vocab = hf.describe().vocab_size
         params = sum(p.numel() for p in hf.model.parameters() if not p.requires_grad)  # the frozen base
         print(
-            f"model {args.model} ({params / 1e9:.2f}B base parameters), LoRA rank {RANK}, "
+            f"model {args.model} ({params / 1e9:.2f}B base parameters), LoRA rank {RANK}, {args.tenants} tenant(s), "
             f"{'GPU bf16' if args.gpu else f'CPU fp32, {os.cpu_count()} cores'}; Megatron TP={args.tp} PP={args.pp}"
         )
-        works = [work_items(vocab, args.batch, args.seq, seed) for seed in range(args.steps)]
-        for backend in backends.values():  # warm-up
-            step(backend, works[0])
-        times = {name: [] for name in backends}
+        works = [work_items(vocab, args.batch, args.seq, seed, args.tenants) for seed in range(args.steps)]
+        for backend, batched in sides.values():  # warm-up
+            step(backend, works[0], batched)
+        times = {name: [] for name in sides}
         for _ in range(args.rounds):
-            for name, backend in backends.items():
-                times[name] += [step(backend, work) for work in works]
-        tokens = args.batch * args.seq
+            for name, (backend, batched) in sides.items():
+                times[name] += [step(backend, w, batched) for w in works]
+        tokens = args.tenants * args.batch * args.seq
         rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+        label = f"{args.tenants}x{args.shape}" if args.tenants > 1 else args.shape
         print(
-            f"{args.shape:>8}: megatron {rate['megatron']:9.1f} tok/s   hf {rate['hf']:9.1f} tok/s   "
+            f"{label:>8}: megatron {rate['megatron']:9.1f} tok/s   hf {rate['hf']:9.1f} tok/s   "
             f"ratio {rate['megatron'] / rate['hf']:.2f}x"
         )
+        if args.tenants > 1:
+            alone = rate["megatron, one adapter per pass"]
+            print(
+                f"{'':>8}  megatron one adapter per pass {alone:9.1f} tok/s   "
+                f"batched / one per pass {rate['megatron'] / alone:.2f}x"
+            )
     finally:
         megatron.close()
         hf.close()
