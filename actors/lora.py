@@ -35,6 +35,7 @@ class Routing:
     frozen: frozenset[str] = frozenset()
     _groups: list[list[int]] = field(default_factory=list)
     _indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
 
     def set(self, row_keys: list[str], frozen: frozenset[str] = frozenset()) -> None:
         groups: dict[str, list[int]] = {}
@@ -46,11 +47,15 @@ class Routing:
         sizes = {len(g) for g in self._groups}
         self.in_order = len(sizes) == 1 and [r for g in self._groups for r in g] == list(range(len(row_keys)))
         self.frozen = frozen
-        self._indices = {}
+        self._indices, self._rows = {}, {}
 
     def rows(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """(key, its row indices) for every key of the batch, in `keys` order."""
-        return [(key, torch.tensor(rows, device=device)) for key, rows in zip(self.keys, self._groups)]
+        """(key, its row indices) for every key of the batch, in `keys` order (built once per batch)."""
+        if device not in self._rows:
+            self._rows[device] = [
+                (key, torch.tensor(rows, device=device)) for key, rows in zip(self.keys, self._groups)
+            ]
+        return self._rows[device]
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """gather [groups, max rows] (pad: the zero row, index = number of rows) and, per row,

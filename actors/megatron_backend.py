@@ -22,8 +22,8 @@ from actors.adapters import validate_lora
 from actors.batch import validate_data
 from actors.generation import generate_uncached
 from actors.megatron_group import RankGroup
-from actors.passes import merge_results
-from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter
+from actors.megatron_rank import merge_reports
+from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter, read_optimizer
 from actors.sample_rows import SampleLimits, to_rows
 from actors.work import (
     CreateModelWork,
@@ -137,9 +137,8 @@ class MegatronBackend:
         per_rank = [([(int(b[c["dp"]]), int(b[c["dp"] + 1])) for b in bounds],) for c in self._group.coords]
         reports = [r for r in self._group.reports(self._group.call("forward_backward", batch, per_rank=per_rank)) if r]
         for j, i in enumerate(ready):
-            parts = [r[j] for r in reports if r[j] is not None]
-            errors = [p for p in parts if isinstance(p, str)]
-            outcomes[i] = ServerError(errors[0]) if errors else merge_results(parts)
+            merged = merge_reports([r[j] for r in reports if r[j] is not None])
+            outcomes[i] = ServerError(merged) if isinstance(merged, str) else merged
         return outcomes
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
@@ -176,10 +175,14 @@ class MegatronBackend:
             )
         if with_optimizer and OPTIMIZER_FILE not in files:
             raise UserError("this checkpoint holds no optimizer state (save it with save_state)")
-        moments, step = _moments(files) if with_optimizer else ({}, 0)
         self._group.call("remove_adapter", model_id)
-        self._group.call("import_adapter", model_id, full, info.lora, self.config.lora_alpha, True, moments, step)
+        self._import(info, full, files if with_optimizer else {})
         self._restore[model_id] = files
+
+    def _import(self, info: ModelInfo, full: dict, files: dict[str, bytes]) -> None:
+        """A training model's weights (and AdamW state, when `files` holds it) into every rank."""
+        moments, step = read_optimizer(files[OPTIMIZER_FILE]) if OPTIMIZER_FILE in files else ({}, 0)
+        self._group.call("import_adapter", info.model_id, full, info.lora, self.config.lora_alpha, True, moments, step)
 
     # ---- sampling ---------------------------------------------------------------------------------
 
@@ -280,27 +283,10 @@ class MegatronBackend:
             if files is None:
                 self._group.call("create_adapter", model_id, info.lora, self.config.lora_alpha)
                 continue
-            full, _ = read_adapter(files)
-            moments, step = _moments(files) if OPTIMIZER_FILE in files else ({}, 0)
-            self._group.call("import_adapter", model_id, full, info.lora, self.config.lora_alpha, True, moments, step)
+            self._import(info, read_adapter(files)[0], files)
 
     def close(self) -> None:
         self._group.close()
-
-
-def _moments(files: dict[str, bytes]):
-    """PEFT-keyed AdamW moments -> ("<module>.A"/".B" -> (exp_avg, exp_avg_sq)), and the step."""
-    from safetensors.torch import load
-
-    tensors = load(files[OPTIMIZER_FILE])
-    moments, step = {}, 0
-    for key in tensors:
-        if key.endswith(".exp_avg"):
-            prefix = key[: -len(".exp_avg")]  # base_model.model.<module>.lora_<A|B>.weight
-            module, which = prefix[len("base_model.model.") : -len(".weight")].rsplit(".lora_", 1)
-            moments[f"{module}.{which}"] = (tensors[key], tensors[prefix + ".exp_avg_sq"])
-            step = max(step, int(tensors[prefix + ".step"].item()))
-    return moments, step
 
 
 def check_layout(hf_config, config: BaseModelConfig) -> None:

@@ -119,15 +119,10 @@ class MegatronLoraLinear(nn.Module):
 
     def add(self, key: str, full: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float, trainable: bool):
         """Install an adapter from full HF-shaped (A, B) per piece, keeping this rank's shard."""
-        tp_rank, tp = _tp()
         device = _device_of(self.base)
         loras = {}
         for piece in self.pieces:
-            A, B = full[piece.hf_name]
-            if self.column:
-                B = B.chunk(tp)[tp_rank]
-            else:
-                A = A.chunk(tp, dim=1)[tp_rank]
+            A, B = (self.shard(which, t) for which, t in zip("AB", full[piece.hf_name]))
             A = A.to(device, torch.float32).contiguous().clone()
             B = B.to(device, torch.float32).contiguous().clone()
             if trainable:
@@ -135,6 +130,15 @@ class MegatronLoraLinear(nn.Module):
                 A.tensor_model_parallel, B.tensor_model_parallel = not self.column, self.column
             loras[piece.hf_name] = LoraWeights(A=A, B=B, scaling=scaling)
         self.adapters[key] = loras
+
+    def shard(self, which: str, full: torch.Tensor) -> torch.Tensor:
+        """This TP rank's part of a full HF-shaped A or B (or of its AdamW moment)."""
+        tp_rank, tp = _tp()
+        if self.column and which == "B":
+            return full.chunk(tp)[tp_rank]
+        if not self.column and which == "A":
+            return full.chunk(tp, dim=1)[tp_rank]
+        return full
 
     def full(self, key: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         """The adapter's (or the given local tensors') full HF-shaped (A, B) per piece (a TP collective)."""

@@ -62,14 +62,13 @@ def build(config, cache_dir: str, tp: int, pp: int) -> RankModel:
 
     hf_config, read = hf_source(config, cache_dir)
     dtype = _DTYPES[config.dtype]
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     mcfg = TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
-        kv_channels=head_dim,
+        kv_channels=head_dim_of(hf_config),
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,
@@ -113,35 +112,55 @@ def build(config, cache_dir: str, tp: int, pp: int) -> RankModel:
     model.requires_grad_(False)
     model.eval()
     routing = Routing()
-    layers = install_lora(model, hf_config, head_dim, routing)
+    layers = install_lora(model, hf_config, routing)
     pieces = [p for layer in layers for p in layer.pieces]
     return RankModel(model=model, hf_config=hf_config, lora_layers=layers, routing=routing, pieces=pieces)
 
 
-def install_lora(model, hf_config, head_dim: int, routing: Routing) -> list[MegatronLoraLinear]:
+def head_dim_of(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def layer_pieces(hf_config, index: int) -> dict[str, list[Piece]]:
+    """HF's LoRA modules of decoder layer `index` (0-based), by the megatron linear that holds them."""
+    H, F_ = hf_config.hidden_size, hf_config.intermediate_size
+    NH, NKV, D = hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim_of(hf_config)
+    prefix = f"model.layers.{index}."
+    return {
+        "linear_qkv": [
+            Piece(prefix + "self_attn.q_proj", NH * D, H),
+            Piece(prefix + "self_attn.k_proj", NKV * D, H),
+            Piece(prefix + "self_attn.v_proj", NKV * D, H),
+        ],
+        "linear_proj": [Piece(prefix + "self_attn.o_proj", H, NH * D)],
+        "linear_fc1": [Piece(prefix + "mlp.gate_proj", F_, H), Piece(prefix + "mlp.up_proj", F_, H)],
+        "linear_fc2": [Piece(prefix + "mlp.down_proj", H, F_)],
+    }
+
+
+def lm_head_piece(hf_config) -> Piece:
+    return Piece("lm_head", hf_config.vocab_size, hf_config.hidden_size)
+
+
+def all_pieces(hf_config) -> list[Piece]:
+    """Every HF LoRA module of the whole model, in HF's order (all stages, not just this one)."""
+    layers = [p for i in range(hf_config.num_hidden_layers) for ps in layer_pieces(hf_config, i).values() for p in ps]
+    return layers + [lm_head_piece(hf_config)]
+
+
+def install_lora(model, hf_config, routing: Routing) -> list[MegatronLoraLinear]:
     """Wrap each layer's linears (and the output layer) with LoRA holding HF's module pieces."""
-    H, F_, V = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
-    NH, NKV = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    heads = (hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim_of(hf_config))
     layers = []
     for layer in model.decoder.layers:
-        prefix = f"model.layers.{layer.layer_number - 1}."
+        pieces = layer_pieces(hf_config, layer.layer_number - 1)
         attn, mlp = layer.self_attention, layer.mlp
-        qkv = [
-            Piece(prefix + "self_attn.q_proj", NH * head_dim, H),
-            Piece(prefix + "self_attn.k_proj", NKV * head_dim, H),
-            Piece(prefix + "self_attn.v_proj", NKV * head_dim, H),
-        ]
-        attn.linear_qkv = MegatronLoraLinear(attn.linear_qkv, qkv, True, "qkv", routing, heads=(NH, NKV, head_dim))
-        attn.linear_proj = MegatronLoraLinear(
-            attn.linear_proj, [Piece(prefix + "self_attn.o_proj", H, NH * head_dim)], False, "single", routing
-        )
-        fc1 = [Piece(prefix + "mlp.gate_proj", F_, H), Piece(prefix + "mlp.up_proj", F_, H)]
-        mlp.linear_fc1 = MegatronLoraLinear(mlp.linear_fc1, fc1, True, "concat", routing)
-        mlp.linear_fc2 = MegatronLoraLinear(
-            mlp.linear_fc2, [Piece(prefix + "mlp.down_proj", H, F_)], False, "single", routing
-        )
+        attn.linear_qkv = MegatronLoraLinear(attn.linear_qkv, pieces["linear_qkv"], True, "qkv", routing, heads=heads)
+        attn.linear_proj = MegatronLoraLinear(attn.linear_proj, pieces["linear_proj"], False, "single", routing)
+        mlp.linear_fc1 = MegatronLoraLinear(mlp.linear_fc1, pieces["linear_fc1"], True, "concat", routing)
+        mlp.linear_fc2 = MegatronLoraLinear(mlp.linear_fc2, pieces["linear_fc2"], False, "single", routing)
         layers += [attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2]
     if getattr(model, "post_process", False):
-        model.output_layer = MegatronLoraLinear(model.output_layer, [Piece("lm_head", V, H)], True, "single", routing)
+        model.output_layer = MegatronLoraLinear(model.output_layer, [lm_head_piece(hf_config)], True, "single", routing)
         layers.append(model.output_layer)
     return layers

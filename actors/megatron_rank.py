@@ -24,17 +24,18 @@ import torch
 from actors import megatron_cpu
 from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum
 from actors.logprobs import target_logprobs_from_logits
+from actors.lora import target_scope
 from actors.megatron_lora import new_adapter_weights
+from actors.megatron_model import all_pieces
 from actors.passes import merge_results
 from actors.work import AdamParams, ForwardBackwardResult, ForwardBackwardWork, LoraSpec
 from configs.errors import UserError
 
 
-def _scope(hf_name: str) -> str:
-    leaf = hf_name.rsplit(".", 1)[-1]
-    if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        return "attn"
-    return "unembed" if leaf == "lm_head" else "mlp"
+def merge_reports(parts: list) -> ForwardBackwardResult | str:
+    """One request's parts (micro-batches, data-parallel replicas), merged; or its first error."""
+    errors = [p for p in parts if isinstance(p, str)]
+    return errors[0] if errors else merge_results(parts)
 
 
 class MegatronRank:
@@ -73,8 +74,6 @@ class MegatronRank:
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             tensor_parallel.model_parallel_cuda_manual_seed(config.random_seed)  # megatron's RNG tracker
             self._m = build(config, cache_dir, tp, pp)
-        head_dim = self._m.hf_config.hidden_size // self._m.hf_config.num_attention_heads
-        self._head_dim = getattr(self._m.hf_config, "head_dim", None) or head_dim
         return self.coords()
 
     def layer_numbers(self) -> list[int]:
@@ -100,7 +99,7 @@ class MegatronRank:
         scopes = {
             s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
         }
-        pieces = [p for p in self._all_pieces() if _scope(p.hf_name) in scopes]
+        pieces = [p for p in all_pieces(self._m.hf_config) if target_scope(p.hf_name) in scopes]
         full = new_adapter_weights(pieces, lora.rank, torch.Generator().manual_seed(lora.seed))
         self._install(key, full, lora, alpha, trainable=True)
 
@@ -224,12 +223,7 @@ class MegatronRank:
         for reports in stored:
             for r, part in reports:
                 parts.setdefault(r, []).append(part)
-        results = []
-        for r in range(len(works)):
-            mine = parts.get(r, [])
-            errors = [p for p in mine if isinstance(p, str)]
-            results.append(errors[0] if errors else merge_results(mine) if mine else None)
-        return self._report(results)
+        return self._report([merge_reports(parts[r]) if r in parts else None for r in range(len(works))])
 
     def _microbatches(self, datums: int) -> int:
         """One pass without pipeline parallelism; else enough micro-batches to keep the stages busy."""
@@ -334,44 +328,8 @@ class MegatronRank:
                 for which, param in (("A", w.A), ("B", w.B)):
                     if f"{name}.{which}" in moments:
                         full_m, full_v = moments[f"{name}.{which}"]
-                        yield (self._local(layer, which, full_m), self._local(layer, which, full_v)), param
-
-    def _local(self, layer, which: str, full: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        if layer.column and which == "B":
-            full = full.chunk(tp)[tp_rank]
-        elif not layer.column and which == "A":
-            full = full.chunk(tp, dim=1)[tp_rank]
-        return full.to(self._device()).clone()
-
-    def _all_pieces(self):
-        """Every HF LoRA module of the whole model, in HF's order (all stages, not just this one)."""
-        from actors.megatron_lora import Piece
-
-        c = self._m.hf_config
-        H, F_, V, NH, NKV, D = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.vocab_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            self._head_dim,
-        )
-        pieces = []
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            pieces += [
-                Piece(p + "self_attn.q_proj", NH * D, H),
-                Piece(p + "self_attn.k_proj", NKV * D, H),
-                Piece(p + "self_attn.v_proj", NKV * D, H),
-                Piece(p + "self_attn.o_proj", H, NH * D),
-                Piece(p + "mlp.gate_proj", F_, H),
-                Piece(p + "mlp.up_proj", F_, H),
-                Piece(p + "mlp.down_proj", H, F_),
-            ]
-        return pieces + [Piece("lm_head", V, H)]
+                        local = (layer.shard(which, t).to(self._device()).clone() for t in (full_m, full_v))
+                        yield tuple(local), param
 
     def _reduce_data_parallel_grads(self, keys: list[str]) -> None:
         """Sum the adapters' gradients over data-parallel replicas (every replica, same key order)."""

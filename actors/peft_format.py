@@ -69,18 +69,27 @@ def optimizer_file(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], step: 
     return save_safetensors(tensors)
 
 
+def read_optimizer(data: bytes) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """The inverse of `optimizer_file`: ("<module>.A" / ".B" -> (exp_avg, exp_avg_sq)), and the step."""
+    tensors = load_safetensors(data)
+    moments, step = {}, 0
+    for key in tensors:
+        if key.endswith(".exp_avg"):
+            prefix = key[: -len(".exp_avg")]  # base_model.model.<module>.lora_<A|B>.weight
+            name, which = prefix[len("base_model.model.") : -len(".weight")].rsplit(".lora_", 1)
+            moments[f"{name}.{which}"] = (tensors[key], tensors[f"{prefix}.exp_avg_sq"])
+            step = max(step, int(tensors[f"{prefix}.step"].item()))
+    return moments, step
+
+
 def load_optimizer_state(data: bytes, moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Copy the saved moments into the adapter's (missing ones start at zero); returns the step."""
-    tensors = load_safetensors(data)
-    step = 0
+    saved, step = read_optimizer(data)
     with torch.no_grad():
         for key, (exp_avg, exp_avg_sq) in moments.items():
-            name, which = key.rsplit(".", 1)
-            prefix = peft_key(name, which)
-            if f"{prefix}.exp_avg" in tensors:
-                exp_avg.copy_(tensors[f"{prefix}.exp_avg"])
-                exp_avg_sq.copy_(tensors[f"{prefix}.exp_avg_sq"])
-                step = max(step, int(tensors[f"{prefix}.step"].item()))
+            if key in saved:
+                exp_avg.copy_(saved[key][0])
+                exp_avg_sq.copy_(saved[key][1])
             else:
                 exp_avg.zero_()
                 exp_avg_sq.zero_()
