@@ -174,9 +174,7 @@ class Scheduler:
                 await self._run_sample_batch(loop)
             else:
                 self._jobs.popleft()
-                t0 = time.monotonic()
                 self._settle(first, await _run(loop, self._compute, first.fn))
-                print(f"T{t0 % 1000:.2f} FN {time.monotonic() - t0:.3f}s", flush=True)
 
     async def _wait_for_other_tenants(self) -> None:
         """Hold a pass briefly for tenants in the middle of a round trip: their last request just
@@ -199,11 +197,7 @@ class Scheduler:
     async def _run_train_pass(self, loop: asyncio.AbstractEventLoop) -> None:
         parts = self._planner.plan(list(self._jobs))
         runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
-        t0 = time.monotonic()
         outcome = await _run(loop, self._compute, runner)
-        print(
-            f"T{t0 % 1000:.2f} PASS {len(parts)} parts {time.monotonic() - t0:.2f}s queue={len(self._jobs)}", flush=True
-        )
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(parts)
         for part, result in zip(parts, outcomes):
             job = part.job
