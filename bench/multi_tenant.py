@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import threading
 import time
@@ -25,26 +24,6 @@ os.environ.setdefault("TINKER_API_KEY", "tml-bench")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 LR = 1e-4
-
-
-def start_server(cache_dir: str) -> str:
-    import ray
-    from ray import serve
-
-    from configs.schema import BaseModelConfig, ThinkerConfig
-    from deployments.app import build_thinker_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    models = [
-        BaseModelConfig(name="batched", cross_adapter_batching=True),
-        BaseModelConfig(name="unbatched", cross_adapter_batching=False),
-    ]
-    serve.run(build_thinker_app(ThinkerConfig(models=models, cache_dir=cache_dir)), name="thinker")
-    return f"http://127.0.0.1:{port}"
 
 
 def tenant_data(types, shape: tuple[int, int], vocab: int, seed: int):
@@ -97,9 +76,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import tinker
+    from local_serve import serve_thinker
     from tinker import types
 
-    url = start_server(args.cache_dir)
+    from configs.schema import BaseModelConfig, ThinkerConfig
+
+    models = [
+        BaseModelConfig(name="batched", cross_adapter_batching=True),
+        BaseModelConfig(name="unbatched", cross_adapter_batching=False),
+    ]
+    url = serve_thinker(ThinkerConfig(models=models, cache_dir=args.cache_dir))
     service = tinker.ServiceClient(base_url=url)
     clients = {
         side: [

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -77,22 +76,6 @@ class ThinkerClient:
         return loss
 
 
-def start_thinker(model_dir_name: str) -> str:
-    import ray
-    from ray import serve
-
-    from configs.schema import BaseModelConfig, ThinkerConfig
-    from deployments.app import build_thinker_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_thinker_app(ThinkerConfig(models=[BaseModelConfig(name=model_dir_name)])), name="thinker")
-    return f"http://127.0.0.1:{port}"
-
-
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -112,7 +95,12 @@ def main() -> None:
     model_dir = str(ensure_embedded_model("SmolLM2-135M-Instruct", "~/.cache/thinker"))
     torch.set_num_threads(os.cpu_count() or 1)
     baseline = PeftBaseline(model_dir)
-    thinker = ThinkerClient(start_thinker(DEFAULT_MODEL_NAME), DEFAULT_MODEL_NAME)
+    from local_serve import serve_thinker
+
+    from configs.schema import BaseModelConfig, ThinkerConfig
+
+    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME)]))
+    thinker = ThinkerClient(url, DEFAULT_MODEL_NAME)
     vocab = baseline.model.config.vocab_size
     print(f"model {DEFAULT_MODEL_NAME}, LoRA rank {RANK} on {', '.join(TARGETS)}; {os.cpu_count()} cores")
     for spec in args.shapes:

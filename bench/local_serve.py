@@ -1,0 +1,22 @@
+"""The benchmarks' server: a Thinker app on a local Ray cluster, HTTP on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import socket
+
+
+def serve_thinker(config) -> str:
+    """Start Ray and Serve on a free 127.0.0.1 port, run the app of `config` (a ThinkerConfig);
+    returns its base URL. Ray shuts everything down when the benchmark's process exits."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_thinker_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_thinker_app(config), name="thinker")
+    return f"http://127.0.0.1:{port}"
