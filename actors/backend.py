@@ -2,8 +2,8 @@
 
 The model actor owns ordering, de-duplication, threading and checkpoint storage; a backend only
 computes, and is called from one thread at a time. Adapters go in and out as PEFT files
-(`actors.peft_format`), so a checkpoint written by one backend loads in another. The HF backend
-implements it now; the Megatron group will implement the same methods.
+(`actors.peft_format`), so a checkpoint written by one backend loads in another. Both backends
+(`actors.hf`, `actors.megatron`) implement it; the model actor enforces the limits they share.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from actors.work import (
 
 
 class Backend(Protocol):
+    """The Tinker verbs over one base model's adapters, computed synchronously on the caller's
+    thread. Implementations: `actors.hf.backend.HFBackend`, `actors.megatron.backend.MegatronBackend`.
+    Errors are ThinkerErrors; a bad request must leave every adapter as it was."""
+
     tokenizer: object | None  # the base model's HF tokenizer, if it has one
 
     def describe(self) -> ModelDescription: ...

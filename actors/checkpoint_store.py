@@ -23,6 +23,7 @@ from typing import Any
 
 import fsspec
 
+from actors import ids
 from configs.errors import NotFoundError, UserError
 
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
@@ -75,13 +76,9 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     parts = path[len("tinker://") :].split("/")
     if len(parts) != 3 or not all(parts) or parts[1] not in SEGMENTS:
         raise UserError(f"checkpoint paths look like tinker://<run>/(weights|sampler_weights)/<name>, got {path!r}")
-    check_name(parts[2])
+    ids.check_id(parts[0], "the training run id of a checkpoint path")
+    ids.check_name(parts[2])
     return parts[0], parts[1], parts[2]
-
-
-def check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or len(name) > 200:
-        raise UserError(f"checkpoint names must be non-empty, without '/', not start with '.': {name!r}")
 
 
 class CheckpointStore:
@@ -98,7 +95,7 @@ class CheckpointStore:
 
     def write(self, record: CheckpointRecord, files: dict[str, bytes]) -> CheckpointRecord:
         """Publish a checkpoint atomically: files first, the marker last. Overwrites a same-named one."""
-        check_name(record.name)
+        ids.check_name(record.name)
         staging = self._join(record.training_run_id, f".staging-{uuid.uuid4().hex}")
         self.fs.makedirs(staging, exist_ok=True)
         for filename, data in files.items():

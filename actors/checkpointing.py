@@ -8,24 +8,33 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from actors import ids
 from actors.backend import Backend
-from actors.checkpoint_store import CheckpointRecord, CheckpointStore, RunRecord, check_name, utc_now
+from actors.checkpoint_store import CheckpointRecord, CheckpointStore, RunRecord, utc_now
 from actors.work import CreateModelWork, LoraSpec, ModelInfo, SamplerInfo
-from configs.errors import ThinkerError, UserError
+from configs.errors import LimitExceededError, ThinkerError, UserError
 
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"]
 
 
 class Checkpointing:
-    def __init__(self, backend: Backend, store: CheckpointStore, base_model: str):
+    def __init__(self, backend: Backend, store: CheckpointStore, base_model: str, max_adapters: int):
         self._backend = backend
         self._store = store
         self._base_model = base_model
+        self._max_adapters = max_adapters
 
     def create_model(self, work: CreateModelWork) -> ModelInfo:
-        """A new training model (and its training run); a retried create finds it already there."""
-        if work.model_id in self._backend.list_models():
+        """A new training model (and its training run); a retried create finds it already there.
+        Both backends' one limit on adapters is checked here."""
+        models = self._backend.list_models()
+        if work.model_id in models:
             return self._backend.get_info(work.model_id)
+        if len(models) >= self._max_adapters:
+            raise LimitExceededError(
+                f"base model {self._base_model!r} already holds {len(models)} training models, its limit "
+                f"(max_adapters = {self._max_adapters}); unload one first"
+            )
         info = self._backend.create_model(work)
         run = RunRecord(info.model_id, info.base_model, asdict(info.lora), utc_now(), info.user_metadata)
         self._store.write_run(run)
@@ -45,7 +54,7 @@ class Checkpointing:
 
     def save(self, model_id: str, segment: str, name: str) -> str:
         """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights")."""
-        check_name(name)
+        ids.check_name(name)
         info = self._backend.get_info(model_id)
         training = segment == "weights"
         files = self._backend.save_state(model_id, with_optimizer=training)

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_TARGETS = ("lm_head",)
+from actors.work import target_scope
 
 
 @dataclass
@@ -91,17 +89,6 @@ class LoraLinear(nn.Module):
         """The frozen base weight (transformers ties lm_head to the embedding through it)."""
         return self.base.weight
 
-    def new_adapter(self, key: str, rank: int, alpha: float, generator: torch.Generator) -> LoraWeights:
-        weight = self.base.weight
-        A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        B = torch.zeros(self.base.out_features, rank, dtype=torch.float32)
-        lora = LoraWeights(
-            A=nn.Parameter(A.to(weight.device)), B=nn.Parameter(B.to(weight.device)), scaling=alpha / rank
-        )
-        self.adapters[key] = lora
-        return lora
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = self.routing
@@ -148,16 +135,20 @@ class LoraLinear(nn.Module):
         return delta if self.routing.in_order else delta[scatter]
 
 
-def target_scope(module_name: str) -> str | None:
-    """'attn', 'mlp' or 'unembed' for a LoRA-able module name, None otherwise."""
-    leaf = module_name.rsplit(".", 1)[-1]
-    if leaf in ATTN_TARGETS:
-        return "attn"
-    if leaf in MLP_TARGETS:
-        return "mlp"
-    if leaf in UNEMBED_TARGETS:
-        return "unembed"
-    return None
+def init_lora_weights(
+    modules: list[tuple[str, int, int]], rank: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's init of a new adapter: for each (HF module name, in_features, out_features), in the
+    given order from one generator seeded with `seed`, A ~ kaiming_uniform(a=sqrt(5)) [rank, in]
+    and B = 0 [out, rank]; float32 on the CPU. Both backends call this with the modules in HF
+    order, so the same seed gives the same adapter in either."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, in_features, out_features in modules:
+        A = torch.empty(rank, in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        weights[name] = (A, torch.zeros(out_features, rank))
+    return weights
 
 
 def install_lora_layers(model: nn.Module, routing: Routing) -> dict[str, LoraLinear]:

@@ -17,6 +17,7 @@ from functools import partial
 
 import numpy as np
 
+from actors import ids
 from actors.backend import Backend
 from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
@@ -43,15 +44,20 @@ from configs.schema import BaseModelConfig
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
     if config.backend == "megatron":
-        from actors.megatron_backend import MegatronBackend
+        from actors.megatron.backend import MegatronBackend
 
         return MegatronBackend(config, cache_dir)
-    from actors.hf_backend import HFBackend
+    from actors.hf.backend import HFBackend
 
     return HFBackend(config, cache_dir)
 
 
 class ModelActor:
+    """One base model's Serve replica: every Tinker verb for its training models and samplers.
+    All compute goes through its one `Scheduler` (so a model's requests run in seq_id order and
+    the backend is never called from two threads); its limits (max_adapters) hold for every
+    backend. The Ray ref of each call is that request's future."""
+
     def __init__(
         self,
         config: BaseModelConfig,
@@ -63,7 +69,8 @@ class ModelActor:
             importlib.import_module(module)
         self._config = config
         self._backend = backend_factory(config, cache_dir)
-        self._checkpoints = Checkpointing(self._backend, CheckpointStore(checkpoint_root), config.name)
+        store = CheckpointStore(checkpoint_root)
+        self._checkpoints = Checkpointing(self._backend, store, config.name, config.max_adapters)
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -74,7 +81,11 @@ class ModelActor:
         )
         backend = self._backend
         self._scheduler = Scheduler(
-            backend.forward_backward_batch, backend.check_forward_backward, backend.sample, limits
+            backend.forward_backward_batch,
+            backend.check_forward_backward,
+            backend.sample,
+            limits,
+            init_compute_thread=backend.init_compute_thread,  # torch's thread settings are per thread
         )
         self._description = self._backend.describe()
 
@@ -178,9 +189,9 @@ class ModelActor:
 
     async def release_session(self, session_id: str) -> list[str]:
         """Unload the session's models and samplers that live here (its client has finished)."""
-        prefix = f"{session_id}:"
-        released = [await self.unload_model(m) for m in self._backend.list_models() if m.startswith(prefix)]
-        for sampler_id in [s for s in self._backend.list_samplers() if s.startswith(prefix)]:
+        models = [m for m in self._backend.list_models() if ids.session_of(m) == session_id]
+        released = [await self.unload_model(m) for m in models]
+        for sampler_id in [s for s in self._backend.list_samplers() if ids.session_of(s) == session_id]:
             await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
             released.append(sampler_id)
         return released

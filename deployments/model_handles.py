@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from actors import ids
 from actors.work import ModelDescription
 from configs.errors import NotFoundError
 
@@ -41,6 +42,7 @@ class ModelHandles:
 
     async def model_exists(self, model_id: str) -> bool:
         """Asks every base model (no cache): training model ids are unique across all of them."""
+        ids.check_id(model_id, "model_id")
         return any(await asyncio.gather(*(h.has_model.remote(model_id) for h in self._handles.values())))
 
     async def of_model(self, model_id: str) -> Any:
@@ -56,6 +58,7 @@ class ModelHandles:
         return self._base_of[model_id]
 
     async def _owner(self, owned_id: str, question: str, what: str) -> Any:
+        ids.check_id(owned_id, what)
         base = self._base_of.get(owned_id)
         if base is None:
             names = self.names

@@ -13,60 +13,16 @@
 
 from typing import Any
 
-import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
+from actors import ids
 from actors.work import ChatForwardBackwardWork, CreateModelWork, GenerateWork, LoraSpec, OptimStepWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
-
-SIMPLE_RANK = 16  # the original server's LoRA rank
-
-
-class ChatForwardBackwardRequest(wire.WireIn):
-    model_id: str
-    data: list[list[dict[str, str]]]
-    loss_fn: str = "cross_entropy"
-    loss_fn_inputs: dict[str, list[list[float]]] | None = None
-    loss_fn_config: dict[str, float] | None = None
-
-    def inputs_per_conversation(self) -> list[dict[str, np.ndarray]]:
-        if not self.loss_fn_inputs:
-            return []
-        counts = {len(v) for v in self.loss_fn_inputs.values()}
-        if counts != {len(self.data)}:
-            raise UserError(f"every loss_fn_inputs list needs one entry per conversation ({len(self.data)})")
-        return [
-            {
-                key: np.asarray(values[i], dtype=np.int64 if key == "target_tokens" else np.float32)
-                for key, values in self.loss_fn_inputs.items()
-            }
-            for i in range(len(self.data))
-        ]
-
-
-class AddLoraRequest(wire.WireIn):
-    model_id: str
-    base_model: str | None = None
-    rank: int = SIMPLE_RANK
-    seed: int | None = None
-
-
-class GenerateRequest(wire.WireIn):
-    model_id: str | None = None
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int | None = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    num_samples: int = Field(1, ge=1)
 
 
 class SimpleRoutes:
@@ -87,23 +43,21 @@ class SimpleRoutes:
             ("POST", "/remove_lora", self.remove_lora),
             ("POST", "/generate", self.generate),
             ("POST", "/api/v1/sample", self.generate),
-            ("GET", "/healthz", self.healthz),
-            ("GET", "/get_server_capabilities", self.get_server_capabilities),
-            ("POST", "/get_info", self.get_info),
         ]
 
     @property
     def _default_base(self) -> str:
         return self._models.names[0]
 
-    async def forward_backward(self, body: ChatForwardBackwardRequest) -> dict:
+    async def forward_backward(self, body: wire.ChatForwardBackwardRequest) -> dict:
         try:
             handle = await self._models.of_model(body.model_id)
             create_with = None
         except LookupError:  # created on first use, on the default base model
+            ids.check_name(body.model_id, "a new adapter's model_id")
             handle = self._models.base(self._default_base)
             self._models.remember(body.model_id, self._default_base)
-            create_with = LoraSpec(rank=SIMPLE_RANK)
+            create_with = LoraSpec(rank=wire.SIMPLE_RANK)
         work = ChatForwardBackwardWork(
             model_id=body.model_id,
             conversations=body.data,
@@ -116,9 +70,9 @@ class SimpleRoutes:
         return {"request_id": request_id, "model_id": body.model_id}
 
     async def forward_backward_json(self, raw: bytes) -> dict:
-        """/api/v1/forward_backward with a JSON body (the SDK's protobuf body goes elsewhere)."""
+        """/api/v1/forward_backward with a JSON body (the ingress sends the SDK's protobuf elsewhere)."""
         try:
-            body = ChatForwardBackwardRequest.model_validate_json(raw)
+            body = wire.ChatForwardBackwardRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise UserError(f"invalid forward_backward JSON: {exc.errors()[0]['msg']}") from None
         return await self.forward_backward(body)
@@ -134,8 +88,8 @@ class SimpleRoutes:
         if not done:
             return JSONResponse({"status": "pending", "request_id": body.request_id}, status_code=202)
         if failure is not None:
-            status = 400 if failure["category"] == "user" else 500
-            return JSONResponse(failure, status_code=status)
+            status, error = failure
+            return JSONResponse(error, status_code=status)
         return JSONResponse(simple_result(entry.kind, value))
 
     async def loss_functions(self) -> dict:
@@ -158,7 +112,8 @@ class SimpleRoutes:
                 )
         return {"adapters": adapters}
 
-    async def add_lora(self, body: AddLoraRequest) -> dict:
+    async def add_lora(self, body: wire.AddLoraRequest) -> dict:
+        ids.check_name(body.model_id, "a new adapter's model_id")
         base = body.base_model or self._default_base
         handle = self._models.base(base)
         if await self._models.model_exists(body.model_id):
@@ -178,7 +133,7 @@ class SimpleRoutes:
         self._models.forget(model_id)
         return {"deleted": model_id}
 
-    async def generate(self, body: GenerateRequest) -> dict:
+    async def generate(self, body: wire.GenerateRequest) -> dict:
         if (body.prompt is None) == (body.messages is None):
             raise UserError("give exactly one of prompt (text) or messages (chat)")
         sampler_id = body.model_id or self._default_base
@@ -202,16 +157,6 @@ class SimpleRoutes:
             "stop_reasons": out.stop_reasons,
             "prompt_tokens": out.prompt_tokens,
         }
-
-    async def healthz(self) -> dict:
-        return wire.HealthResponse().model_dump()
-
-    async def get_server_capabilities(self) -> dict:
-        return wire.ServerCapabilities.of(await self._models.describe_all()).model_dump()
-
-    async def get_info(self, body: wire.ModelIdRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
-        return wire.GetInfoResponse.of(await handle.get_info.remote(body.model_id)).model_dump()
 
     async def _sampling_handle(self, sampler_id: str) -> Any:
         try:

@@ -9,19 +9,16 @@
 """
 
 import asyncio
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from actors.checkpoint_store import CheckpointStore, check_name, parse_tinker_path
+from actors import ids
+from actors.checkpoint_store import CheckpointStore, parse_tinker_path
 from actors.work import CreateModelWork, OptimStepWork, SampleWork
-from configs.errors import RequestTooLargeError, UserError
+from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
-from deployments.errors import error_response
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
 
@@ -58,13 +55,11 @@ class TinkerRoutes:
         futures: Futures,
         store: CheckpointStore,
         config: ThinkerConfig,
-        json_forward_backward: Callable[[bytes], Awaitable[dict]],
     ):
         self._models = models
         self._futures = futures
         self._store = store
         self._config = config
-        self._json_forward_backward = json_forward_backward  # the simple routes' chat-data variant
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -75,11 +70,13 @@ class TinkerRoutes:
             ("POST", "/api/v1/telemetry", self.telemetry),
             ("POST", "/api/v1/sessions/{session_id}/finish", self.finish_session),
             ("GET", "/api/v1/healthz", self.healthz),
+            ("GET", "/healthz", self.healthz),  # the original server's paths of the same three
             ("GET", "/api/v1/get_server_capabilities", self.get_server_capabilities),
+            ("GET", "/get_server_capabilities", self.get_server_capabilities),
             ("POST", "/api/v1/create_model", self.create_model),
             ("POST", "/api/v1/get_info", self.get_info),
+            ("POST", "/get_info", self.get_info),
             ("POST", "/api/v1/unload_model", self.unload_model),
-            ("POST", "/api/v1/forward_backward", self.forward_backward),
             ("POST", "/api/v1/optim_step", self.optim_step),
             ("POST", "/api/v1/save_weights", self.save_weights),
             ("POST", "/api/v1/save_weights_for_sampler", self.save_weights_for_sampler),
@@ -99,7 +96,7 @@ class TinkerRoutes:
         return {}
 
     async def create_session(self, body: wire.CreateSessionRequest) -> dict:
-        return wire.CreateSessionResponse(session_id=str(uuid.uuid4())).model_dump()
+        return wire.CreateSessionResponse(session_id=ids.new_session_id()).model_dump()
 
     async def session_heartbeat(self, body: wire.SessionRequest) -> dict:
         return wire.HeartbeatResponse().model_dump()
@@ -109,6 +106,7 @@ class TinkerRoutes:
 
     async def finish_session(self, session_id: str) -> dict:
         """The client is done: its training models and samplers are unloaded everywhere."""
+        ids.check_id(session_id, "session_id")
         await asyncio.gather(*(h.release_session.remote(session_id) for h in self._models.all()))
         return {}
 
@@ -124,7 +122,7 @@ class TinkerRoutes:
         if body.optimizer_config.type != "adamw":
             raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
         handle = self._models.base(body.base_model)
-        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        model_id = ids.model_id(body.session_id, body.model_seq_id)
         work = CreateModelWork(model_id, body.lora_config.to_spec(), dict(body.user_metadata or {}))
         self._models.remember(model_id, body.base_model)
         return await self._submit("create_model", model_id, handle.create_model.remote(work))
@@ -137,14 +135,8 @@ class TinkerRoutes:
         handle = await self._models.of_model(body.model_id)
         return await self._submit("unload_model", body.model_id, handle.unload_model.remote(body.model_id))
 
-    async def forward_backward(self, request: Request) -> dict:
-        body = await request.body()
-        if len(body) > self._config.max_request_bytes:
-            raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds {self._config.max_request_bytes}")
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise UserError("compressed forward_backward bodies are not supported (proto_compress_fwdbwd is off)")
-        if "json" in request.headers.get("content-type", ""):
-            return await self._json_forward_backward(body)
+    async def forward_backward(self, body: bytes) -> dict:
+        """The SDK's protobuf forward_backward (the ingress routes JSON bodies to the simple routes)."""
         msg = wire_proto.parse_forward_backward(body)
         handle = await self._models.of_model(msg.model_id)
         try:
@@ -167,7 +159,7 @@ class TinkerRoutes:
         handle = await self._models.of_model(body.model_id)
         name = body.path or f"step-{body.seq_id or 0:06d}"
         try:
-            check_name(name)
+            ids.check_name(name)
         except UserError as exc:
             return await self._reject(handle, body.model_id, body.seq_id, "save_weights", exc)
         call = handle.save_weights.remote(body.model_id, body.seq_id, name)
@@ -180,7 +172,8 @@ class TinkerRoutes:
             if body.sampling_session_seq_id is None:
                 exc = UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
                 return await self._reject(handle, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
-            sampler_id = f"{body.model_id.split(':')[0]}:sample:{body.sampling_session_seq_id}"
+            session = ids.session_of(body.model_id) or body.model_id  # a simple route's adapter: its own session
+            sampler_id = ids.sampler_id(session, body.sampling_session_seq_id)
             self._models.remember(sampler_id, await self._models.base_name_of_model(body.model_id))
         call = handle.save_weights_for_sampler.remote(body.model_id, body.seq_id, body.path, sampler_id)
         return await self._submit("save_weights_for_sampler", body.model_id, call)
@@ -195,7 +188,7 @@ class TinkerRoutes:
         record = await asyncio.to_thread(self._store.record, body.path)
         base_model = body.base_model or record.base_model
         handle = self._models.base(base_model)
-        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        model_id = ids.model_id(body.session_id, body.model_seq_id)
         self._models.remember(model_id, base_model)
         call = handle.create_model_from_state.remote(model_id, body.path, body.optimizer, body.user_metadata or {})
         return await self._submit("load_weights", model_id, call, path=body.path, loaded=model_id)
@@ -210,7 +203,7 @@ class TinkerRoutes:
             base_model = body.base_model
         else:
             raise UserError("create_sampling_session needs a base_model or a model_path")
-        sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+        sampler_id = ids.sampler_id(body.session_id, body.sampling_session_seq_id)
         await self._models.base(base_model).create_sampler.remote(sampler_id, body.model_path)
         self._models.remember(sampler_id, base_model)
         return wire.CreateSamplingSessionResponse(sampling_session_id=sampler_id).model_dump()
@@ -251,8 +244,8 @@ class TinkerRoutes:
         done, value, failure, entry = await self._futures.poll(body.request_id, self._config.long_poll_s)
         if not done:
             return JSONResponse(wire.TryAgainResponse(request_id=body.request_id).model_dump(), status_code=408)
-        if failure is not None:
-            return JSONResponse(failure)
+        if failure is not None:  # the SDK reads a failed future from a 200 (RequestFailedResponse)
+            return JSONResponse(failure[1])
         return encode_result(entry.kind, value, entry.meta)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -265,5 +258,5 @@ class TinkerRoutes:
         """Accept the submission but fail its future, and free its seq_id for later requests."""
         if seq_id is not None:
             await handle.skip.remote(model_id, seq_id)
-        request_id = self._futures.fail(kind, error_response(exc)[1])
+        request_id = self._futures.fail(kind, exc)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)

@@ -17,10 +17,14 @@ from configs.errors import UserError
 
 
 class WireIn(BaseModel):
+    """Base of every request body: unknown fields are ignored (newer SDKs add some)."""
+
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
 class WireOut(BaseModel):
+    """Base of every response body: exactly the fields the SDK knows, nothing extra."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
@@ -198,6 +202,53 @@ class WeightsInfoRequest(WireIn):
 class RetrieveFutureRequest(WireIn):
     request_id: str
     allow_metadata_only: bool = False
+
+
+# ---- the simple JSON routes' requests (the original server's shapes) -------------------------
+
+SIMPLE_RANK = 16  # the original server's LoRA rank
+
+
+class ChatForwardBackwardRequest(WireIn):
+    model_id: str
+    data: list[list[dict[str, str]]]
+    loss_fn: str = "cross_entropy"
+    loss_fn_inputs: dict[str, list[list[float]]] | None = None
+    loss_fn_config: dict[str, float] | None = None
+
+    def inputs_per_conversation(self) -> list[dict[str, np.ndarray]]:
+        if not self.loss_fn_inputs:
+            return []
+        counts = {len(v) for v in self.loss_fn_inputs.values()}
+        if counts != {len(self.data)}:
+            raise UserError(f"every loss_fn_inputs list needs one entry per conversation ({len(self.data)})")
+        return [
+            {
+                key: np.asarray(values[i], dtype=np.int64 if key == "target_tokens" else np.float32)
+                for key, values in self.loss_fn_inputs.items()
+            }
+            for i in range(len(self.data))
+        ]
+
+
+class AddLoraRequest(WireIn):
+    model_id: str
+    base_model: str | None = None
+    rank: int = SIMPLE_RANK
+    seed: int | None = None
+
+
+class GenerateRequest(WireIn):
+    model_id: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    num_samples: int = Field(1, ge=1)
 
 
 # ---- responses ------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def main(base_url: str, serve_config: str | None = None, checkpoint_root: str | 
 
     print("== thinker export: the LoRA merged into a plain HF model folder")
     out_dir = tempfile.mkdtemp(prefix="thinker-export-")
-    command = [sys.executable, "-m", "actors.export", "export", sampler_path, out_dir]
+    command = [sys.executable, "-m", "actors.hf.export", "export", sampler_path, out_dir]
     command += ["--config", serve_config] if serve_config else []
     command += ["--checkpoint-root", checkpoint_root] if checkpoint_root else []
     report["export"] = subprocess.run(command, capture_output=True, text=True)

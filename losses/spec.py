@@ -34,6 +34,10 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class LossSpec:
+    """One loss: its function, the inputs it requires or accepts and its config keys with their
+    defaults. Requests are validated against the spec before any compute; `fn` returns a scalar
+    sum over every token of the request (optionally with metrics)."""
+
     name: str
     description: str
     fn: LossFn

@@ -58,6 +58,16 @@ def default_model_dir() -> Path:
     return ensure_embedded_model("SmolLM2-135M-Instruct", "~/.cache/thinker")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is: elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (tests/gpu runs on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def free_port() -> int:
     import socket
 

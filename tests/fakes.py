@@ -1,5 +1,6 @@
 """Test doubles: a pure-Python backend that records what it was asked to do."""
 
+import threading
 import time
 
 import numpy as np
@@ -29,9 +30,10 @@ class FakeBackend:
         self.name = getattr(config, "name", "fake")
         self.calls: list[tuple[str, str, int | None]] = []
         self.models: dict[str, ModelInfo] = {}
+        self.compute_thread_inits: list[str] = []  # names of the threads that called init_compute_thread
 
     def init_compute_thread(self) -> None:
-        pass
+        self.compute_thread_inits.append(threading.current_thread().name)
 
     def close(self) -> None:
         pass

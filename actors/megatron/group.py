@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.megatron_rank import MegatronRank
+from actors.megatron.rank import MegatronRank
 from configs.errors import ServerError
 from configs.schema import BaseModelConfig
 

@@ -18,7 +18,6 @@ arithmetic is exactly the HF backend's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -152,16 +151,6 @@ class MegatronLoraLinear(nn.Module):
                 A = _gather(A, dim=1)
             full[piece.hf_name] = (A.cpu(), B.cpu())
         return full
-
-
-def new_adapter_weights(pieces: list[Piece], rank: int, generator: torch.Generator) -> dict:
-    """PEFT's init, in HF module order: A ~ kaiming_uniform(a=sqrt(5)) [r, in], B = 0 [out, r]."""
-    weights = {}
-    for piece in pieces:
-        A = torch.empty(rank, piece.in_features)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        weights[piece.hf_name] = (A, torch.zeros(piece.out_features, rank))
-    return weights
 
 
 def _tp() -> tuple[int, int]:

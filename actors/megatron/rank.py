@@ -21,12 +21,11 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from actors import megatron_cpu
 from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum
 from actors.logprobs import target_logprobs_from_logits
-from actors.lora import target_scope
-from actors.megatron_lora import new_adapter_weights
-from actors.megatron_model import all_pieces
+from actors.lora import init_lora_weights
+from actors.megatron import cpu as megatron_cpu
+from actors.megatron.model import all_pieces
 from actors.passes import merge_results
 from actors.work import AdamParams, ForwardBackwardResult, ForwardBackwardWork, LoraSpec
 from configs.errors import UserError
@@ -60,7 +59,7 @@ class MegatronRank:
         import torch.distributed as dist
         from megatron.core import parallel_state, tensor_parallel
 
-        from actors.megatron_model import build
+        from actors.megatron.model import build
 
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
         for module in config.custom_losses:  # the loss registry of this process, as the model actor's
@@ -96,11 +95,8 @@ class MegatronRank:
 
     def create_adapter(self, key: str, lora: LoraSpec, alpha: float) -> None:
         """HF's init in HF's module order (over every stage, so all ranks draw the same numbers)."""
-        scopes = {
-            s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
-        }
-        pieces = [p for p in all_pieces(self._m.hf_config) if target_scope(p.hf_name) in scopes]
-        full = new_adapter_weights(pieces, lora.rank, torch.Generator().manual_seed(lora.seed))
+        pieces = [p for p in all_pieces(self._m.hf_config) if lora.targets(p.hf_name)]
+        full = init_lora_weights([(p.hf_name, p.in_features, p.out_features) for p in pieces], lora.rank, lora.seed)
         self._install(key, full, lora, alpha, trainable=True)
 
     def import_adapter(self, key: str, full: dict, lora: LoraSpec, alpha: float, trainable: bool, moments=None, step=0):

@@ -3,7 +3,8 @@
 import asyncio
 import time
 
-from deployments.futures import FutureEntry, FutureStore, minted_at, new_request_id
+from actors.ids import new_request_id, request_minted_at
+from deployments.futures import FutureEntry, FutureStore
 
 
 class Clock:
@@ -21,7 +22,7 @@ def run(coro):
 def test_entries_survive_fetches_until_the_ttl():
     clock = Clock()
     store = FutureStore(ttl_s=60, clock=clock)
-    entry = FutureEntry(kind="optim_step", failure={"error": "x", "category": "user"})
+    entry = FutureEntry(kind="optim_step", failure=(400, {"error": "x", "category": "user"}))
     rid = new_request_id()
 
     async def scenario():
@@ -49,9 +50,9 @@ def test_get_waits_for_a_put_in_flight():
 
 def test_unknown_old_or_foreign_ids_answer_at_once():
     store = FutureStore(ttl_s=60, put_grace_s=5)
-    old = f"req-{int((time.time() - 10) * 1000):x}-abc"
+    old = f"req-{int((time.time() - 10) * 1000):x}-{'ab' * 16}"
     start = time.time()
     assert run(store.get(old)) is None
     assert run(store.get("something-else")) is None
     assert time.time() - start < 1
-    assert abs(minted_at(new_request_id()) - time.time()) < 5
+    assert abs(request_minted_at(new_request_id()) - time.time()) < 5

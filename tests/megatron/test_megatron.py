@@ -6,10 +6,10 @@ import pytest
 import ray
 import torch
 
-from actors.hf_backend import HFBackend
-from actors.megatron_backend import MegatronBackend
-from actors.megatron_group import RankGroup
-from actors.model_source import load_base_model
+from actors.hf.backend import HFBackend
+from actors.hf.base_model import load_base_model
+from actors.megatron.backend import MegatronBackend
+from actors.megatron.group import RankGroup
 from actors.work import (
     AdamParams,
     CreateModelWork,

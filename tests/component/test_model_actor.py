@@ -17,15 +17,15 @@ from actors.work import (
     SampleResult,
     SampleWork,
 )
-from configs.errors import ServerError, UserError
+from configs.errors import LimitExceededError, ServerError, UserError
 from configs.schema import BaseModelConfig
 from tests.fakes import FakeBackend
 
 
-def make_actor(gap_timeout_s=5.0):
+def make_actor(gap_timeout_s=5.0, **config):
     import tempfile
 
-    config = BaseModelConfig(name="fake", seq_gap_timeout_s=gap_timeout_s)
+    config = BaseModelConfig(name="fake", seq_gap_timeout_s=gap_timeout_s, **config)
     return ModelActor(config, checkpoint_root=tempfile.mkdtemp(), backend_factory=FakeBackend)
 
 
@@ -167,3 +167,27 @@ def test_sampling_requests_pending_together_run_as_one_batch():
     batches, again = run(scenario())
     assert batches == [["s1"], ["s1", "s1", "s2", "s2"]]
     assert isinstance(again, SampleResult)
+
+
+def test_compute_thread_gets_the_backends_thread_settings():
+    async def scenario():
+        actor = await created(make_actor())
+        await actor.forward_backward(fb(1))
+        return actor._backend.compute_thread_inits
+
+    assert [name.startswith("thinker-compute") for name in run(scenario())] == [True]
+
+
+def test_too_many_adapters_is_a_user_error_naming_the_limit():
+    async def scenario():
+        actor = make_actor(max_adapters=3)
+        for i in range(3):
+            await actor.create_model(CreateModelWork(f"m{i}", LoraSpec(rank=2)))
+        with pytest.raises(LimitExceededError, match=r"max_adapters = 3"):
+            await actor.create_model(CreateModelWork("m3", LoraSpec(rank=2)))
+        await actor.create_model(CreateModelWork("m0", LoraSpec(rank=2)))  # a retried create still answers
+        await actor.unload_model("m0")
+        await actor.create_model(CreateModelWork("m4", LoraSpec(rank=2)))
+        return sorted(actor._backend.models)
+
+    assert run(scenario()) == ["m1", "m2", "m4"]

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from actors.adapters import AdapterTable
 from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum, validate_data
 from actors.generation import GenRow, generate
+from actors.hf.adapters import AdapterTable
+from actors.hf.base_model import load_base_model
+from actors.hf.samplers import SamplerTable
 from actors.logprobs import target_logprobs
 from actors.lora import Routing, install_lora_layers
-from actors.model_source import load_base_model
 from actors.peft_format import (
     OPTIMIZER_FILE,
     adapter_files,
@@ -28,7 +29,6 @@ from actors.peft_format import (
     read_adapter,
 )
 from actors.sample_rows import SampleLimits, to_rows
-from actors.samplers import SamplerTable
 from actors.work import (
     CreateModelWork,
     ForwardBackwardResult,
@@ -53,6 +53,10 @@ def pick_device(config: BaseModelConfig) -> torch.device:
 
 
 class HFBackend:
+    """A transformers model in this process with multi-adapter LoRA layers: many adapters train
+    and sample in one batched pass over one copy of the frozen base weights. Adapters beyond
+    max_resident_adapters are offloaded (bit-exact) instead of failing anyone's request."""
+
     def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
         self.config = config
         self.device = pick_device(config)
@@ -70,7 +74,6 @@ class HFBackend:
         spill_root = str(Path(cache_dir).expanduser() / "spill")
         self.adapters = AdapterTable(
             self.lora_layers,
-            config.max_adapters,
             config.max_lora_rank,
             config.lora_alpha,
             resident_capacity=config.max_resident_adapters,

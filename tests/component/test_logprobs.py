@@ -2,7 +2,7 @@
 
 import torch
 
-from actors.hf_backend import HFBackend
+from actors.hf.backend import HFBackend
 from actors.logprobs import target_logprobs, target_logprobs_from_logits
 from actors.work import CreateModelWork, LoraSpec
 from configs.schema import BaseModelConfig

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from actors.lora import Routing
-from actors.megatron_lora import MegatronLoraLinear, Piece
-from actors.megatron_weights import load_shard, safetensors_reader
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from actors.megatron.lora import MegatronLoraLinear, Piece
+from actors.megatron.weights import load_shard, safetensors_reader
+from actors.model_source import DTYPES, resolve_source
 
 
 @dataclass
@@ -37,8 +36,6 @@ def hf_source(config, cache_dir: str):
             torch.manual_seed(config.random_seed)
             state = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).state_dict()
         return hf_config, state.__getitem__
-    from actors.model_source import resolve_source
-
     folder = resolve_source(config, cache_dir)
     import os
 
@@ -61,7 +58,7 @@ def build(config, cache_dir: str, tp: int, pp: int) -> RankModel:
     from megatron.core.transformer import TransformerConfig
 
     hf_config, read = hf_source(config, cache_dir)
-    dtype = _DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     mcfg = TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.adapters import validate_lora
 from actors.batch import validate_data
 from actors.generation import generate_uncached
-from actors.megatron_group import RankGroup
-from actors.megatron_rank import merge_reports
+from actors.megatron.group import RankGroup
+from actors.megatron.rank import merge_reports
+from actors.model_source import resolve_source, tokenizer_source
 from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter, read_optimizer
 from actors.sample_rows import SampleLimits, to_rows
 from actors.work import (
@@ -51,9 +51,11 @@ class _Weights:
 
 
 class MegatronBackend:
-    def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
-        from actors.model_source import ensure_byte_tokenizer, resolve_source
+    """The Backend interface over a group of megatron-core rank actors (TP x PP x DP): validates
+    here, sends each verb to every rank, merges the reporting ranks' results. Keeps each model's
+    last saved state so a group rebuilt after a rank died comes back with its adapters."""
 
+    def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
         self.config = config
         self._cache_dir = cache_dir
         hf_config = _hf_config(config, cache_dir)
@@ -61,10 +63,7 @@ class MegatronBackend:
         self._group = RankGroup(config, cache_dir)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_seq_len = int(config.max_seq_len or hf_config.max_position_embeddings)
-        if config.random_init is not None:
-            self.tokenizer_dir = ensure_byte_tokenizer(cache_dir) if self.vocab_size >= 259 else None
-        else:
-            self.tokenizer_dir = resolve_source(config, cache_dir)
+        self.tokenizer_dir = tokenizer_source(config, cache_dir, self.vocab_size)
         self.tokenizer = _tokenizer(self.tokenizer_dir)
         self.eos_ids = frozenset([self.tokenizer.eos_token_id]) if self.tokenizer is not None else frozenset()
         self._models: dict[str, ModelInfo] = {}
@@ -83,9 +82,7 @@ class MegatronBackend:
     def create_model(self, work: CreateModelWork) -> ModelInfo:
         self._heal()
         lora = work.lora.seeded()
-        validate_lora(lora, self.config.max_lora_rank)
-        if len(self._models) >= self.config.max_adapters:
-            raise UserError(f"this base model already holds {self.config.max_adapters} adapters (max_adapters)")
+        lora.validate(self.config.max_lora_rank)
         self._group.call("create_adapter", work.model_id, lora, self.config.lora_alpha)
         info = ModelInfo(work.model_id, self.config.name, lora, "llama", self.tokenizer_dir, dict(work.user_metadata))
         self._models[work.model_id] = info
@@ -318,8 +315,6 @@ def _hf_config(config: BaseModelConfig, cache_dir: str):
 
     if config.random_init is not None:
         return LlamaConfig(**config.random_init)
-    from actors.model_source import resolve_source
-
     return AutoConfig.from_pretrained(resolve_source(config, cache_dir))
 
 

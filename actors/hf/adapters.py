@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 import shutil
@@ -24,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from actors.lora import LoraLinear, LoraWeights, target_scope
-from actors.work import AdamParams, LoraSpec, ModelInfo
+from actors.lora import LoraLinear, LoraWeights, init_lora_weights
+from actors.work import AdamParams, ModelInfo
 from configs.errors import CapacityError, NotFoundError, UserError
 
 _BUFFERS = ("values", "grad", "exp_avg", "exp_avg_sq")
@@ -103,28 +102,19 @@ class Adapter:
             layers[name].adapters[self.info.model_id] = self.weights[name]
 
 
-def validate_lora(lora: LoraSpec, max_rank: int) -> None:
-    if not 1 <= lora.rank <= max_rank:
-        raise UserError(f"LoRA rank must be between 1 and {max_rank}, got {lora.rank}")
-    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-        raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
-
-
 class AdapterTable:
     def __init__(
         self,
         layers: dict[str, LoraLinear],
-        capacity: int,
         max_rank: int,
         alpha: float,
-        resident_capacity: int | None = None,
+        resident_capacity: int,
         spill_root: str | None = None,
     ):
         self._layers = layers
-        self._capacity = capacity
         self._max_rank = max_rank
         self._alpha = alpha
-        self._resident_capacity = resident_capacity or capacity
+        self._resident_capacity = resident_capacity
         self._spill_root = spill_root
         self._spill_dir: Path | None = None
         self._adapters: dict[str, Adapter] = {}
@@ -169,17 +159,10 @@ class AdapterTable:
 
     def create(self, info: ModelInfo) -> Adapter:
         lora = info.lora
-        validate_lora(lora, self._max_rank)
+        lora.validate(self._max_rank)
         if info.model_id in self._adapters:
             raise UserError(f"training model {info.model_id!r} already exists")
-        if len(self._adapters) >= self._capacity:
-            raise CapacityError(
-                f"this base model already holds {self._capacity} adapters (max_adapters); unload one first"
-            )
-        scopes = {
-            s for s, on in (("attn", lora.train_attn), ("mlp", lora.train_mlp), ("unembed", lora.train_unembed)) if on
-        }
-        targets = {name: layer for name, layer in self._layers.items() if target_scope(name) in scopes}
+        targets = {name: layer for name, layer in self._layers.items() if lora.targets(name)}
         layout = [
             (name, (lora.rank, layer.base.in_features), (layer.base.out_features, lora.rank))
             for name, layer in targets.items()
@@ -189,11 +172,10 @@ class AdapterTable:
         buffers = {key: torch.zeros(size, dtype=torch.float32, device=device) for key in _BUFFERS}
         adapter = Adapter(info=info, layout=layout, buffers=buffers, weights={})
         adapter.bind(self._layers, self._alpha / lora.rank)
-        generator = torch.Generator().manual_seed(lora.seed if lora.seed is not None else secrets.randbits(63))
-        with torch.no_grad():  # PEFT's init, module by module in a fixed order: A kaiming-uniform, B zero
-            for name, _, _ in layout:
-                A = torch.empty(adapter.weights[name].A.shape)
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        seed = lora.seed if lora.seed is not None else secrets.randbits(63)
+        init = init_lora_weights([(name, a[1], b[0]) for name, a, b in layout], lora.rank, seed)
+        with torch.no_grad():  # B stays zero, as PEFT's
+            for name, (A, _) in init.items():
                 adapter.weights[name].A.copy_(A)
         self._adapters[info.model_id] = adapter
         self._resident[info.model_id] = None

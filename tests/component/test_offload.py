@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.hf_backend import HFBackend
+from actors.hf.backend import HFBackend
 from actors.work import AdamParams, CreateModelWork, Datum, ForwardBackwardWork, LoraSpec, OptimStepWork
 from configs.schema import BaseModelConfig
 from tests.conftest import TINY_LLAMA

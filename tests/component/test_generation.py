@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.hf_backend import HFBackend
+from actors.hf.backend import HFBackend
 from actors.work import CreateModelWork, LoraSpec, SampleWork, SamplingParams
 from configs.errors import UserError
 from configs.schema import BaseModelConfig

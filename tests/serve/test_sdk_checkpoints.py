@@ -7,8 +7,8 @@ import torch
 from tinker import types
 
 from actors.checkpoint_store import CheckpointStore, parse_tinker_path
-from actors.export import export
-from actors.model_source import load_base_model
+from actors.hf.base_model import load_base_model
+from actors.hf.export import export
 from configs.schema import BaseModelConfig, ThinkerConfig
 from tests.conftest import tiny_model_config
 

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from configs.schema import BaseModelConfig, MegatronConfig, ThinkerConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
 
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from actors.checkpoint_store import CheckpointStore
-from actors.model_source import load_base_model
+from actors.hf.base_model import load_base_model
 from actors.peft_format import read_adapter
 from configs.errors import NotFoundError
 from configs.schema import BaseModelConfig, ThinkerConfig
