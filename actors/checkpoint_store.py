@@ -1,14 +1,17 @@
-"""Checkpoint storage: tinker:// paths <-> folders under a root (a local folder or any fsspec URI).
+"""Checkpoint storage: the files of each checkpoint under its tenant's prefix of a root (a local
+folder or any fsspec URI). The metadata database is the index; this module only stores.
 
 Layout under the root:
-    {run}/run.json                             the training run (base model, LoRA config, metadata)
-    {run}/weights/{name}/...                   save_weights: adapter + optimizer state
-    {run}/sampler_weights/{name}/...           save_weights_for_sampler: a standard PEFT adapter folder
-    {run}/.staging-{uuid}/                     a checkpoint being written
-- A checkpoint exists only once its `checkpoint.json` marker is written, which happens last, after
-  its files were moved into place: no half-written checkpoint is ever listed or loaded, on a
-  local disk or an object store (where moves are copies).
-- Torch-free: the ingress lists and deletes checkpoints with it; the model actor writes them.
+    {tenant}/{run}/weights/{name}/...            save_weights: adapter + optimizer state
+    {tenant}/{run}/sampler_weights/{name}/...    save_weights_for_sampler: a standard PEFT adapter folder
+    {tenant}/{run}/.staging-{uuid}/              a checkpoint being written
+    {tenant}/{run}/.replaced-{uuid}/             the checkpoint a save under the same name replaces
+- Every path is built from checked ids (`actors.ids`) and verified to stay inside the tenant's
+  prefix, so no id or name can reach outside it.
+- A checkpoint exists once its `checkpoint.json` marker is written, last, after its files were
+  moved into place; a save under an existing name moves the old folder aside first and deletes
+  it only once the new one is in place.
+- Torch-free: the ingress deletes checkpoints with it; the model actor writes and reads them.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ from typing import Any
 import fsspec
 
 from actors import ids
-from configs.errors import NotFoundError, UserError
+from configs.errors import NotFoundError, ServerError, UserError
 
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
 MARKER = "checkpoint.json"
-RUN_FILE = "run.json"
 
 
 @dataclass
 class CheckpointRecord:
+    """The marker file of a checkpoint: what it holds, for loading it back."""
+
     training_run_id: str
     segment: str  # "weights" | "sampler_weights"
     name: str
@@ -45,37 +49,26 @@ class CheckpointRecord:
 
     @property
     def tinker_path(self) -> str:
-        return f"tinker://{self.training_run_id}/{self.segment}/{self.name}"
-
-    @property
-    def checkpoint_id(self) -> str:
-        return f"{self.segment}/{self.name}"
-
-    @property
-    def checkpoint_type(self) -> str:
-        return SEGMENTS[self.segment]
-
-
-@dataclass
-class RunRecord:
-    training_run_id: str
-    base_model: str
-    lora: dict[str, Any]
-    created: str
-    user_metadata: dict[str, Any] = field(default_factory=dict)
+        return tinker_path(self.training_run_id, self.segment, self.name)
 
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def tinker_path(run_id: str, segment: str, name: str) -> str:
+    return f"tinker://{run_id}/{segment}/{name}"
+
+
 def parse_tinker_path(path: str) -> tuple[str, str, str]:
     """tinker://{run}/{segment}/{name} -> (run, segment, name); anything else is a UserError."""
-    if not path.startswith("tinker://"):
-        raise UserError(f"checkpoint paths look like tinker://<run>/weights/<name>, got {path!r}")
+    if not isinstance(path, str) or not path.startswith("tinker://"):
+        raise UserError(f"checkpoint paths look like tinker://<run>/weights/<name>, got {path!r:.200}")
     parts = path[len("tinker://") :].split("/")
     if len(parts) != 3 or not all(parts) or parts[1] not in SEGMENTS:
-        raise UserError(f"checkpoint paths look like tinker://<run>/(weights|sampler_weights)/<name>, got {path!r}")
+        raise UserError(
+            f"checkpoint paths look like tinker://<run>/(weights|sampler_weights)/<name>, got {path!r:.200}"
+        )
     ids.check_id(parts[0], "the training run id of a checkpoint path")
     ids.check_name(parts[2])
     return parts[0], parts[1], parts[2]
@@ -83,98 +76,81 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
 
 class CheckpointStore:
     def __init__(self, root: str):
-        self.fs, self.root = fsspec.core.url_to_fs(root if "://" in root else os.path.expanduser(root))
+        self.fs, root = fsspec.core.url_to_fs(root if "://" in root else os.path.expanduser(root))
+        self.root = posixpath.normpath(root) if root else root
 
-    def _join(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def folder(self, run_id: str, segment: str, name: str) -> str:
-        return self._join(run_id, segment, name)
+    def folder(self, tenant: str, run_id: str, segment: str, name: str) -> str:
+        """Where a checkpoint's files live; always inside the tenant's prefix."""
+        if segment not in SEGMENTS:
+            raise UserError(f"unknown checkpoint kind {segment!r}")
+        return self._inside(tenant, run_id, segment, ids.check_name(name))
 
     # ---- writing (model actor) ------------------------------------------------------------
 
-    def write(self, record: CheckpointRecord, files: dict[str, bytes]) -> CheckpointRecord:
-        """Publish a checkpoint atomically: files first, the marker last. Overwrites a same-named one."""
-        ids.check_name(record.name)
-        staging = self._join(record.training_run_id, f".staging-{uuid.uuid4().hex}")
+    def write(self, tenant: str, record: CheckpointRecord, files: dict[str, bytes]) -> CheckpointRecord:
+        """Publish a checkpoint atomically: files first, the marker last. A same-named checkpoint is
+        moved aside, replaced, and only then deleted (restored if the replacement fails)."""
+        final = self.folder(tenant, record.training_run_id, record.segment, record.name)
+        staging = self._inside(tenant, record.training_run_id, f".staging-{uuid.uuid4().hex}")
         self.fs.makedirs(staging, exist_ok=True)
         for filename, data in files.items():
-            with self.fs.open(posixpath.join(staging, filename), "wb") as f:
+            with self.fs.open(posixpath.join(staging, ids.check_name(filename, "file name")), "wb") as f:
                 f.write(data)
-        final = self.folder(record.training_run_id, record.segment, record.name)
-        if self.fs.exists(final):
-            self._remove(final)
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        self.fs.mv(staging, final, recursive=True)
         record.size_bytes = sum(len(data) for data in files.values())
-        self._write_json(posixpath.join(final, MARKER), asdict(record))
+        self._write_json(posixpath.join(staging, MARKER), asdict(record))
+        replaced = None
+        if self.fs.exists(final):
+            replaced = self._inside(tenant, record.training_run_id, f".replaced-{uuid.uuid4().hex}")
+            self.fs.mv(final, replaced, recursive=True)
+        try:
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self.fs.mv(staging, final, recursive=True)
+        except Exception:
+            if replaced is not None:
+                self.fs.mv(replaced, final, recursive=True)
+            raise
+        if replaced is not None:
+            self.fs.rm(replaced, recursive=True)
         return record
 
-    def write_run(self, run: RunRecord) -> None:
-        self.fs.makedirs(self._join(run.training_run_id), exist_ok=True)
-        self._write_json(self._join(run.training_run_id, RUN_FILE), asdict(run))
+    # ---- reading and deleting -----------------------------------------------------------------
 
-    def read_files(self, tinker_path: str, names: list[str]) -> dict[str, bytes]:
-        record = self.record(tinker_path)
-        folder = self.folder(record.training_run_id, record.segment, record.name)
-        found = {}
-        for name in names:
-            path = posixpath.join(folder, name)
-            if self.fs.exists(path):
-                with self.fs.open(path, "rb") as f:
-                    found[name] = f.read()
-        return found
-
-    # ---- reading and listing (ingress and actor) ----------------------------------------------
-
-    def record(self, tinker_path: str) -> CheckpointRecord:
-        run_id, segment, name = parse_tinker_path(tinker_path)
-        marker = posixpath.join(self.folder(run_id, segment, name), MARKER)
+    def record(self, tenant: str, run_id: str, segment: str, name: str) -> CheckpointRecord:
+        marker = posixpath.join(self.folder(tenant, run_id, segment, name), MARKER)
         if not self.fs.exists(marker):
-            raise NotFoundError(f"no checkpoint at {tinker_path}")
+            raise NotFoundError(f"unknown checkpoint {tinker_path(run_id, segment, name)}")
         return CheckpointRecord(**self._read_json(marker))
 
-    def run(self, run_id: str) -> RunRecord:
-        path = self._join(run_id, RUN_FILE)
-        if not self.fs.exists(path):
-            raise NotFoundError(f"no training run {run_id!r}")
-        return RunRecord(**self._read_json(path))
+    def read_files(self, tenant: str, run_id: str, segment: str, name: str, names: list[str]) -> dict[str, bytes]:
+        self.record(tenant, run_id, segment, name)  # only a published checkpoint is read
+        folder = self.folder(tenant, run_id, segment, name)
+        found = {}
+        for filename in names:
+            path = posixpath.join(folder, filename)
+            if self.fs.exists(path):
+                with self.fs.open(path, "rb") as f:
+                    found[filename] = f.read()
+        return found
 
-    def runs(self) -> list[RunRecord]:
-        if not self.fs.exists(self.root):
-            return []
-        runs = []
-        for entry in self.fs.ls(self.root, detail=False):
-            run_file = posixpath.join(entry, RUN_FILE)
-            if self.fs.exists(run_file):
-                runs.append(RunRecord(**self._read_json(run_file)))
-        return sorted(runs, key=lambda r: r.created)
-
-    def checkpoints(self, run_id: str) -> list[CheckpointRecord]:
-        records = []
-        for segment in SEGMENTS:
-            folder = self._join(run_id, segment)
-            if not self.fs.exists(folder):
-                continue
-            for entry in self.fs.ls(folder, detail=False):
-                marker = posixpath.join(entry, MARKER)
-                if self.fs.exists(marker):
-                    records.append(CheckpointRecord(**self._read_json(marker)))
-        return sorted(records, key=lambda r: r.time)
-
-    def delete(self, run_id: str, checkpoint_id: str) -> None:
-        segment, _, name = checkpoint_id.partition("/")
-        record = self.record(f"tinker://{run_id}/{segment}/{name}")
-        self._remove(self.folder(record.training_run_id, segment, name))
-
-    # ---- helpers ----------------------------------------------------------------------------
-
-    def _remove(self, folder: str) -> None:
+    def delete(self, tenant: str, run_id: str, segment: str, name: str) -> None:
         """Unpublish (marker first), then delete the files."""
+        folder = self.folder(tenant, run_id, segment, name)
         marker = posixpath.join(folder, MARKER)
         if self.fs.exists(marker):
             self.fs.rm(marker)
-        self.fs.rm(folder, recursive=True)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _inside(self, tenant: str, run_id: str, *rest: str) -> str:
+        """root/tenant/run/rest..., refused unless it stays inside root/tenant/run (the tenant and
+        run ids are checked here, the rest by the callers)."""
+        prefix = posixpath.join(self.root, ids.check_name(tenant, "tenant"), ids.check_id(run_id, "training run id"))
+        path = posixpath.normpath(posixpath.join(prefix, *rest))
+        if not path.startswith(prefix + "/") or any("/" in part or part in ("", ".", "..") for part in rest):
+            raise ServerError(f"refusing a storage path outside the tenant's prefix: {path!r}")
+        return path
 
     def _write_json(self, path: str, value: dict) -> None:
         with self.fs.open(path, "w") as f:

@@ -1,7 +1,9 @@
 """Checkpoints of one model actor: between its backend's PEFT files and the checkpoint store.
 
-Every method runs on the compute thread, in the order the scheduler gives it, so a save sees
-exactly the weights of the requests before it.
+- Every method runs on the compute thread, in the order the scheduler gives it, so a save sees
+  exactly the weights of the requests before it.
+- Files live under the owning tenant's prefix (`CheckpointStore`); a checkpoint is recorded in
+  the metadata database (the listings' index) once its files are in place.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from dataclasses import asdict
 
 from actors import ids
 from actors.backend import Backend
-from actors.checkpoint_store import CheckpointRecord, CheckpointStore, RunRecord, utc_now
+from actors.checkpoint_store import CheckpointRecord, CheckpointStore, parse_tinker_path, utc_now
+from actors.metadata.registry import Registry
+from actors.metadata.tables import Checkpoint
 from actors.work import CreateModelWork, LoraSpec, ModelInfo, SamplerInfo
 from configs.errors import LimitExceededError, ThinkerError, UserError
 
@@ -18,15 +22,18 @@ ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json", "optimizer.
 
 
 class Checkpointing:
-    def __init__(self, backend: Backend, store: CheckpointStore, base_model: str, max_adapters: int):
+    def __init__(
+        self, backend: Backend, store: CheckpointStore, registry: Registry, base_model: str, max_adapters: int
+    ):
         self._backend = backend
         self._store = store
+        self._registry = registry
         self._base_model = base_model
         self._max_adapters = max_adapters
 
     def create_model(self, work: CreateModelWork) -> ModelInfo:
-        """A new training model (and its training run); a retried create finds it already there.
-        Both backends' one limit on adapters is checked here."""
+        """A new training model; a retried create finds it already there. Both backends' one limit
+        on adapters is checked here. (Its training run was recorded by the ingress.)"""
         models = self._backend.list_models()
         if work.model_id in models:
             return self._backend.get_info(work.model_id)
@@ -35,24 +42,24 @@ class Checkpointing:
                 f"base model {self._base_model!r} already holds {len(models)} training models, its limit "
                 f"(max_adapters = {self._max_adapters}); unload one first"
             )
-        info = self._backend.create_model(work)
-        run = RunRecord(info.model_id, info.base_model, asdict(info.lora), utc_now(), info.user_metadata)
-        self._store.write_run(run)
-        return info
+        return self._backend.create_model(work)
 
-    def create_from_state(self, model_id: str, path: str, optimizer: bool, metadata: dict) -> ModelInfo:
-        if model_id in self._backend.list_models():
-            return self._backend.get_info(model_id)
-        record = self._record(path)
-        info = self.create_model(CreateModelWork(model_id, LoraSpec(**record.lora), metadata or record.user_metadata))
+    def create_from_state(self, work: CreateModelWork, path: str, optimizer: bool) -> ModelInfo:
+        """create_training_client_from_state: a new training model holding a checkpoint of the same tenant."""
+        if work.model_id in self._backend.list_models():
+            return self._backend.get_info(work.model_id)
+        record = self._record(work.tenant, path)
+        lora = LoraSpec(**record.lora)
+        metadata = work.user_metadata or record.user_metadata
+        info = self.create_model(CreateModelWork(work.model_id, lora, metadata, work.tenant))
         try:
-            self._backend.load_state(model_id, self._store.read_files(path, ADAPTER_FILES), optimizer)
+            self._backend.load_state(work.model_id, self._files(work.tenant, path), optimizer)
         except ThinkerError:
-            self._backend.unload_model(model_id)
+            self._backend.unload_model(work.model_id)
             raise
         return info
 
-    def save(self, model_id: str, segment: str, name: str) -> str:
+    def save(self, tenant: str, model_id: str, segment: str, name: str) -> str:
         """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights")."""
         ids.check_name(name)
         info = self._backend.get_info(model_id)
@@ -68,11 +75,23 @@ class Checkpointing:
             has_optimizer=training,
             user_metadata=info.user_metadata,
         )
-        return self._store.write(record, files).tinker_path
+        record = self._store.write(tenant, record, files)
+        row = Checkpoint(
+            training_run_id=model_id,
+            segment=segment,
+            name=name,
+            base_model=info.base_model,
+            lora=record.lora,
+            size_bytes=record.size_bytes,
+            has_optimizer=training,
+            user_metadata=dict(info.user_metadata),
+        )
+        self._registry.add_checkpoint(tenant, row)
+        return record.tinker_path
 
-    def load(self, model_id: str, path: str, optimizer: bool) -> str:
-        self._record(path)
-        self._backend.load_state(model_id, self._store.read_files(path, ADAPTER_FILES), optimizer)
+    def load(self, tenant: str, model_id: str, path: str, optimizer: bool) -> str:
+        self._record(tenant, path)
+        self._backend.load_state(model_id, self._files(tenant, path), optimizer)
         return path
 
     def snapshot(self, model_id: str, sampler_id: str | None) -> str:
@@ -82,15 +101,18 @@ class Checkpointing:
         self._backend.snapshot_sampler(model_id, info)
         return sampler_id
 
-    def create_sampler(self, sampler_id: str, model_path: str | None) -> SamplerInfo:
+    def create_sampler(self, tenant: str, sampler_id: str, model_path: str | None) -> SamplerInfo:
         info = SamplerInfo(sampler_id, self._base_model, model_path=model_path)
         if model_path is None:
             return self._backend.create_sampler(info, None)
-        self._record(model_path)
-        return self._backend.create_sampler(info, self._store.read_files(model_path, ADAPTER_FILES))
+        self._record(tenant, model_path)
+        return self._backend.create_sampler(info, self._files(tenant, model_path))
 
-    def _record(self, path: str) -> CheckpointRecord:
-        record = self._store.record(path)
+    def _record(self, tenant: str, path: str) -> CheckpointRecord:
+        record = self._store.record(tenant, *parse_tinker_path(path))
         if record.base_model != self._base_model:
             raise UserError(f"{path} was trained on {record.base_model!r}, not {self._base_model!r}")
         return record
+
+    def _files(self, tenant: str, path: str) -> dict[str, bytes]:
+        return self._store.read_files(tenant, *parse_tinker_path(path), ADAPTER_FILES)

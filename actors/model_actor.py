@@ -22,6 +22,8 @@ from actors.backend import Backend
 from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
 from actors.checkpointing import Checkpointing
+from actors.metadata.database import Database, default_url
+from actors.metadata.registry import Registry
 from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
     ChatForwardBackwardWork,
@@ -64,13 +66,16 @@ class ModelActor:
         cache_dir: str = "~/.cache/thinker",
         checkpoint_root: str = "~/.cache/thinker/checkpoints",
         backend_factory: Callable[[BaseModelConfig, str], Backend] = default_backend,
+        database_url: str | None = None,
     ):
         for module in config.custom_losses:
             importlib.import_module(module)
         self._config = config
+        database = Database(database_url or default_url(cache_dir))
+        database.migrate()
         self._backend = backend_factory(config, cache_dir)
         store = CheckpointStore(checkpoint_root)
-        self._checkpoints = Checkpointing(self._backend, store, config.name, config.max_adapters)
+        self._checkpoints = Checkpointing(self._backend, store, Registry(database), config.name, config.max_adapters)
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -100,10 +105,10 @@ class ModelActor:
     async def create_model(self, work: CreateModelWork) -> ModelInfo:
         return await self._scheduler.ordered(work.model_id, 0, partial(self._checkpoints.create_model, work))
 
-    async def create_model_from_state(self, model_id: str, path: str, optimizer: bool, metadata: dict) -> ModelInfo:
+    async def create_model_from_state(self, work: CreateModelWork, path: str, optimizer: bool) -> ModelInfo:
         """create_training_client_from_state*: a new training model (seq 0) from a checkpoint."""
-        fn = partial(self._checkpoints.create_from_state, model_id, path, optimizer, metadata)
-        return await self._scheduler.ordered(model_id, 0, fn)
+        fn = partial(self._checkpoints.create_from_state, work, path, optimizer)
+        return await self._scheduler.ordered(work.model_id, 0, fn)
 
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
         return await self._scheduler.forward_backward(work)
@@ -111,24 +116,24 @@ class ModelActor:
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
 
-    async def save_weights(self, model_id: str, seq_id: int | None, name: str) -> str:
+    async def save_weights(self, model_id: str, seq_id: int | None, name: str, tenant: str) -> str:
         return await self._scheduler.ordered(
-            model_id, seq_id, partial(self._checkpoints.save, model_id, "weights", name)
+            model_id, seq_id, partial(self._checkpoints.save, tenant, model_id, "weights", name)
         )
 
     async def save_weights_for_sampler(
-        self, model_id: str, seq_id: int | None, name: str | None, sampler_id: str | None
+        self, model_id: str, seq_id: int | None, name: str | None, sampler_id: str | None, tenant: str
     ) -> str:
         """Named: a PEFT folder in storage (returns its path). Else: a snapshot sampler (returns its id)."""
         if name is not None:
-            fn = partial(self._checkpoints.save, model_id, "sampler_weights", name)
+            fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name)
         else:
             fn = partial(self._checkpoints.snapshot, model_id, sampler_id)
         return await self._scheduler.ordered(model_id, seq_id, fn)
 
-    async def load_weights(self, model_id: str, seq_id: int | None, path: str, optimizer: bool) -> str:
+    async def load_weights(self, model_id: str, seq_id: int | None, path: str, optimizer: bool, tenant: str) -> str:
         return await self._scheduler.ordered(
-            model_id, seq_id, partial(self._checkpoints.load, model_id, path, optimizer)
+            model_id, seq_id, partial(self._checkpoints.load, tenant, model_id, path, optimizer)
         )
 
     async def unload_model(self, model_id: str) -> str:
@@ -141,10 +146,10 @@ class ModelActor:
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    async def create_sampler(self, sampler_id: str, model_path: str | None) -> SamplerInfo:
+    async def create_sampler(self, sampler_id: str, model_path: str | None, tenant: str) -> SamplerInfo:
         if await self.has_sampler(sampler_id):
             return self._backend.sampler_info(sampler_id)
-        fn = partial(self._checkpoints.create_sampler, sampler_id, model_path)
+        fn = partial(self._checkpoints.create_sampler, tenant, sampler_id, model_path)
         return await self._scheduler.ordered(sampler_id, None, fn)
 
     async def sampler_info(self, sampler_id: str) -> SamplerInfo:
@@ -161,7 +166,8 @@ class ModelActor:
     async def generate_text(self, work: GenerateWork) -> GeneratedText:
         # NOTE: the tokenizer runs on the compute thread only (fast tokenizers are not re-entrant).
         prompt = await self._scheduler.run_now(partial(self._encode_prompt, work))
-        result = await self._scheduler.sample(SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params))
+        sample = SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params, tenant=work.tenant)
+        result = await self._scheduler.sample(sample)
         return await self._scheduler.run_now(partial(self._decode, result, len(prompt)))
 
     async def loss_functions(self) -> dict[str, str]:
@@ -200,7 +206,7 @@ class ModelActor:
 
     def _chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
         if work.create_with is not None:
-            self._checkpoints.create_model(CreateModelWork(work.model_id, work.create_with))
+            self._checkpoints.create_model(CreateModelWork(work.model_id, work.create_with, tenant=work.tenant))
         if not work.conversations:
             raise UserError("data must hold at least one conversation")
         inputs = work.loss_fn_inputs or [{} for _ in work.conversations]
@@ -209,7 +215,7 @@ class ModelActor:
         tokenizer = self._backend.tokenizer
         data = [chat_datum(tokenizer, c, work.loss_fn, i) for c, i in zip(work.conversations, inputs)]
         result = self._backend.forward_backward(
-            ForwardBackwardWork(work.model_id, None, data, work.loss_fn, work.loss_fn_config)
+            ForwardBackwardWork(work.model_id, None, data, work.loss_fn, work.loss_fn_config, tenant=work.tenant)
         )
         result.metrics.update(likelihood_metrics(data, [o["logprobs"] for o in result.loss_fn_outputs]))
         return result

@@ -85,11 +85,15 @@ class AdamParams:
     grad_clip_norm: float = 0.0  # 0 = no clipping
 
 
+ANONYMOUS = "anonymous"  # the tenant of requests without an API key (open mode)
+
+
 @dataclass
 class CreateModelWork:
     model_id: str
     lora: LoraSpec
     user_metadata: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ANONYMOUS  # the owner: its checkpoints live under this tenant's storage prefix
 
 
 @dataclass
@@ -100,6 +104,7 @@ class ForwardBackwardWork:
     loss_fn: str
     loss_fn_config: dict[str, float | str] = field(default_factory=dict)
     forward_only: bool = False
+    tenant: str = ANONYMOUS
 
 
 @dataclass
@@ -177,6 +182,7 @@ class SampleWork:
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    tenant: str = ANONYMOUS
 
 
 @dataclass
@@ -212,6 +218,7 @@ class ChatForwardBackwardWork:
     loss_fn_inputs: list[dict[str, np.ndarray]]  # per conversation, may be empty
     loss_fn_config: dict[str, float | str] = field(default_factory=dict)
     create_with: LoraSpec | None = None  # create the adapter first if it does not exist
+    tenant: str = ANONYMOUS
 
 
 @dataclass
@@ -223,6 +230,7 @@ class GenerateWork:
     messages: list[dict[str, str]] | None
     num_samples: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = ANONYMOUS
 
 
 @dataclass

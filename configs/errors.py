@@ -24,6 +24,10 @@ class LimitExceededError(UserError):
     the limit and its value. A user error (400), never 429: the SDK retries 429 for minutes."""
 
 
+class AuthenticationError(ThinkerError, PermissionError):
+    """No usable API key: missing (where keys are required), unknown or revoked (401)."""
+
+
 class NotFoundError(ThinkerError, LookupError):
     """A model, request id or checkpoint the caller named does not exist (or has expired)."""
 

@@ -48,6 +48,24 @@ class MegatronConfig(StrictConfig):
     setup_timeout_s: float = Field(900.0, gt=0, description="Longest the group may take to start and load its shards.")
 
 
+class AuthConfig(StrictConfig):
+    mode: Literal["open", "keys"] = Field(
+        "open",
+        description="'open': any X-API-Key is accepted and each distinct key is its own tenant; requests without "
+        "a key share one anonymous tenant. 'keys': only keys issued by `thinker keys create` are accepted "
+        "(401 otherwise). Use 'keys' whenever the server is reachable by people you do not trust.",
+    )
+
+
+class TenantQuotas(StrictConfig):
+    max_adapters: int = Field(
+        64, ge=1, description="Live training models one tenant may hold over all base models (a 400 beyond it)."
+    )
+    max_samplers: int = Field(
+        64, ge=1, description="Live sampling sessions one tenant may hold over all base models (a 400 beyond it)."
+    )
+
+
 class BaseModelConfig(StrictConfig):
     name: str = Field(description="The base_model name clients ask for (create_lora_training_client).")
     source: str = Field(
@@ -146,8 +164,17 @@ class ThinkerConfig(StrictConfig):
     )
     checkpoint_root: str = Field(
         "~/.cache/thinker/checkpoints",
-        description="Where checkpoints live: a local folder, or an fsspec URI (s3://...) that every node shares.",
+        description="Where checkpoints live: a local folder, or an fsspec URI (s3://...) that every node shares. "
+        "Each tenant's checkpoints live under its own prefix.",
     )
+    database_url: str | None = Field(
+        None,
+        description="The metadata database (tenants, keys, sessions, runs, checkpoints, usage): a SQLAlchemy URL "
+        "such as postgresql+psycopg://user@host/db, which every node must reach. None: a SQLite file "
+        "(thinker.sqlite3) under cache_dir, for one-node deployments.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call the server; see AuthConfig.")
+    quotas: TenantQuotas = Field(default_factory=TenantQuotas, description="Per-tenant limits; see TenantQuotas.")
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ThinkerConfig:

@@ -9,7 +9,7 @@ import logging
 
 from ray.exceptions import RayTaskError
 
-from configs.errors import CapacityError, NotFoundError, RequestTooLargeError, UserError
+from configs.errors import AuthenticationError, CapacityError, NotFoundError, RequestTooLargeError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ def unwrap(exc: BaseException) -> BaseException:
 def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
     """(HTTP status, {"error", "category"}) for any exception."""
     exc = unwrap(exc)
+    if isinstance(exc, AuthenticationError):
+        return 401, {"error": str(exc), "category": "user"}
     if isinstance(exc, NotFoundError):
         return 404, {"error": str(exc), "category": "user"}
     if isinstance(exc, RequestTooLargeError):

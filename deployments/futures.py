@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from actors import ids
+from actors.work import ANONYMOUS
 from configs.errors import NotFoundError
 from deployments.errors import error_response
 
@@ -38,6 +39,7 @@ class FutureEntry:
     """One request's future: the Ray ref of the call computing it, or a failure decided at submission."""
 
     kind: str  # the Tinker verb that made it; decides the result's wire encoding
+    tenant: str = ANONYMOUS  # the owner: only this tenant may retrieve it
     refs: list[ray.ObjectRef] | None = None  # [ref]: a list, so Ray passes the ref, not its value
     failure: Failure | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # what the result's encoding needs to know
@@ -131,31 +133,34 @@ class Futures:
         except Exception:  # the local copy still answers this replica's polls
             logger.exception("could not share future %s with the other ingress replicas", request_id)
 
-    async def submit(self, kind: str, response: Any, **meta: Any) -> str:
-        """A new request id for a model deployment call (a DeploymentResponse) and its ref."""
+    async def submit(self, kind: str, tenant: str, response: Any, **meta: Any) -> str:
+        """A new request id, owned by `tenant`, for a model deployment call (a DeploymentResponse)."""
         ref = await response._to_object_ref()
         request_id = ids.new_request_id()
-        self.add(request_id, FutureEntry(kind=kind, refs=[ref], meta=meta))
+        self.add(request_id, FutureEntry(kind=kind, tenant=tenant, refs=[ref], meta=meta))
         return request_id
 
-    def fail(self, kind: str, error: BaseException) -> str:
-        """A new request id whose future has already failed with `error`."""
+    def fail(self, kind: str, tenant: str, error: BaseException) -> str:
+        """A new request id, owned by `tenant`, whose future has already failed with `error`."""
         request_id = ids.new_request_id()
-        self.add(request_id, FutureEntry(kind=kind, failure=error_response(error)))
+        self.add(request_id, FutureEntry(kind=kind, tenant=tenant, failure=error_response(error)))
         return request_id
 
-    async def find(self, request_id: str) -> FutureEntry:
+    async def find(self, request_id: str, tenant: str) -> FutureEntry:
+        """The entry, if `tenant` owns it; another tenant's id is as unknown as an expired one."""
         ids.check_id(request_id, "request_id")
         entry = self._local.get(request_id)
         if entry is None:
             entry = await self._store.get.remote(request_id)
-        if entry is None:
+        if entry is None or entry.tenant != tenant:
             raise NotFoundError(f"unknown or expired request_id {request_id!r}")
         return entry
 
-    async def poll(self, request_id: str, timeout_s: float) -> tuple[bool, Any, Failure | None, FutureEntry]:
+    async def poll(
+        self, request_id: str, tenant: str, timeout_s: float
+    ) -> tuple[bool, Any, Failure | None, FutureEntry]:
         """(done, value, failure, entry): the long-poll behind retrieve_future."""
-        entry = await self.find(request_id)
+        entry = await self.find(request_id, tenant)
         return (*await poll_entry(entry, timeout_s), entry)
 
 

@@ -21,12 +21,13 @@ from deployments.errors import error_response
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
 from deployments.simple_routes import SimpleRoutes
+from deployments.tenancy import PUBLIC_PATHS, Tenancy, Tenant
 from deployments.tinker_routes import TinkerRoutes
 
 REPLICA_HEADER = "x-thinker-replica"  # which ingress replica answered (debugging, tests)
 
 
-def build_api(route_groups: list[Any], max_request_bytes: int, replica_id: str) -> FastAPI:
+def build_api(route_groups: list[Any], tenancy: Tenancy, max_request_bytes: int, replica_id: str) -> FastAPI:
     api = FastAPI(title="Thinker", description="A self-hosted Tinker-compatible post-training service")
 
     @api.exception_handler(ThinkerError)
@@ -41,11 +42,16 @@ def build_api(route_groups: list[Any], max_request_bytes: int, replica_id: str) 
         return JSONResponse(body, status_code=status)
 
     @api.middleware("http")
-    async def _limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_request_bytes:
-            too_large = RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}")
-            status, body = error_response(too_large)
+    async def _admit(request: Request, call_next):
+        """Refuse oversized bodies, then find the caller's tenant (401 without a usable key)."""
+        try:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_request_bytes:
+                raise RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}")
+            if _route_path(request) not in PUBLIC_PATHS:
+                request.state.tenant = await tenancy.authenticate(request.headers.get("x-api-key"))
+        except ThinkerError as exc:
+            status, body = error_response(exc)
             response = JSONResponse(body, status_code=status)
         else:
             response = await call_next(request)
@@ -70,15 +76,15 @@ class ForwardBackwardByContentType:
     def routes(self) -> list[tuple[str, str, Any]]:
         return [("POST", "/api/v1/forward_backward", self.forward_backward)]
 
-    async def forward_backward(self, request: Request) -> dict:
+    async def forward_backward(self, request: Request, tenant: Tenant) -> dict:
         body = await request.body()
         if len(body) > self._max_request_bytes:
             raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds {self._max_request_bytes}")
         if request.headers.get("content-encoding", "identity") != "identity":
             raise UserError("compressed forward_backward bodies are not supported (proto_compress_fwdbwd is off)")
         if "json" in request.headers.get("content-type", ""):
-            return await self._simple.forward_backward_json(body)
-        return await self._tinker.forward_backward(body)
+            return await self._simple.forward_backward_json(body, tenant)
+        return await self._tinker.forward_backward(body, tenant)
 
 
 @serve.ingress()
@@ -88,15 +94,34 @@ class Ingress:
     and never imports torch."""
 
     def __init__(self, models: dict[str, Any], futures_store: Any, config: ThinkerConfig):
-        handles = ModelHandles(models)
+        self._tenancy = Tenancy(config)
+        self._tenancy.warn_if_exposed(_http_host())
+        handles = ModelHandles(models, self._tenancy)
         futures = Futures(futures_store, config.future_ttl_s)
-        store = CheckpointStore(config.checkpoint_root)
         self._config = config
-        tinker = TinkerRoutes(handles, futures, store, config)
-        simple = SimpleRoutes(handles, futures, config)
+        tinker = TinkerRoutes(handles, futures, self._tenancy, config)
+        simple = SimpleRoutes(handles, futures, self._tenancy, config)
         forward_backward = ForwardBackwardByContentType(tinker, simple, config.max_request_bytes)
-        self._groups = [tinker, forward_backward, CheckpointRoutes(store), simple]
+        store = CheckpointStore(config.checkpoint_root)
+        self._groups = [tinker, forward_backward, CheckpointRoutes(self._tenancy, store), simple]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         replica_id = serve.get_replica_context().replica_id.unique_id
-        return build_api(self._groups, self._config.max_request_bytes, replica_id)
+        return build_api(self._groups, self._tenancy, self._config.max_request_bytes, replica_id)
+
+
+def _route_path(request: Request) -> str:
+    """The path within the app (Serve may mount the app under a route prefix)."""
+    root = request.scope.get("root_path", "")
+    path = request.url.path
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _http_host() -> str | None:
+    """The host Serve's HTTP proxies bind, if Serve says (only used for a warning)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # an older or newer Serve without this (private) client: no warning
+        return None

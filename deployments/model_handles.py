@@ -1,7 +1,7 @@
 """Which model deployment serves an id: base model names, training model ids, sampler ids.
 
-- The ingress learns an id's base model when it creates the model or sampler; on another replica
-  (or after a restart) it asks every model deployment once and remembers the answer.
+- A training model or sampler is found through its record in the metadata database, which also
+  says who owns it: another tenant's id is a 404, worded as for an id that does not exist.
 - Model descriptions (vocab, context length, tokenizer) are fetched once per replica.
 """
 
@@ -13,12 +13,13 @@ from typing import Any
 from actors import ids
 from actors.work import ModelDescription
 from configs.errors import NotFoundError
+from deployments.tenancy import Tenancy
 
 
 class ModelHandles:
-    def __init__(self, handles: dict[str, Any]):
+    def __init__(self, handles: dict[str, Any], tenancy: Tenancy):
         self._handles = handles  # base model name -> DeploymentHandle of its ModelActor
-        self._base_of: dict[str, str] = {}  # training model / sampler id -> base model name
+        self._tenancy = tenancy
         self._descriptions: dict[str, ModelDescription] = {}
 
     @property
@@ -31,43 +32,22 @@ class ModelHandles:
     def base(self, base_model: str) -> Any:
         handle = self._handles.get(base_model)
         if handle is None:
-            raise NotFoundError(f"unknown base model {base_model!r}; this server has {sorted(self._handles)}")
+            raise NotFoundError(f"unknown base model {base_model!r:.200}; this server has {sorted(self._handles)}")
         return handle
 
-    def remember(self, owned_id: str, base_model: str) -> None:
-        self._base_of[owned_id] = base_model
+    async def of_model(self, tenant: str, model_id: str) -> Any:
+        """The deployment of a live training model `tenant` owns."""
+        registry = self._tenancy.registry
+        run = await self._tenancy.run(registry.live_run, tenant, ids.check_id(model_id, "model_id"))
+        return self.base(run.base_model)
 
-    def forget(self, owned_id: str) -> None:
-        self._base_of.pop(owned_id, None)
-
-    async def model_exists(self, model_id: str) -> bool:
-        """Asks every base model (no cache): training model ids are unique across all of them."""
-        ids.check_id(model_id, "model_id")
-        return any(await asyncio.gather(*(h.has_model.remote(model_id) for h in self._handles.values())))
-
-    async def of_model(self, model_id: str) -> Any:
-        return await self._owner(model_id, "has_model", "model_id")
-
-    async def of_sampler(self, sampler_id: str) -> Any:
-        if sampler_id in self._handles:  # a base model name samples the base model
+    async def of_sampler(self, tenant: str, sampler_id: str) -> Any:
+        """The deployment that samples `sampler_id`: a base model name, or a sampler `tenant` owns."""
+        if sampler_id in self._handles:
             return self._handles[sampler_id]
-        return await self._owner(sampler_id, "has_sampler", "sampling session")
-
-    async def base_name_of_model(self, model_id: str) -> str:
-        await self.of_model(model_id)
-        return self._base_of[model_id]
-
-    async def _owner(self, owned_id: str, question: str, what: str) -> Any:
-        ids.check_id(owned_id, what)
-        base = self._base_of.get(owned_id)
-        if base is None:
-            names = self.names
-            answers = await asyncio.gather(*(getattr(self._handles[n], question).remote(owned_id) for n in names))
-            base = next((n for n, yes in zip(names, answers) if yes), None)
-            if base is None:
-                raise NotFoundError(f"unknown {what} {owned_id!r}")
-            self._base_of[owned_id] = base
-        return self._handles[base]
+        registry = self._tenancy.registry
+        sampler = await self._tenancy.run(registry.sampler, tenant, ids.check_id(sampler_id, "sampling_session_id"))
+        return self.base(sampler.base_model)
 
     async def describe(self, base_model: str) -> ModelDescription:
         if base_model not in self._descriptions:

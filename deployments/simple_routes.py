@@ -23,12 +23,14 @@ from configs.schema import ThinkerConfig
 from deployments import wire
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
+from deployments.tenancy import Tenancy, Tenant
 
 
 class SimpleRoutes:
-    def __init__(self, models: ModelHandles, futures: Futures, config: ThinkerConfig):
+    def __init__(self, models: ModelHandles, futures: Futures, tenancy: Tenancy, config: ThinkerConfig):
         self._models = models
         self._futures = futures
+        self._tenancy = tenancy
         self._config = config
 
     def routes(self) -> list[tuple[str, str, Any]]:
@@ -49,42 +51,45 @@ class SimpleRoutes:
     def _default_base(self) -> str:
         return self._models.names[0]
 
-    async def forward_backward(self, body: wire.ChatForwardBackwardRequest) -> dict:
+    async def forward_backward(self, body: wire.ChatForwardBackwardRequest, tenant: Tenant) -> dict:
+        inputs = body.inputs_per_conversation()
         try:
-            handle = await self._models.of_model(body.model_id)
+            handle = await self._models.of_model(tenant, body.model_id)
             create_with = None
         except LookupError:  # created on first use, on the default base model
             ids.check_name(body.model_id, "a new adapter's model_id")
-            handle = self._models.base(self._default_base)
-            self._models.remember(body.model_id, self._default_base)
             create_with = LoraSpec(rank=wire.SIMPLE_RANK)
+            await self._tenancy.record_run(tenant, body.model_id, None, self._default_base, create_with, {})
+            handle = self._models.base(self._default_base)
         work = ChatForwardBackwardWork(
             model_id=body.model_id,
             conversations=body.data,
             loss_fn=body.loss_fn,
-            loss_fn_inputs=body.inputs_per_conversation(),
+            loss_fn_inputs=inputs,
             loss_fn_config=dict(body.loss_fn_config or {}),
             create_with=create_with,
+            tenant=tenant,
         )
-        request_id = await self._futures.submit("forward_backward", handle.chat_forward_backward.remote(work))
+        call = handle.chat_forward_backward.remote(work)
+        request_id = await self._futures.submit("forward_backward", tenant, call)
         return {"request_id": request_id, "model_id": body.model_id}
 
-    async def forward_backward_json(self, raw: bytes) -> dict:
+    async def forward_backward_json(self, raw: bytes, tenant: str) -> dict:
         """/api/v1/forward_backward with a JSON body (the ingress sends the SDK's protobuf elsewhere)."""
         try:
             body = wire.ChatForwardBackwardRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise UserError(f"invalid forward_backward JSON: {exc.errors()[0]['msg']}") from None
-        return await self.forward_backward(body)
+        return await self.forward_backward(body, tenant)
 
-    async def optim_step(self, body: wire.OptimStepRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
+    async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
         work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
-        request_id = await self._futures.submit("optim_step", handle.optim_step.remote(work))
+        request_id = await self._futures.submit("optim_step", tenant, handle.optim_step.remote(work))
         return {"request_id": request_id, "model_id": body.model_id}
 
-    async def retrieve_future(self, body: wire.RetrieveFutureRequest) -> JSONResponse:
-        done, value, failure, entry = await self._futures.poll(body.request_id, self._config.long_poll_s)
+    async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> JSONResponse:
+        done, value, failure, entry = await self._futures.poll(body.request_id, tenant, self._config.long_poll_s)
         if not done:
             return JSONResponse({"status": "pending", "request_id": body.request_id}, status_code=202)
         if failure is not None:
@@ -96,48 +101,54 @@ class SimpleRoutes:
         descriptions = await self._models.base(self._default_base).loss_functions.remote()
         return {"available_loss_functions": list(descriptions), "descriptions": descriptions}
 
-    async def list_adapters(self) -> dict:
+    async def list_adapters(self, tenant: Tenant) -> dict:
+        """The caller's live training models (made here or by the SDK)."""
+        registry = self._tenancy.registry
         adapters = []
-        for handle in self._models.all():
-            for info in await handle.list_models.remote():
-                adapters.append(
-                    {
-                        "model_id": info.model_id,
-                        "base_model": info.base_model,
-                        "rank": info.lora.rank,
-                        "train_attn": info.lora.train_attn,
-                        "train_mlp": info.lora.train_mlp,
-                        "train_unembed": info.lora.train_unembed,
-                    }
-                )
+        for run_id in await self._tenancy.run(registry.live_runs, tenant):
+            run = await self._tenancy.run(registry.run, tenant, run_id)
+            lora = LoraSpec(**run.lora)
+            adapters.append(
+                {
+                    "model_id": run.id,
+                    "base_model": run.base_model,
+                    "rank": lora.rank,
+                    "train_attn": lora.train_attn,
+                    "train_mlp": lora.train_mlp,
+                    "train_unembed": lora.train_unembed,
+                }
+            )
         return {"adapters": adapters}
 
-    async def add_lora(self, body: wire.AddLoraRequest) -> dict:
+    async def add_lora(self, body: wire.AddLoraRequest, tenant: Tenant) -> dict:
         ids.check_name(body.model_id, "a new adapter's model_id")
         base = body.base_model or self._default_base
         handle = self._models.base(base)
-        if await self._models.model_exists(body.model_id):
+        if await self._tenancy.run(self._tenancy.registry.run_exists, tenant, body.model_id):
             raise UserError(f"adapter {body.model_id!r} already exists")
-        info = await handle.create_model.remote(
-            CreateModelWork(body.model_id, LoraSpec(rank=body.rank, seed=body.seed))
-        )
-        self._models.remember(body.model_id, base)
+        lora = LoraSpec(rank=body.rank, seed=body.seed)
+        await self._tenancy.record_run(tenant, body.model_id, None, base, lora, {})
+        try:
+            info = await handle.create_model.remote(CreateModelWork(body.model_id, lora, tenant=tenant))
+        except Exception:
+            await self._tenancy.run(self._tenancy.registry.forget_run, body.model_id)  # no adapter: no record
+            raise
         return {"model_id": info.model_id, "base_model": info.base_model, "rank": info.lora.rank}
 
-    async def remove_lora(self, body: wire.ModelIdRequest) -> dict:
-        return await self.delete_adapter(body.model_id)
+    async def remove_lora(self, body: wire.ModelIdRequest, tenant: Tenant) -> dict:
+        return await self.delete_adapter(body.model_id, tenant)
 
-    async def delete_adapter(self, model_id: str) -> dict:
-        handle = await self._models.of_model(model_id)
+    async def delete_adapter(self, model_id: str, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, model_id)
         await handle.unload_model.remote(model_id)
-        self._models.forget(model_id)
+        await self._tenancy.run(self._tenancy.registry.unload_run, model_id)
         return {"deleted": model_id}
 
-    async def generate(self, body: wire.GenerateRequest) -> dict:
+    async def generate(self, body: wire.GenerateRequest, tenant: Tenant) -> dict:
         if (body.prompt is None) == (body.messages is None):
             raise UserError("give exactly one of prompt (text) or messages (chat)")
         sampler_id = body.model_id or self._default_base
-        handle = await self._sampling_handle(sampler_id)
+        handle = await self._sampling_handle(tenant, sampler_id)
         params = wire.SamplingParams(
             max_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -146,7 +157,7 @@ class SimpleRoutes:
             seed=body.seed,
             stop=body.stop,
         ).to_work()
-        work = GenerateWork(sampler_id, body.prompt, body.messages, body.num_samples, params)
+        work = GenerateWork(sampler_id, body.prompt, body.messages, body.num_samples, params, tenant=tenant)
         out = await handle.generate_text.remote(work)
         return {
             "model_id": sampler_id,
@@ -158,11 +169,11 @@ class SimpleRoutes:
             "prompt_tokens": out.prompt_tokens,
         }
 
-    async def _sampling_handle(self, sampler_id: str) -> Any:
+    async def _sampling_handle(self, tenant: str, sampler_id: str) -> Any:
         try:
-            return await self._models.of_sampler(sampler_id)
+            return await self._models.of_sampler(tenant, sampler_id)
         except LookupError:
-            return await self._models.of_model(sampler_id)
+            return await self._models.of_model(tenant, sampler_id)
 
 
 def simple_result(kind: str, value: Any) -> dict:

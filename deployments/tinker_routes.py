@@ -1,7 +1,8 @@
 """Tinker's /api/v1 routes: sessions, training, weights, sampling and futures.
 
-- A submission is decoded and validated here, handed to the model deployment that owns its id,
-  and answered at once with a request id whose future is the Ray ref of that call.
+- A submission is decoded and validated here, checked against what the caller's tenant owns
+  (another tenant's id is a 404, as if it did not exist), handed to the model deployment of its
+  base model, and answered at once with a request id whose future is the Ray ref of that call.
 - `retrieve_future` long-polls that ref (`long_poll_s`), answering 408 + try_again while it is
   pending; an await never blocks other requests.
 - A problem inside a datum fails the request's future (the SDK raises RequestFailedError and
@@ -14,13 +15,14 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from actors import ids
-from actors.checkpoint_store import CheckpointStore, parse_tinker_path
-from actors.work import CreateModelWork, OptimStepWork, SampleWork
+from actors.checkpoint_store import parse_tinker_path
+from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
+from deployments.tenancy import Tenancy, Tenant
 
 PROTOBUF = "application/x-protobuf"
 
@@ -49,16 +51,11 @@ def encode_result(kind: str, value: Any, meta: dict[str, Any]) -> Response:
 
 
 class TinkerRoutes:
-    def __init__(
-        self,
-        models: ModelHandles,
-        futures: Futures,
-        store: CheckpointStore,
-        config: ThinkerConfig,
-    ):
+    def __init__(self, models: ModelHandles, futures: Futures, tenancy: Tenancy, config: ThinkerConfig):
         self._models = models
         self._futures = futures
-        self._store = store
+        self._tenancy = tenancy
+        self._registry = tenancy.registry
         self._config = config
 
     def routes(self) -> list[tuple[str, str, Any]]:
@@ -95,19 +92,28 @@ class TinkerRoutes:
     async def dynamic_config(self) -> dict:
         return {}
 
-    async def create_session(self, body: wire.CreateSessionRequest) -> dict:
-        return wire.CreateSessionResponse(session_id=ids.new_session_id()).model_dump()
+    async def create_session(self, body: wire.CreateSessionRequest, tenant: Tenant) -> dict:
+        session_id = await self._tenancy.run(
+            self._registry.create_session, tenant, body.sdk_version, body.tags, body.user_metadata or {}
+        )
+        return wire.CreateSessionResponse(session_id=session_id).model_dump()
 
-    async def session_heartbeat(self, body: wire.SessionRequest) -> dict:
+    async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> dict:
+        await self._tenancy.run(self._registry.session, tenant, ids.check_id(body.session_id, "session_id"))
         return wire.HeartbeatResponse().model_dump()
 
     async def telemetry(self) -> dict:
         return wire.TelemetryResponse().model_dump()
 
-    async def finish_session(self, session_id: str) -> dict:
+    async def finish_session(self, session_id: str, tenant: Tenant) -> dict:
         """The client is done: its training models and samplers are unloaded everywhere."""
         ids.check_id(session_id, "session_id")
+        await self._tenancy.run(self._registry.finish_session, tenant, session_id)
         await asyncio.gather(*(h.release_session.remote(session_id) for h in self._models.all()))
+        for run_id in await self._tenancy.run(self._registry.live_runs, tenant, session_id):
+            await self._tenancy.run(self._registry.unload_run, run_id)
+        for sampler_id in await self._tenancy.run(self._registry.live_samplers, tenant, session_id):
+            await self._tenancy.run(self._registry.remove_sampler, sampler_id)
         return {}
 
     async def healthz(self) -> dict:
@@ -118,103 +124,128 @@ class TinkerRoutes:
 
     # ---- training models -----------------------------------------------------------------------
 
-    async def create_model(self, body: wire.CreateModelRequest) -> dict:
+    async def create_model(self, body: wire.CreateModelRequest, tenant: Tenant) -> dict:
         if body.optimizer_config.type != "adamw":
             raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
         handle = self._models.base(body.base_model)
-        model_id = ids.model_id(body.session_id, body.model_seq_id)
-        work = CreateModelWork(model_id, body.lora_config.to_spec(), dict(body.user_metadata or {}))
-        self._models.remember(model_id, body.base_model)
-        return await self._submit("create_model", model_id, handle.create_model.remote(work))
+        session_id = ids.check_id(body.session_id, "session_id")
+        await self._tenancy.run(self._registry.session, tenant, session_id)
+        model_id = ids.model_id(session_id, body.model_seq_id)
+        lora = body.lora_config.to_spec()
+        metadata = dict(body.user_metadata or {})
+        await self._tenancy.record_run(tenant, model_id, session_id, body.base_model, lora, metadata)
+        work = CreateModelWork(model_id, lora, metadata, tenant)
+        return await self._submit("create_model", tenant, model_id, handle.create_model.remote(work))
 
-    async def get_info(self, body: wire.ModelIdRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
+    async def get_info(self, body: wire.ModelIdRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
         return wire.GetInfoResponse.of(await handle.get_info.remote(body.model_id)).model_dump()
 
-    async def unload_model(self, body: wire.ModelIdRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
-        return await self._submit("unload_model", body.model_id, handle.unload_model.remote(body.model_id))
+    async def unload_model(self, body: wire.ModelIdRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
+        await self._tenancy.run(self._registry.unload_run, body.model_id)
+        return await self._submit("unload_model", tenant, body.model_id, handle.unload_model.remote(body.model_id))
 
-    async def forward_backward(self, body: bytes) -> dict:
+    async def forward_backward(self, body: bytes, tenant: str) -> dict:
         """The SDK's protobuf forward_backward (the ingress routes JSON bodies to the simple routes)."""
         msg = wire_proto.parse_forward_backward(body)
-        handle = await self._models.of_model(msg.model_id)
+        handle = await self._models.of_model(tenant, msg.model_id)
         try:
             work = wire_proto.to_work(msg, forward_only=False)
         except UserError as exc:
-            return await self._reject(handle, msg.model_id, msg.seq_id or None, "forward_backward", exc)
-        return await self._submit("forward_backward", msg.model_id, handle.forward_backward.remote(work))
+            return await self._reject(handle, tenant, msg.model_id, msg.seq_id or None, "forward_backward", exc)
+        work.tenant = tenant
+        return await self._submit("forward_backward", tenant, msg.model_id, handle.forward_backward.remote(work))
 
-    async def optim_step(self, body: wire.OptimStepRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
+    async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
         try:
             work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
         except UserError as exc:
-            return await self._reject(handle, body.model_id, body.seq_id, "optim_step", exc)
-        return await self._submit("optim_step", body.model_id, handle.optim_step.remote(work))
+            return await self._reject(handle, tenant, body.model_id, body.seq_id, "optim_step", exc)
+        return await self._submit("optim_step", tenant, body.model_id, handle.optim_step.remote(work))
 
     # ---- weights -------------------------------------------------------------------------------
 
-    async def save_weights(self, body: wire.SaveWeightsRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
+    async def save_weights(self, body: wire.SaveWeightsRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
         name = body.path or f"step-{body.seq_id or 0:06d}"
         try:
             ids.check_name(name)
         except UserError as exc:
-            return await self._reject(handle, body.model_id, body.seq_id, "save_weights", exc)
-        call = handle.save_weights.remote(body.model_id, body.seq_id, name)
-        return await self._submit("save_weights", body.model_id, call)
+            return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights", exc)
+        call = handle.save_weights.remote(body.model_id, body.seq_id, name, tenant)
+        return await self._submit("save_weights", tenant, body.model_id, call)
 
-    async def save_weights_for_sampler(self, body: wire.SaveWeightsForSamplerRequest) -> dict:
-        handle = await self._models.of_model(body.model_id)
+    async def save_weights_for_sampler(self, body: wire.SaveWeightsForSamplerRequest, tenant: Tenant) -> dict:
+        handle = await self._models.of_model(tenant, body.model_id)
+        run = await self._tenancy.run(self._registry.run, tenant, body.model_id)
         sampler_id = None
-        if body.path is None:
-            if body.sampling_session_seq_id is None:
-                exc = UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
-                return await self._reject(handle, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
-            session = ids.session_of(body.model_id) or body.model_id  # a simple route's adapter: its own session
-            sampler_id = ids.sampler_id(session, body.sampling_session_seq_id)
-            self._models.remember(sampler_id, await self._models.base_name_of_model(body.model_id))
-        call = handle.save_weights_for_sampler.remote(body.model_id, body.seq_id, body.path, sampler_id)
-        return await self._submit("save_weights_for_sampler", body.model_id, call)
+        try:
+            if body.path is not None:
+                ids.check_name(body.path)
+            elif body.sampling_session_seq_id is None:
+                raise UserError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
+            else:
+                session = run.session_id or body.model_id  # a simple route's adapter is its own session
+                sampler_id = ids.sampler_id(session, body.sampling_session_seq_id)
+                await self._tenancy.check_sampler_quota(tenant)
+                await self._tenancy.run(
+                    self._registry.add_sampler, tenant, sampler_id, run.session_id, run.base_model, None
+                )
+        except UserError as exc:
+            return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
+        call = handle.save_weights_for_sampler.remote(body.model_id, body.seq_id, body.path, sampler_id, tenant)
+        return await self._submit("save_weights_for_sampler", tenant, body.model_id, call)
 
-    async def load_weights(self, body: wire.LoadWeightsRequest) -> dict:
+    async def load_weights(self, body: wire.LoadWeightsRequest, tenant: Tenant) -> dict:
+        run_id, segment, name = parse_tinker_path(body.path)
+        checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
         if body.model_id is not None:  # into an existing training model (load_state)
-            handle = await self._models.of_model(body.model_id)
-            call = handle.load_weights.remote(body.model_id, body.seq_id, body.path, body.optimizer)
-            return await self._submit("load_weights", body.model_id, call, path=body.path, loaded=body.model_id)
+            handle = await self._models.of_model(tenant, body.model_id)
+            call = handle.load_weights.remote(body.model_id, body.seq_id, body.path, body.optimizer, tenant)
+            meta = {"path": body.path, "loaded": body.model_id}
+            return await self._submit("load_weights", tenant, body.model_id, call, **meta)
         if body.session_id is None or body.model_seq_id is None:
             raise UserError("load_weights needs a model_id, or a session_id and model_seq_id")
-        record = await asyncio.to_thread(self._store.record, body.path)
-        base_model = body.base_model or record.base_model
+        session_id = ids.check_id(body.session_id, "session_id")
+        await self._tenancy.run(self._registry.session, tenant, session_id)
+        base_model = body.base_model or checkpoint.base_model
         handle = self._models.base(base_model)
-        model_id = ids.model_id(body.session_id, body.model_seq_id)
-        self._models.remember(model_id, base_model)
-        call = handle.create_model_from_state.remote(model_id, body.path, body.optimizer, body.user_metadata or {})
-        return await self._submit("load_weights", model_id, call, path=body.path, loaded=model_id)
+        model_id = ids.model_id(session_id, body.model_seq_id)
+        metadata = dict(body.user_metadata or checkpoint.user_metadata or {})
+        await self._tenancy.record_run(tenant, model_id, session_id, base_model, LoraSpec(**checkpoint.lora), metadata)
+        work = CreateModelWork(model_id, LoraSpec(**checkpoint.lora), metadata, tenant)
+        call = handle.create_model_from_state.remote(work, body.path, body.optimizer)
+        return await self._submit("load_weights", tenant, model_id, call, path=body.path, loaded=model_id)
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    async def create_sampling_session(self, body: wire.CreateSamplingSessionRequest) -> dict:
+    async def create_sampling_session(self, body: wire.CreateSamplingSessionRequest, tenant: Tenant) -> dict:
+        session_id = ids.check_id(body.session_id, "session_id")
+        await self._tenancy.run(self._registry.session, tenant, session_id)
         if body.model_path is not None:  # the path wins when both are given
-            parse_tinker_path(body.model_path)
-            base_model = (await asyncio.to_thread(self._store.record, body.model_path)).base_model
+            run_id, segment, name = parse_tinker_path(body.model_path)
+            checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
+            base_model = checkpoint.base_model
         elif body.base_model is not None:
             base_model = body.base_model
         else:
             raise UserError("create_sampling_session needs a base_model or a model_path")
-        sampler_id = ids.sampler_id(body.session_id, body.sampling_session_seq_id)
-        await self._models.base(base_model).create_sampler.remote(sampler_id, body.model_path)
-        self._models.remember(sampler_id, base_model)
+        handle = self._models.base(base_model)
+        sampler_id = ids.sampler_id(session_id, body.sampling_session_seq_id)
+        await self._tenancy.check_sampler_quota(tenant)
+        await self._tenancy.run(self._registry.add_sampler, tenant, sampler_id, session_id, base_model, body.model_path)
+        await handle.create_sampler.remote(sampler_id, body.model_path, tenant)
         return wire.CreateSamplingSessionResponse(sampling_session_id=sampler_id).model_dump()
 
-    async def get_sampler(self, sampler_id: str) -> dict:
-        info = await (await self._models.of_sampler(sampler_id)).sampler_info.remote(sampler_id)
+    async def get_sampler(self, sampler_id: str, tenant: Tenant) -> dict:
+        info = await (await self._models.of_sampler(tenant, sampler_id)).sampler_info.remote(sampler_id)
         return wire.GetSamplerResponse(
             sampler_id=info.sampler_id, base_model=info.base_model, model_path=info.model_path
         ).model_dump(exclude_none=True)
 
-    async def asample(self, body: wire.SampleRequest) -> dict:
+    async def asample(self, body: wire.SampleRequest, tenant: Tenant) -> dict:
         sampler_id = body.sampling_session_id or body.base_model
         if sampler_id is None:
             raise UserError("asample needs a sampling_session_id (or a base_model)")
@@ -224,7 +255,7 @@ class TinkerRoutes:
         last_n = body.prompt_logprobs_last_n
         if last_n is not None and not (body.prompt_logprobs and 1 <= last_n <= len(prompt) - 1):
             raise UserError("prompt_logprobs_last_n needs prompt_logprobs and must be in [1, len(prompt) - 1]")
-        handle = await self._models.of_sampler(sampler_id)
+        handle = await self._models.of_sampler(tenant, sampler_id)
         work = SampleWork(
             sampler_id=sampler_id,
             seq_id=body.seq_id,
@@ -233,15 +264,16 @@ class TinkerRoutes:
             params=body.sampling_params.to_work(),
             prompt_logprobs=bool(body.prompt_logprobs),
             topk_prompt_logprobs=body.topk_prompt_logprobs,
+            tenant=tenant,
         )
-        request_id = await self._futures.submit("sample", handle.sample.remote(work), last_n=last_n)
-        ids = [f"{request_id}:{i}" for i in range(body.num_samples)]
-        return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids).model_dump(exclude_none=True)
+        request_id = await self._futures.submit("sample", tenant, handle.sample.remote(work), last_n=last_n)
+        ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
+        return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
 
     # ---- futures -------------------------------------------------------------------------------
 
-    async def retrieve_future(self, body: wire.RetrieveFutureRequest) -> Response:
-        done, value, failure, entry = await self._futures.poll(body.request_id, self._config.long_poll_s)
+    async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> Response:
+        done, value, failure, entry = await self._futures.poll(body.request_id, tenant, self._config.long_poll_s)
         if not done:
             return JSONResponse(wire.TryAgainResponse(request_id=body.request_id).model_dump(), status_code=408)
         if failure is not None:  # the SDK reads a failed future from a 200 (RequestFailedResponse)
@@ -250,13 +282,15 @@ class TinkerRoutes:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    async def _submit(self, kind: str, model_id: str, response: Any, **meta: Any) -> dict:
-        request_id = await self._futures.submit(kind, response, **meta)
+    async def _submit(self, kind: str, tenant: str, model_id: str, response: Any, **meta: Any) -> dict:
+        request_id = await self._futures.submit(kind, tenant, response, **meta)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
 
-    async def _reject(self, handle: Any, model_id: str, seq_id: int | None, kind: str, exc: UserError) -> dict:
+    async def _reject(
+        self, handle: Any, tenant: str, model_id: str, seq_id: int | None, kind: str, exc: UserError
+    ) -> dict:
         """Accept the submission but fail its future, and free its seq_id for later requests."""
         if seq_id is not None:
             await handle.skip.remote(model_id, seq_id)
-        request_id = self._futures.fail(kind, exc)
+        request_id = self._futures.fail(kind, tenant, exc)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)

@@ -6,15 +6,22 @@ Start the server (`make serve`), then:
 
 It checks health, lists the loss functions, trains an adapter on one conversation (the loss
 falls), takes a PPO step on a reply it sampled itself, lists adapters and generates text.
+Requests carry `$TINKER_API_KEY` as `X-API-Key` when it is set (each key is its own tenant; a
+server with `auth.mode: keys` needs one); without it they belong to the shared anonymous tenant.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import uuid
 
 import requests
+
+http = requests.Session()
+if os.environ.get("TINKER_API_KEY"):
+    http.headers["X-API-Key"] = os.environ["TINKER_API_KEY"]
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
@@ -22,11 +29,12 @@ CONVERSATION = [
 ]
 
 
-def retrieve(base_url: str, request_id: str, timeout_s: float = 600) -> dict:
+def retrieve(base_url: str, request_id: str, timeout_s: float = 600, headers: dict | None = None) -> dict:
     """Poll /retrieve_future until the job is done (202 = still pending)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        response = requests.post(f"{base_url}/retrieve_future", json={"request_id": request_id}, timeout=60)
+        body = {"request_id": request_id}
+        response = http.post(f"{base_url}/retrieve_future", json=body, headers=headers, timeout=60)
         if response.status_code != 202:
             response.raise_for_status()
             return response.json()
@@ -35,21 +43,21 @@ def retrieve(base_url: str, request_id: str, timeout_s: float = 600) -> dict:
 
 def main(base_url: str = "http://127.0.0.1:8000", steps: int = 5, learning_rate: float = 5e-4) -> dict:
     print("=== Thinker simple example ===")
-    print("Server status:", requests.get(f"{base_url}/healthz", timeout=10).json()["status"])
+    print("Server status:", http.get(f"{base_url}/healthz", timeout=10).json()["status"])
 
-    losses = requests.get(f"{base_url}/loss_functions", timeout=10).json()
+    losses = http.get(f"{base_url}/loss_functions", timeout=10).json()
     print("\nAvailable loss functions:")
     for name, description in losses["descriptions"].items():
         print(f"  - {name}: {description}")
 
     model_id = f"example-{uuid.uuid4().hex[:8]}"
-    created = requests.post(f"{base_url}/add_lora", json={"model_id": model_id, "rank": 16}, timeout=120).json()
+    created = http.post(f"{base_url}/add_lora", json={"model_id": model_id, "rank": 16}, timeout=120).json()
     print(f"\nCreated adapter {created['model_id']} (rank {created['rank']}) on {created['base_model']}")
 
     print("\n=== Supervised learning (cross_entropy) ===")
     history = []
     for step in range(steps):
-        submitted = requests.post(
+        submitted = http.post(
             f"{base_url}/fwdbwd",
             json={"model_id": model_id, "data": [CONVERSATION], "loss_fn": "cross_entropy"},
             timeout=60,
@@ -60,7 +68,7 @@ def main(base_url: str = "http://127.0.0.1:8000", steps: int = 5, learning_rate:
             f"step {step + 1}: loss {result['loss']:.4f}  mean_nll {result['metrics']['mean_nll']:.4f}  "
             f"perplexity {result['metrics']['perplexity']:.2f}"
         )
-        step_job = requests.post(
+        step_job = http.post(
             f"{base_url}/optim_step",
             json={"model_id": model_id, "adam_params": {"learning_rate": learning_rate}},
             timeout=60,
@@ -69,7 +77,7 @@ def main(base_url: str = "http://127.0.0.1:8000", steps: int = 5, learning_rate:
 
     print("\n=== Reinforcement learning (ppo) on a sampled reply ===")
     question = [{"role": "user", "content": "What is 2+2?"}]
-    sample = requests.post(
+    sample = http.post(
         f"{base_url}/generate",
         json={"model_id": model_id, "messages": question, "max_tokens": 16, "temperature": 1.0, "seed": 0},
         timeout=120,
@@ -77,7 +85,7 @@ def main(base_url: str = "http://127.0.0.1:8000", steps: int = 5, learning_rate:
     reward = 1.0 if "4" in sample["text"] else 0.0
     reply_tokens, reply_logprobs = sample["tokens"][0], sample["logprobs"][0]
     print(f"sampled {sample['text']!r}, reward {reward}")
-    submitted = requests.post(
+    submitted = http.post(
         f"{base_url}/api/v1/forward_backward",
         json={
             "model_id": model_id,
@@ -93,22 +101,22 @@ def main(base_url: str = "http://127.0.0.1:8000", steps: int = 5, learning_rate:
     ).json()
     ppo = retrieve(base_url, submitted["request_id"])
     print(f"ppo loss {ppo['loss']:.4f}, metrics {ppo['metrics']}")
-    step_job = requests.post(
+    step_job = http.post(
         f"{base_url}/api/v1/optim_step",
         json={"model_id": model_id, "adam_params": {"learning_rate": 1e-4}},
         timeout=60,
     ).json()
     retrieve(base_url, step_job["request_id"])
 
-    adapters = requests.get(f"{base_url}/adapters", timeout=10).json()["adapters"]
+    adapters = http.get(f"{base_url}/adapters", timeout=10).json()["adapters"]
     print(f"\nAdapters on the server: {[a['model_id'] for a in adapters]}")
-    generated = requests.post(
+    generated = http.post(
         f"{base_url}/generate",
         json={"model_id": model_id, "messages": question, "max_tokens": 16, "temperature": 0.0},
         timeout=120,
     ).json()
     print(f"Generated: {generated['text']!r}")
-    requests.delete(f"{base_url}/adapters/{model_id}", timeout=60).raise_for_status()
+    http.delete(f"{base_url}/adapters/{model_id}", timeout=60).raise_for_status()
     return {"losses": history, "ppo": ppo, "adapters": adapters, "generated": generated}
 
 

@@ -148,9 +148,8 @@ def main(base_url: str, serve_config: str | None = None, checkpoint_root: str | 
 
     print("== thinker export: the LoRA merged into a plain HF model folder")
     out_dir = tempfile.mkdtemp(prefix="thinker-export-")
-    command = [sys.executable, "-m", "actors.hf.export", "export", sampler_path, out_dir]
-    command += ["--config", serve_config] if serve_config else []
-    command += ["--checkpoint-root", checkpoint_root] if checkpoint_root else []
+    command = [sys.executable, "-m", "actors.cli"] + (["--config", serve_config] if serve_config else [])
+    command += ["export", sampler_path, out_dir] + (["--checkpoint-root", checkpoint_root] if checkpoint_root else [])
     report["export"] = subprocess.run(command, capture_output=True, text=True)
     print(f"   {report['export'].stderr.strip().splitlines()[-1] if report['export'].stderr else 'no output'}")
     report["export_dir"] = out_dir

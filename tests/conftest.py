@@ -50,6 +50,11 @@ def checkpoint_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("checkpoints"))
 
 
+def database_file(checkpoint_root: str) -> str:
+    """The test apps' metadata database: a SQLite file beside their checkpoint root."""
+    return f"sqlite:///{checkpoint_root}.sqlite3"
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors folder (converted once, cached)."""
@@ -108,6 +113,7 @@ def tiny_config(checkpoint_root):
         ingress_replicas=2,
         long_poll_s=2,
         checkpoint_root=checkpoint_root,
+        database_url=database_file(checkpoint_root),
     )
 
 
@@ -116,3 +122,24 @@ def tiny_url(serve_instance, tiny_config) -> str:
     from deployments.app import build_thinker_app
 
     return run_app(serve_instance, build_thinker_app(tiny_config), "tiny")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """A PostgreSQL server for the session's tests (started here, stopped at the end)."""
+    from tests.postgres import binaries, postgres_server
+
+    if binaries() is None:
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs them)")
+    with postgres_server(free_port()) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A fresh, empty metadata database: a SQLite file, and a database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'thinker.sqlite3'}"
+    from tests.postgres import fresh_database
+
+    return fresh_database(request.getfixturevalue("postgres_server_url"))

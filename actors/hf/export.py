@@ -1,6 +1,7 @@
 """`thinker export`: a checkpoint's LoRA merged into its base model, written as a plain HF folder.
 
     thinker export tinker://<run>/sampler_weights/<name> ./merged [--config serve_config.yaml]
+    (the command line lives in `actors.cli`)
 
 - The base model is found by name among the config's models (weights from its `source`);
   the checkpoint root defaults to the config's.
@@ -10,14 +11,11 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from actors.checkpoint_store import CheckpointStore
+from actors.checkpoint_store import CheckpointStore, parse_tinker_path
 from actors.hf.base_model import load_base_model
 from actors.peft_format import read_adapter
 from configs.errors import NotFoundError
@@ -40,13 +38,15 @@ def merged_model(model_config: BaseModelConfig, files: dict[str, bytes], cache_d
     return model, loaded.tokenizer_dir
 
 
-def export(tinker_path: str, out_dir: str, config: ThinkerConfig) -> Path:
+def export(tinker_path: str, out_dir: str, config: ThinkerConfig, tenant: str) -> Path:
+    """Merge the checkpoint at `tinker_path`, stored under `tenant`'s prefix, into its base model."""
     store = CheckpointStore(config.checkpoint_root)
-    record = store.record(tinker_path)
+    where = (tenant, *parse_tinker_path(tinker_path))
+    record = store.record(*where)
     model_config = next((m for m in config.models if m.name == record.base_model), None)
     if model_config is None:
         raise NotFoundError(f"{tinker_path} needs base model {record.base_model!r}, which the config does not list")
-    files = store.read_files(tinker_path, ["adapter_model.safetensors", "adapter_config.json"])
+    files = store.read_files(*where, ["adapter_model.safetensors", "adapter_config.json"])
     model, tokenizer_dir = merged_model(model_config, files, config.cache_dir)
     out = Path(out_dir)
     model.save_pretrained(out)
@@ -55,29 +55,3 @@ def export(tinker_path: str, out_dir: str, config: ThinkerConfig) -> Path:
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
-
-
-def load_config(path: str | None, checkpoint_root: str | None) -> ThinkerConfig:
-    args = {}
-    if path is not None:
-        (app,) = yaml.safe_load(Path(path).read_text())["applications"]
-        args = app.get("args", {})
-    config = ThinkerConfig.model_validate(args)
-    return config.model_copy(update={"checkpoint_root": checkpoint_root}) if checkpoint_root else config
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="thinker", description="Thinker's command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("export", help="merge a checkpoint's LoRA into its base model (an HF folder)")
-    cmd.add_argument("tinker_path", help="tinker://<run>/(weights|sampler_weights)/<name>")
-    cmd.add_argument("out_dir")
-    cmd.add_argument("--config", default=None, help="the Serve config naming the base models (default: built-in)")
-    cmd.add_argument("--checkpoint-root", default=None, help="overrides the config's checkpoint_root")
-    args = parser.parse_args(argv)
-    out = export(args.tinker_path, args.out_dir, load_config(args.config, args.checkpoint_root))
-    print(f"merged model written to {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,7 @@
 """The model actor's ordering, de-duplication and error handling, over a fake backend."""
 
 import asyncio
+import tempfile
 import time
 
 import numpy as np
@@ -23,10 +24,9 @@ from tests.fakes import FakeBackend
 
 
 def make_actor(gap_timeout_s=5.0, **config):
-    import tempfile
 
     config = BaseModelConfig(name="fake", seq_gap_timeout_s=gap_timeout_s, **config)
-    return ModelActor(config, checkpoint_root=tempfile.mkdtemp(), backend_factory=FakeBackend)
+    return ModelActor(config, tempfile.mkdtemp(), tempfile.mkdtemp(), backend_factory=FakeBackend)
 
 
 def fb(seq_id, loss_fn="cross_entropy", **config):
@@ -121,7 +121,7 @@ def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_mode
     config = BaseModelConfig(name="tiny", source=str(tiny_model_dir), custom_losses=["tests.custom_loss_example"])
 
     async def scenario():
-        actor = ModelActor(config, checkpoint_root=checkpoint_root)
+        actor = ModelActor(config, tempfile.mkdtemp(), checkpoint_root)
         await actor.create_model(CreateModelWork("m", LoraSpec(rank=2, seed=0)))
         data = [Datum(np.arange(5), {"target_tokens": np.arange(1, 6), "weights": np.ones(5, np.float32)})]
         plain = await actor.forward_backward(ForwardBackwardWork("m", 1, data, "cross_entropy", forward_only=True))
@@ -154,9 +154,10 @@ def test_sampling_requests_pending_together_run_as_one_batch():
             return [SampleResult([]) for _ in works]
 
     async def scenario():
-        import tempfile
 
-        actor = ModelActor(BaseModelConfig(name="fake"), checkpoint_root=tempfile.mkdtemp(), backend_factory=SpyBackend)
+        actor = ModelActor(
+            BaseModelConfig(name="fake"), tempfile.mkdtemp(), tempfile.mkdtemp(), backend_factory=SpyBackend
+        )
         works = [SampleWork(s, i, np.arange(3)) for i, s in enumerate(["s1", "s2", "s1", "s2", "s1"])]
         first = asyncio.create_task(actor.sample(works[0]))
         await asyncio.sleep(0.05)

@@ -23,7 +23,7 @@ from actors.work import (
     SamplingParams,
 )
 from configs.schema import BaseModelConfig, ThinkerConfig
-from tests.conftest import TINY_LLAMA, run_app
+from tests.conftest import TINY_LLAMA, database_file, run_app
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +97,12 @@ def test_the_single_gpu_config_trains_and_samples_through_the_sdk(serve_instance
     from deployments.app import build_thinker_app
 
     served = yaml.safe_load((REPO / "configs" / "gpu_single.yaml").read_text())
-    args = {**served["applications"][0]["args"], "checkpoint_root": checkpoint_root, "ingress_replicas": 1}
+    args = {
+        **served["applications"][0]["args"],
+        "checkpoint_root": checkpoint_root,
+        "database_url": database_file(checkpoint_root),
+        "ingress_replicas": 1,
+    }
     url = run_app(serve_instance, build_thinker_app(ThinkerConfig.model_validate(args)), "gpu")
     service = tinker.ServiceClient(base_url=url)
     base_model = args["models"][0]["name"]

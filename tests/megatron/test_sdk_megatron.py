@@ -8,7 +8,7 @@ from tinker import types
 
 from configs.schema import BaseModelConfig, ThinkerConfig
 from deployments.app import build_thinker_app
-from tests.conftest import TINY_LLAMA, run_app
+from tests.conftest import TINY_LLAMA, database_file, run_app
 
 pytestmark = [pytest.mark.serve, pytest.mark.megatron]
 BASES = {
@@ -24,9 +24,8 @@ def url(serve_instance, checkpoint_root):
         BaseModelConfig(name=name, random_init=TINY_LLAMA, num_cpus=0.5 if not extra else 0.05, **extra)
         for name, extra in BASES.items()
     ]
-    return run_app(
-        serve_instance, build_thinker_app(ThinkerConfig(models=models, checkpoint_root=checkpoint_root)), "megatron"
-    )
+    config = ThinkerConfig(models=models, checkpoint_root=checkpoint_root, database_url=database_file(checkpoint_root))
+    return run_app(serve_instance, build_thinker_app(config), "megatron")
 
 
 def batch(step: int) -> list[types.Datum]:

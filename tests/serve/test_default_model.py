@@ -8,7 +8,7 @@ from configs.schema import DEFAULT_MODEL_NAME, BaseModelConfig, ThinkerConfig
 from deployments.app import build_thinker_app
 from examples import first_training
 from examples.first_training import chat_datum
-from tests.conftest import run_app
+from tests.conftest import database_file, run_app
 
 pytestmark = [pytest.mark.serve, pytest.mark.default_model]
 
@@ -21,7 +21,9 @@ CHAT = [
 @pytest.fixture(scope="module")
 def url(serve_instance, default_model_dir, checkpoint_root):
     config = ThinkerConfig(
-        models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, num_cpus=1)], checkpoint_root=checkpoint_root
+        models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, num_cpus=1)],
+        checkpoint_root=checkpoint_root,
+        database_url=database_file(checkpoint_root),
     )
     return run_app(serve_instance, build_thinker_app(config), "default")
 

@@ -10,7 +10,7 @@ import requests
 from configs.schema import BaseModelConfig, ThinkerConfig
 from deployments.app import build_thinker_app
 from deployments.wire_proto import pb
-from tests.conftest import run_app
+from tests.conftest import database_file, run_app
 from tests.fakes import FakeBackend
 
 pytestmark = pytest.mark.serve
@@ -21,6 +21,7 @@ PROTO = {"content-type": "application/x-protobuf"}
 def url(serve_instance, checkpoint_root):
     config = ThinkerConfig(
         checkpoint_root=checkpoint_root,
+        database_url=database_file(checkpoint_root),
         models=[BaseModelConfig(name="fake", num_cpus=0, seq_gap_timeout_s=30)],
         ingress_replicas=2,
         long_poll_s=1,
@@ -144,5 +145,7 @@ def test_unload_model_and_session_finish(url):
 def test_session_routes_answer_what_the_sdk_expects(url):
     assert post(url, "client/config", json={"sdk_version": "0.38.0"}).json()["use_pyqwest_transport"] is False
     assert post(url, "client/dynamic_config", json={}).json() == {}
-    assert post(url, "session_heartbeat", json={"session_id": "s"}).json() == {"type": "session_heartbeat"}
+    session_id = post(url, "create_session", json={"tags": [], "sdk_version": "t"}).json()["session_id"]
+    assert post(url, "session_heartbeat", json={"session_id": session_id}).json() == {"type": "session_heartbeat"}
+    assert_user_error(post(url, "session_heartbeat", json={"session_id": "never-made"}), 404)
     assert post(url, "telemetry", json={"events": []}).json() == {"status": "accepted"}

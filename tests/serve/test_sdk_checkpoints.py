@@ -1,5 +1,7 @@
 """Checkpoints through the official SDK: save/load, resume, sampler weights, REST, PEFT, export."""
 
+import os
+
 import numpy as np
 import pytest
 import tinker
@@ -9,10 +11,12 @@ from tinker import types
 from actors.checkpoint_store import CheckpointStore, parse_tinker_path
 from actors.hf.base_model import load_base_model
 from actors.hf.export import export
+from actors.metadata.tenants import open_tenant_id
 from configs.schema import BaseModelConfig, ThinkerConfig
 from tests.conftest import tiny_model_config
 
 pytestmark = pytest.mark.serve
+TENANT = open_tenant_id(os.environ["TINKER_API_KEY"])  # open mode: the SDK's key is its tenant
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def test_rest_listing_delete_and_weights_info(service, tiny_url):
     assert (info.base_model, info.lora_rank, info.train_mlp) == ("tiny-b", 4, True)
     rest.delete_checkpoint_from_tinker_path(state).result()
     assert [c.checkpoint_id for c in rest.list_checkpoints(run_id).result().checkpoints] == ["sampler_weights/b"]
-    with pytest.raises(tinker.RequestFailedError, match="no checkpoint"):
+    with pytest.raises(tinker.NotFoundError, match="unknown checkpoint"):
         tc.load_state(state).result()
 
 
@@ -109,7 +113,7 @@ def test_sampler_checkpoint_is_a_peft_folder_and_exports_merged(service, checkpo
     from peft import PeftModel
 
     path, server_logprobs = sampler_checkpoint(service)
-    folder = CheckpointStore(checkpoint_root).folder(*parse_tinker_path(path))
+    folder = CheckpointStore(checkpoint_root).folder(TENANT, *parse_tinker_path(path))
     base_config = BaseModelConfig(**tiny_model_config("tiny-a"))
     base = load_base_model(base_config, str(tmp_path)).model
     peft_model = PeftModel.from_pretrained(base, folder).eval()
@@ -117,7 +121,7 @@ def test_sampler_checkpoint_is_a_peft_folder_and_exports_merged(service, checkpo
     np.testing.assert_allclose(reference_logprobs(peft_model, tokens), server_logprobs[1:], atol=1e-5)
 
     config = ThinkerConfig(models=[base_config], checkpoint_root=checkpoint_root, cache_dir=str(tmp_path))
-    out = export(path, str(tmp_path / "merged"), config)
+    out = export(path, str(tmp_path / "merged"), config, TENANT)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -1,5 +1,7 @@
 """The original server's JSON routes: shapes, errors, and adapters shared with the SDK."""
 
+import os
+
 import pytest
 import requests
 import tinker
@@ -36,9 +38,13 @@ def test_bad_requests_get_4xx_json(tiny_url):
 
 
 def test_adapters_are_shared_with_the_sdk(tiny_url):
-    created = requests.post(f"{tiny_url}/add_lora", json={"model_id": "shared", "base_model": "tiny-b", "rank": 4})
+    """With the same API key (one tenant), adapters made on either side are usable on the other."""
+    key = {"X-API-Key": os.environ["TINKER_API_KEY"]}
+    created = requests.post(
+        f"{tiny_url}/add_lora", json={"model_id": "shared", "base_model": "tiny-b", "rank": 4}, headers=key
+    )
     assert created.json() == {"model_id": "shared", "base_model": "tiny-b", "rank": 4}
-    assert requests.post(f"{tiny_url}/add_lora", json={"model_id": "shared"}).status_code == 400
+    assert requests.post(f"{tiny_url}/add_lora", json={"model_id": "shared"}, headers=key).status_code == 400
     request = types.ForwardBackwardRequest(  # the SDK's own wire format, on the JSON route's adapter
         forward_backward_input=types.ForwardBackwardInput(
             data=[
@@ -53,21 +59,21 @@ def test_adapters_are_shared_with_the_sdk(tiny_url):
     )
     body = forward_backward_request_to_proto(request).SerializeToString()
     job = requests.post(
-        f"{tiny_url}/api/v1/forward_backward", data=body, headers={"content-type": "application/x-protobuf"}
+        f"{tiny_url}/api/v1/forward_backward", data=body, headers={"content-type": "application/x-protobuf", **key}
     )
-    assert retrieve(tiny_url, job.json()["request_id"])["loss"] > 0
+    assert retrieve(tiny_url, job.json()["request_id"], headers=key)["loss"] > 0
 
     service = tinker.ServiceClient(base_url=tiny_url)
     sdk_model = service.create_lora_training_client(base_model="tiny-a", rank=4).result().get_info().model_id
-    job = requests.post(f"{tiny_url}/fwdbwd", json={"model_id": sdk_model, "data": CHAT}).json()
-    result = retrieve(tiny_url, job["request_id"])
+    job = requests.post(f"{tiny_url}/fwdbwd", json={"model_id": sdk_model, "data": CHAT}, headers=key).json()
+    result = retrieve(tiny_url, job["request_id"], headers=key)
     assert result["metrics"]["num_tokens"] > 0 and result["loss"] == pytest.approx(
         result["metrics"]["mean_nll"] * result["metrics"]["num_tokens"], rel=1e-5
     )
-    adapters = {a["model_id"]: a for a in requests.get(f"{tiny_url}/adapters").json()["adapters"]}
+    adapters = {a["model_id"]: a for a in requests.get(f"{tiny_url}/adapters", headers=key).json()["adapters"]}
     assert adapters["shared"]["base_model"] == "tiny-b" and sdk_model in adapters
-    assert requests.delete(f"{tiny_url}/adapters/shared").json() == {"deleted": "shared"}
-    assert "shared" not in {a["model_id"] for a in requests.get(f"{tiny_url}/adapters").json()["adapters"]}
+    assert requests.delete(f"{tiny_url}/adapters/shared", headers=key).json() == {"deleted": "shared"}
+    assert "shared" not in {a["model_id"] for a in requests.get(f"{tiny_url}/adapters", headers=key).json()["adapters"]}
     service.close("success").result()
 
 

@@ -1,0 +1,99 @@
+"""`thinker`: the operator's command line, on the same database and storage as the server.
+
+    thinker keys create --tenant NAME [--name LABEL]    issue an API key (printed once)
+    thinker keys list [--tenant NAME]                  issued keys: id, tenant, name, prefix, state
+    thinker keys revoke KEY_ID                         the key stops working at once
+    thinker export tinker://<run>/sampler_weights/<name> OUT_DIR   a checkpoint merged into its base model
+
+`--config` names the Serve config whose `args` locate the database and checkpoint root
+(default: ./serve_config.yaml if present, else the built-in defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from actors.checkpoint_store import parse_tinker_path
+from actors.metadata.database import Database, default_url
+from actors.metadata.tenants import Tenants
+from configs.errors import NotFoundError, ThinkerError
+from configs.schema import ThinkerConfig
+
+DEFAULT_CONFIG = "serve_config.yaml"
+
+
+def load_config(path: str | None, checkpoint_root: str | None = None) -> ThinkerConfig:
+    """The ThinkerConfig in a Serve config file's `args` (or the defaults without a file)."""
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    args = {}
+    if path is not None:
+        (app,) = yaml.safe_load(Path(path).read_text())["applications"]
+        args = app.get("args", {})
+    config = ThinkerConfig.model_validate(args)
+    return config.model_copy(update={"checkpoint_root": checkpoint_root}) if checkpoint_root else config
+
+
+def database(config: ThinkerConfig) -> Database:
+    db = Database(config.database_url or default_url(config.cache_dir))
+    db.migrate()
+    return db
+
+
+def keys_command(args: argparse.Namespace, config: ThinkerConfig) -> None:
+    tenants = Tenants(database(config), config.auth.mode)
+    if args.action == "create":
+        record, key = tenants.create_key(args.tenant, args.name)
+        print(f"key id {record.id} for tenant {record.tenant_id!r} (shown once; store it now):", file=sys.stderr)
+        print(key)
+    elif args.action == "list":
+        for k in tenants.list_keys(args.tenant):
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+            print(f"{k.id}\t{k.tenant_id}\t{k.name or '-'}\t{k.prefix}...\t{k.created_at:%Y-%m-%d %H:%M}\t{state}")
+    else:
+        record = tenants.revoke(args.key_id)
+        print(f"revoked key {record.id} of tenant {record.tenant_id!r}", file=sys.stderr)
+
+
+def export_command(args: argparse.Namespace, config: ThinkerConfig) -> None:
+    from actors.hf.export import export  # torch: only for this command
+    from actors.metadata.registry import Registry
+
+    row = Registry(database(config)).find_checkpoint(*parse_tinker_path(args.tinker_path))
+    if row is None:
+        raise NotFoundError(f"no checkpoint {args.tinker_path}")
+    out = export(args.tinker_path, args.out_dir, config, row.tenant_id)
+    print(f"merged model written to {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="thinker", description="Thinker's operator command line")
+    parser.add_argument("--config", default=None, help=f"the Serve config (default: ./{DEFAULT_CONFIG} if present)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    keys = commands.add_parser("keys", help="API keys (auth.mode: keys)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="issue a key for a tenant (created if new)")
+    create.add_argument("--tenant", required=True, help="the tenant's name (letters, digits, '_', '.', '-')")
+    create.add_argument("--name", default="", help="a label for the key")
+    listing = actions.add_parser("list", help="list issued keys")
+    listing.add_argument("--tenant", default=None)
+    revoke = actions.add_parser("revoke", help="revoke a key; it stops working at once")
+    revoke.add_argument("key_id", type=int)
+    export = commands.add_parser("export", help="merge a checkpoint's LoRA into its base model (an HF folder)")
+    export.add_argument("tinker_path", help="tinker://<run>/(weights|sampler_weights)/<name>")
+    export.add_argument("out_dir")
+    export.add_argument("--checkpoint-root", default=None, help="overrides the config's checkpoint_root")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, getattr(args, "checkpoint_root", None))
+    try:
+        (keys_command if args.command == "keys" else export_command)(args, config)
+    except ThinkerError as exc:
+        parser.exit(2, f"thinker: {exc}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Who owns what: sessions, training runs, samplers and checkpoints, per tenant; usage counts.
+
+- Every lookup takes the caller's tenant: a row another tenant owns is a NotFoundError, worded
+  exactly as for a row that does not exist, so ids of other tenants cannot be probed.
+- A training run or sampler is recorded before the model actor creates it (no adapter without an
+  owner); a checkpoint is recorded after its files are in place.
+- The REST listings (training runs, checkpoints) read from here, not from the storage folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from actors import ids
+from actors.metadata.database import Database
+from actors.metadata.tables import Checkpoint, Sampler, Session, TrainingRun, Usage, utc_now
+from actors.work import LoraSpec
+from configs.errors import NotFoundError, UserError
+
+
+class Registry:
+    def __init__(self, db: Database):
+        self._db = db
+
+    # ---- sessions -------------------------------------------------------------------------------
+
+    def create_session(
+        self, tenant: str, sdk_version: str | None, tags: Sequence[str], user_metadata: dict[str, Any]
+    ) -> str:
+        session_id = ids.new_session_id()
+        row = Session(
+            id=session_id,
+            tenant_id=tenant,
+            sdk_version=(sdk_version or "")[:64] or None,
+            tags={"tags": list(tags)},
+            user_metadata=dict(user_metadata),
+        )
+        with self._db.transaction() as session:
+            session.add(row)
+        return session_id
+
+    def session(self, tenant: str, session_id: str) -> Session:
+        with self._db.transaction() as session:
+            return _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+
+    def finish_session(self, tenant: str, session_id: str) -> None:
+        with self._db.transaction() as session:
+            row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+            row.finished_at = row.finished_at or utc_now()
+
+    # ---- training runs --------------------------------------------------------------------------
+
+    def add_run(
+        self,
+        tenant: str,
+        run_id: str,
+        session_id: str | None,
+        base_model: str,
+        lora: LoraSpec,
+        user_metadata: dict[str, Any],
+    ) -> bool:
+        """Record a training run owned by `tenant`; False if this tenant already has it (a retry).
+        A name another tenant holds is a UserError that says only that it is taken."""
+        row = TrainingRun(
+            id=run_id,
+            tenant_id=tenant,
+            session_id=session_id,
+            base_model=base_model,
+            lora=asdict(lora),
+            user_metadata=dict(user_metadata),
+        )
+        try:
+            with self._db.transaction() as session:
+                session.add(row)
+            return True
+        except IntegrityError:
+            with self._db.transaction() as session:
+                existing = session.get(TrainingRun, run_id)
+            if existing is not None and existing.tenant_id == tenant:
+                if existing.unloaded_at is not None:
+                    raise UserError(f"training model {run_id!r} was unloaded; create a new one") from None
+                return False
+            raise UserError(f"model_id {run_id!r} is taken; choose another") from None
+
+    def run_exists(self, tenant: str, run_id: str) -> bool:
+        with self._db.transaction() as session:
+            row = session.get(TrainingRun, run_id)
+            return row is not None and row.tenant_id == tenant
+
+    def run(self, tenant: str, run_id: str) -> TrainingRun:
+        with self._db.transaction() as session:
+            return _owned(session.get(TrainingRun, run_id), tenant, f"unknown model_id {run_id!r}")
+
+    def live_run(self, tenant: str, run_id: str) -> TrainingRun:
+        """The run, if its adapter has not been unloaded."""
+        row = self.run(tenant, run_id)
+        if row.unloaded_at is not None:
+            raise NotFoundError(f"unknown model_id {run_id!r}")
+        return row
+
+    def runs(
+        self, tenant: str, offset: int = 0, limit: int = 100, newest_first: bool = False
+    ) -> tuple[list[TrainingRun], int]:
+        """A page of the tenant's training runs, and how many there are in all."""
+        query = select(TrainingRun).where(TrainingRun.tenant_id == tenant)
+        order = (TrainingRun.created_at, TrainingRun.id)
+        if newest_first:
+            order = tuple(column.desc() for column in order)
+        with self._db.transaction() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(*order).offset(offset).limit(limit))
+            return list(rows), int(total or 0)
+
+    def live_runs(self, tenant: str, session_id: str | None = None) -> list[str]:
+        query = select(TrainingRun.id).where(TrainingRun.tenant_id == tenant, TrainingRun.unloaded_at.is_(None))
+        if session_id is not None:
+            query = query.where(TrainingRun.session_id == session_id)
+        with self._db.transaction() as session:
+            return list(session.scalars(query))
+
+    def unload_run(self, run_id: str) -> None:
+        with self._db.transaction() as session:
+            row = session.get(TrainingRun, run_id)
+            if row is not None and row.unloaded_at is None:
+                row.unloaded_at = utc_now()
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop a run whose creation failed before its adapter existed (nothing of it is stored)."""
+        with self._db.transaction() as session:
+            row = session.get(TrainingRun, run_id)
+            has_checkpoints = session.scalar(select(func.count()).where(Checkpoint.training_run_id == run_id))
+            if row is not None and not has_checkpoints:
+                session.delete(row)
+
+    # ---- samplers -------------------------------------------------------------------------------
+
+    def add_sampler(
+        self, tenant: str, sampler_id: str, session_id: str | None, base_model: str, model_path: str | None
+    ) -> None:
+        row = Sampler(
+            id=sampler_id, tenant_id=tenant, session_id=session_id, base_model=base_model, model_path=model_path
+        )
+        try:
+            with self._db.transaction() as session:
+                session.add(row)
+        except IntegrityError:
+            self.sampler(tenant, sampler_id)  # a retry of the same tenant's; anyone else's is unknown to them
+
+    def sampler(self, tenant: str, sampler_id: str) -> Sampler:
+        with self._db.transaction() as session:
+            row = _owned(session.get(Sampler, sampler_id), tenant, f"unknown sampling session {sampler_id!r}")
+            if row.removed_at is not None:
+                raise NotFoundError(f"unknown sampling session {sampler_id!r}")
+            return row
+
+    def live_samplers(self, tenant: str, session_id: str | None = None) -> list[str]:
+        query = select(Sampler.id).where(Sampler.tenant_id == tenant, Sampler.removed_at.is_(None))
+        if session_id is not None:
+            query = query.where(Sampler.session_id == session_id)
+        with self._db.transaction() as session:
+            return list(session.scalars(query))
+
+    def remove_sampler(self, sampler_id: str) -> None:
+        with self._db.transaction() as session:
+            row = session.get(Sampler, sampler_id)
+            if row is not None and row.removed_at is None:
+                row.removed_at = utc_now()
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def add_checkpoint(self, tenant: str, row: Checkpoint) -> Checkpoint:
+        """Record (or replace, for a save under the same name) a checkpoint whose files are in place."""
+        row.tenant_id = tenant
+        with self._db.transaction() as session:
+            old = session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.training_run_id == row.training_run_id,
+                    Checkpoint.segment == row.segment,
+                    Checkpoint.name == row.name,
+                )
+            ).one_or_none()
+            if old is not None:
+                session.delete(old)
+                session.flush()
+            session.add(row)
+        return row
+
+    def checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> Checkpoint:
+        with self._db.transaction() as session:
+            row = session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
+                )
+            ).one_or_none()
+            return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
+
+    def find_checkpoint(self, run_id: str, segment: str, name: str) -> Checkpoint | None:
+        """Any tenant's checkpoint: for the operator's command line only, never for a request."""
+        with self._db.transaction() as session:
+            return session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
+                )
+            ).one_or_none()
+
+    def checkpoints(self, tenant: str, run_id: str | None = None, offset: int = 0, limit: int = 1000):
+        """The tenant's checkpoints (of one run, or all), newest first, and how many there are."""
+        query = select(Checkpoint).where(Checkpoint.tenant_id == tenant)
+        if run_id is not None:
+            query = query.where(Checkpoint.training_run_id == run_id)
+        with self._db.transaction() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            order = (Checkpoint.created_at.desc(), Checkpoint.id.desc())
+            rows = session.scalars(query.order_by(*order).offset(offset).limit(limit))
+            return list(rows), int(total or 0)
+
+    def delete_checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> None:
+        with self._db.transaction() as session:
+            row = session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
+                )
+            ).one_or_none()
+            session.delete(_owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}"))
+
+    # ---- usage ----------------------------------------------------------------------------------
+
+    def add_usage(self, tenant: str, session_id: str | None, base_model: str, kind: str, amount: int) -> None:
+        """Count `amount` of `kind` (tokens_trained, tokens_sampled) in the current hour's bucket."""
+        if amount <= 0:
+            return
+        now = utc_now()
+        bucket = now.replace(minute=0, second=0, microsecond=0)
+        values = dict(
+            tenant_id=tenant, session_id=session_id or "", base_model=base_model, kind=kind, bucket_start=bucket
+        )
+        insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
+        statement = insert(Usage).values(**values, amount=amount)
+        statement = statement.on_conflict_do_update(
+            index_elements=["tenant_id", "session_id", "base_model", "kind", "bucket_start"],
+            set_={"amount": Usage.amount + statement.excluded.amount},
+        )
+        with self._db.transaction() as session:
+            session.execute(statement)
+
+    def usage(self, tenant: str, since: datetime | None = None) -> dict[str, int]:
+        """Totals per kind since `since` (default: 30 days), plus the bytes of stored checkpoints."""
+        since = since or utc_now() - timedelta(days=30)
+        with self._db.transaction() as session:
+            totals = session.execute(
+                select(Usage.kind, func.sum(Usage.amount))
+                .where(Usage.tenant_id == tenant, Usage.bucket_start >= since)
+                .group_by(Usage.kind)
+            ).all()
+            stored = session.scalar(select(func.sum(Checkpoint.size_bytes)).where(Checkpoint.tenant_id == tenant))
+        usage = {"tokens_trained": 0, "tokens_sampled": 0}
+        usage.update({kind: int(amount) for kind, amount in totals})
+        usage["checkpoint_bytes"] = int(stored or 0)
+        return usage
+
+
+def _owned(row, tenant: str, missing: str):
+    """The row if `tenant` owns it; else the same NotFoundError as for a row that does not exist."""
+    if row is None or row.tenant_id != tenant:
+        raise NotFoundError(missing)
+    return row

@@ -1,0 +1,144 @@
+"""The metadata schema (SQLAlchemy 2 declarative). Changes go through an alembic migration in
+`migrations/versions/`; `tests/unit/test_metadata.py` checks that the migrations build exactly
+this schema.
+
+- Every row that a client can name (session, training run, sampler, checkpoint) has a `tenant_id`:
+  the owner. Another tenant's row is looked up as if it did not exist.
+- API keys are stored as SHA-256 digests only (keys are 256-bit random, so a slow hash adds
+  nothing); `key_prefix` keeps the first characters for `thinker keys list`.
+- Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+ID = String(128)  # actors.ids.MAX_LENGTH
+
+
+class UtcDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UtcDateTime}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)  # also the tenant's storage prefix
+    kind: Mapped[str] = mapped_column(String(16))  # "named" (keys mode), "key" (open mode), "anonymous"
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    issued: Mapped[bool] = mapped_column(Boolean, default=True)  # by `thinker keys create` (else seen in open mode)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    sdk_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"tags": [...]}
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class TrainingRun(Base):
+    """A training model (`{session}:train:{n}`, or a simple route's adapter name): its record
+    outlives the adapter (unloaded_at), so its checkpoints stay listed."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str | None] = mapped_column(ID, default=None, index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    unloaded_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Sampler(Base):
+    __tablename__ = "samplers"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str | None] = mapped_column(ID, default=None, index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    model_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    removed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("training_run_id", "segment", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    training_run_id: Mapped[str] = mapped_column(ID, index=True)
+    segment: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights
+    name: Mapped[str] = mapped_column(ID)
+    base_model: Mapped[str] = mapped_column(String(256))
+    lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class Usage(Base):
+    """Tokens trained and sampled per tenant, session and base model, in hourly buckets."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "session_id", "base_model", "kind", "bucket_start"),
+        Index("ix_usage_tenant_bucket", "tenant_id", "bucket_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"))
+    session_id: Mapped[str] = mapped_column(ID, default="")  # "" when the work had no session
+    base_model: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(32))  # tokens_trained | tokens_sampled
+    bucket_start: Mapped[datetime] = mapped_column()
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
