@@ -42,6 +42,7 @@ class GenOutput:
     prompt_logprobs: np.ndarray | None = None
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    error: str | None = None  # this row could not be sampled (its request fails; the others go on)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RowState:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    error: str | None = None
 
 
 @torch.no_grad()
@@ -82,7 +84,9 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
         sample_step(logits, rows, states, decode)
         if all(s.stop_reason is not None for s in states):
             break
-        step_ids = torch.tensor([[s.tokens[-1] if s.stop_reason is None else 0] for s in states], device=device)
+        step_ids = torch.tensor(
+            [[s.tokens[-1] if s.stop_reason is None and s.tokens else 0] for s in states], device=device
+        )
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
@@ -95,7 +99,11 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
     for i, (row, state) in enumerate(zip(rows, states)):
         if state.stop_reason is not None:
             continue
-        token = _choose(logits_BV[i], row.params, row.generator)
+        try:
+            token = _choose(logits_BV[i], row.params, row.generator)
+        except (RuntimeError, ValueError) as exc:  # e.g. no finite probability left: this row alone stops
+            state.error, state.stop_reason = f"sampling failed: {exc}", "error"
+            continue
         state.tokens.append(token)
         state.logprobs.append(float(logprobs_BV[i, token]))
         if token in row.stop_tokens or _hit_stop_string(state.tokens, row.params.stop_strings, decode):
@@ -104,8 +112,11 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
             state.stop_reason = "length"
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
+
+
 def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature <= 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits_V))
     scaled = logits_V / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
@@ -155,6 +166,7 @@ def finish(state: RowState, prompt: GenOutput) -> GenOutput:
         logprobs=np.asarray(state.logprobs, dtype=np.float32),
         stop_reason=state.stop_reason or "length",
     )
+    prompt.error = state.error
     return prompt
 
 

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import logging
 from collections.abc import Callable
 from functools import partial
 
@@ -41,7 +43,9 @@ from actors.work import (
     SampleWork,
 )
 from configs.errors import UserError
-from configs.schema import BaseModelConfig
+from configs.schema import BaseModelConfig, TenantQuotas
+
+logger = logging.getLogger(__name__)
 
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
@@ -67,7 +71,9 @@ class ModelActor:
         checkpoint_root: str = "~/.cache/thinker/checkpoints",
         backend_factory: Callable[[BaseModelConfig, str], Backend] = default_backend,
         database_url: str | None = None,
+        quotas: TenantQuotas | None = None,
     ):
+        quotas = quotas or TenantQuotas()
         for module in config.custom_losses:
             importlib.import_module(module)
         self._config = config
@@ -75,7 +81,9 @@ class ModelActor:
         database.migrate()
         self._backend = backend_factory(config, cache_dir)
         store = CheckpointStore(checkpoint_root)
-        self._checkpoints = Checkpointing(self._backend, store, Registry(database), config.name, config.max_adapters)
+        self._registry = Registry(database)
+        self._checkpoints = Checkpointing(self._backend, store, self._registry, config.name, config.max_adapters)
+        self._usage_writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -83,6 +91,8 @@ class ModelActor:
             cross_adapter_batching=config.cross_adapter_batching,
             batch_window_s=config.batch_window_s,
             gap_timeout_s=config.seq_gap_timeout_s,
+            max_queued_per_tenant=quotas.max_queued_requests,
+            max_tokens_per_tenant=quotas.max_tokens_in_flight,
         )
         backend = self._backend
         self._scheduler = Scheduler(
@@ -111,7 +121,9 @@ class ModelActor:
         return await self._scheduler.ordered(work.model_id, 0, fn)
 
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        return await self._scheduler.forward_backward(work)
+        result = await self._scheduler.forward_backward(work)
+        self._count_usage(work.tenant, work.model_id, "tokens_trained", sum(len(d.tokens) for d in work.data))
+        return result
 
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
@@ -156,18 +168,23 @@ class ModelActor:
         return self._backend.sampler_info(sampler_id)
 
     async def sample(self, work: SampleWork) -> SampleResult:
-        return await self._scheduler.sample(work)
+        result = await self._scheduler.sample(work)
+        self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", sum(len(s.tokens) for s in result.sequences))
+        return result
 
     # ---- the simple JSON routes: chat data, text in and out ------------------------------------
 
     async def chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
-        return await self._scheduler.ordered(work.model_id, None, partial(self._chat_forward_backward, work))
+        result = await self._scheduler.ordered(work.model_id, None, partial(self._chat_forward_backward, work))
+        scored = sum(len(output["logprobs"]) for output in result.loss_fn_outputs)
+        self._count_usage(work.tenant, work.model_id, "tokens_trained", scored)
+        return result
 
     async def generate_text(self, work: GenerateWork) -> GeneratedText:
         # NOTE: the tokenizer runs on the compute thread only (fast tokenizers are not re-entrant).
         prompt = await self._scheduler.run_now(partial(self._encode_prompt, work))
         sample = SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params, tenant=work.tenant)
-        result = await self._scheduler.sample(sample)
+        result = await self.sample(sample)
         return await self._scheduler.run_now(partial(self._decode, result, len(prompt)))
 
     async def loss_functions(self) -> dict[str, str]:
@@ -201,6 +218,21 @@ class ModelActor:
             await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
             released.append(sampler_id)
         return released
+
+    # ---- usage ---------------------------------------------------------------------------------
+
+    def _count_usage(self, tenant: str, owned_id: str, kind: str, amount: int) -> None:
+        """Add to the tenant's usage in the database, off the event loop and off the compute thread;
+        the answer does not wait for it (a failed write is logged, never the request's failure)."""
+        write = partial(self._registry.add_usage, tenant, ids.session_of(owned_id), self._config.name, kind, amount)
+        future = asyncio.get_running_loop().run_in_executor(None, write)
+        self._usage_writes.add(future)
+        future.add_done_callback(self._usage_written)
+
+    def _usage_written(self, future: asyncio.Future) -> None:
+        self._usage_writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            logger.error("could not record usage", exc_info=future.exception())
 
     # ---- compute-thread helpers ------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 - Only requests not held back by an earlier barrier of their own model (optim_step, save, ...)
   may join; without cross-adapter batching, only the first request's adapter does.
 - Packed by padded tokens (rows x longest row) up to the pass budget. First every waiting
-  adapter gets up to an equal share, then the rest of the budget goes in queue order; a request
-  that does not fit is split by datums into micro-batches (its first datum always runs).
+  tenant gets up to an equal share (however many adapters it holds), then the rest of the budget
+  goes in queue order; a request that does not fit is split by datums into micro-batches (its
+  first datum always runs).
 - Micro-batch results are merged like the SDK merges chunks: outputs in datum order, `:sum`
   metrics added, `:mean` weighted by datums, `:min` / `:max` kept.
 """
@@ -35,10 +36,10 @@ class PassPlanner:
     def plan(self, jobs: list[Any]) -> list[TrainPart]:
         """The parts of the next pass; `jobs[0]` must be a forward(_backward) job."""
         candidates = self._candidates(jobs)
-        models = list(dict.fromkeys(job.model_id for job in candidates))
-        share = max(1, self._max_tokens // len(models))
+        tenants = list(dict.fromkeys(job.train.tenant for job in candidates))
+        share = max(1, self._max_tokens // len(tenants))
         ends = {id(job): job.done_datums for job in candidates}
-        state = {"rows": 0, "width": 0, "per_model": dict.fromkeys(models, 0)}
+        state = {"rows": 0, "width": 0, "per_tenant": dict.fromkeys(tenants, 0)}
         for fair in (True, False):
             for job in candidates:
                 self._extend(job, ends, state, share if fair else None)
@@ -64,11 +65,11 @@ class PassPlanner:
             length = int(data[ends[id(job)]].tokens.shape[0])
             width = max(state["width"], length)
             fits = (state["rows"] + 1) * width <= self._max_tokens
-            fair = share is None or state["per_model"][job.model_id] + length <= share
+            fair = share is None or state["per_tenant"][job.train.tenant] + length <= share
             if state["rows"] and not (fits and fair):
                 return
             state["rows"], state["width"] = state["rows"] + 1, width
-            state["per_model"][job.model_id] += length
+            state["per_tenant"][job.train.tenant] += length
             ends[id(job)] += 1
 
 

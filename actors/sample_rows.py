@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -37,8 +38,9 @@ def to_rows(work: SampleWork, key: str, limits: SampleLimits) -> list[GenRow]:
     params = work.params
     if not 1 <= work.num_samples <= limits.max_rows:
         raise UserError(f"num_samples must be between 1 and {limits.max_rows}, got {work.num_samples}")
-    if params.temperature < 0 or not 0 < params.top_p <= 1 or (params.top_k < 1 and params.top_k != -1):
-        raise UserError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k = -1 or >= 1")
+    finite = math.isfinite(params.temperature) and math.isfinite(params.top_p)
+    if not finite or params.temperature < 0 or not 0 < params.top_p <= 1 or (params.top_k < 1 and params.top_k != -1):
+        raise UserError("sampling needs a finite temperature >= 0, 0 < top_p <= 1 and top_k = -1 or >= 1")
     if params.max_tokens is not None and params.max_tokens < 1:
         raise UserError(f"max_tokens must be at least 1, got {params.max_tokens}")
     if params.stop_strings and not limits.can_decode:

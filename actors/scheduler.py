@@ -9,6 +9,10 @@
 - Any other training request (optim_step, save, load, ...) is a barrier for its own model:
   it runs alone, after that model's earlier requests and before its later ones.
 - Sampling requests pending together (up to `max_rows` sequences) run as one batched generation.
+- Per tenant, at most `max_queued_per_tenant` forward / sampling requests and
+  `max_tokens_per_tenant` of their tokens are queued or running; more of that tenant's work waits
+  in its own backlog (in order, with the later requests of the models it holds back) and is
+  admitted as earlier work finishes. Nothing is refused for it, and other tenants pass it by.
 - A retried submission (same (model, seq_id) or (sampler, seq_id)) awaits the first one's
   result instead of running twice.
 - NOTE: every job runs on the one compute thread, so the backend needs no locks; the event loop
@@ -30,7 +34,7 @@ from typing import Any
 from actors.passes import PassPlanner, merge_results, run_train_pass
 from actors.sequencer import Sequencer
 from actors.work import ForwardBackwardResult, ForwardBackwardWork, SampleResult, SampleWork
-from configs.errors import ServerError, ThinkerError
+from configs.errors import ServerError, ThinkerError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,19 @@ class _Job:
     done_datums: int = 0  # datums already run in earlier micro-batches
     parts: list[ForwardBackwardResult] = field(default_factory=list)
 
+    @property
+    def tenant(self) -> str | None:
+        work = self.train or self.sample
+        return work.tenant if work is not None else None
+
+    @property
+    def tokens(self) -> int:
+        if self.train is not None:
+            return sum(int(d.tokens.shape[0]) for d in self.train.data)
+        if self.sample is not None:
+            return int(len(self.sample.prompt)) * self.sample.num_samples
+        return 0
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -56,6 +73,8 @@ class SchedulerLimits:
     cross_adapter_batching: bool
     batch_window_s: float
     gap_timeout_s: float
+    max_queued_per_tenant: int = 1_000_000
+    max_tokens_per_tenant: int = 1 << 62
 
 
 class Scheduler:
@@ -83,6 +102,9 @@ class Scheduler:
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
         self._jobs: deque[_Job] = deque()
         self._last_done: dict[str, float] = {}  # model id -> when its last request finished
+        self._admitted: dict[str, list[int]] = {}  # tenant -> [requests, tokens] queued or running
+        self._backlog: dict[str, deque[_Job]] = {}  # tenant -> its jobs waiting for room in its quota
+        self._held: dict[str, str] = {}  # model id -> tenant, while that model has jobs in a backlog
         self._job_added: asyncio.Event | None = None
         self._gap_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -150,8 +172,53 @@ class Scheduler:
             self._seen.popitem(last=False)
 
     def _enqueue(self, job: _Job) -> None:
+        """Into the queue, or into its tenant's backlog while that tenant is over its quota (or
+        earlier work of the same model waits there: a model's requests keep their order)."""
+        tenant = job.tenant or self._held.get(job.model_id)
+        if tenant is not None and (self._backlog.get(tenant) or not self._has_room(tenant, job)):
+            self._backlog.setdefault(tenant, deque()).append(job)
+            if job.model_id is not None:
+                self._held[job.model_id] = tenant
+            return
+        self._admit(job)
+
+    def _has_room(self, tenant: str, job: _Job) -> bool:
+        if job.tenant is None:  # a barrier (optim_step, save, ...): it only keeps its place
+            return True
+        requests, tokens = self._admitted.get(tenant, (0, 0))
+        if requests == 0:
+            return True  # one request always runs, however large
+        return (
+            requests < self._limits.max_queued_per_tenant and tokens + job.tokens <= self._limits.max_tokens_per_tenant
+        )
+
+    def _admit(self, job: _Job) -> None:
+        if job.tenant is not None:
+            load = self._admitted.setdefault(job.tenant, [0, 0])
+            load[0] += 1
+            load[1] += job.tokens
         self._jobs.append(job)
         self._job_added.set()
+
+    def _release(self, job: _Job) -> None:
+        """A job finished: give its tenant's room to the next jobs of its backlog."""
+        tenant = job.tenant
+        if tenant is None:
+            return
+        load = self._admitted[tenant]
+        load[0] -= 1
+        load[1] -= job.tokens
+        if load[0] == 0:
+            del self._admitted[tenant]
+        backlog = self._backlog.get(tenant)
+        while backlog and self._has_room(tenant, backlog[0]):
+            self._admit(backlog.popleft())
+        if not backlog:
+            self._backlog.pop(tenant, None)
+            self._held = {m: t for m, t in self._held.items() if t != tenant}
+        else:
+            waiting = {j.model_id for j in backlog}
+            self._held = {m: t for m, t in self._held.items() if t != tenant or m in waiting}
 
     def _start(self) -> None:
         """Start the dispatcher and the gap timer on the running event loop (first call)."""
@@ -199,7 +266,14 @@ class Scheduler:
                 return
 
     async def _run_train_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        for job in [job for job in self._jobs if job.train is not None and not job.train.data]:
+            self._finish(job, UserError("forward_backward needs at least one datum"))
+        if not self._jobs or self._jobs[0].train is None:
+            return
         parts = self._planner.plan(list(self._jobs))
+        if not parts:  # NOTE: never loop on a request no pass can advance: it fails, alone
+            self._finish(self._jobs[0], ServerError("this request could not be planned into a pass"))
+            return
         runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
         outcome = await _run(loop, self._compute, runner)
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(parts)
@@ -223,7 +297,7 @@ class Scheduler:
         outcome = await _run(loop, self._compute, partial(self._sample_batch, [job.sample for job in batch]))
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(batch)
         for job, result in zip(batch, outcomes):
-            _settle(job, result)
+            self._settle(job, result)
 
     def _finish(self, job: _Job, outcome: Any) -> None:
         if job in self._jobs:
@@ -234,6 +308,7 @@ class Scheduler:
         if job.model_id is not None:
             self._last_done[job.model_id] = time.monotonic()
         _settle(job, outcome)
+        self._release(job)
 
     async def _expire_gaps(self) -> None:
         loop = asyncio.get_running_loop()

@@ -64,6 +64,35 @@ class TenantQuotas(StrictConfig):
     max_samplers: int = Field(
         64, ge=1, description="Live sampling sessions one tenant may hold over all base models (a 400 beyond it)."
     )
+    max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="forward / forward_backward / sampling requests of one tenant queued or running on one base "
+        "model; more wait their turn (in order) instead of being refused.",
+    )
+    max_tokens_in_flight: int = Field(
+        1_048_576,
+        ge=1,
+        description="Tokens of one tenant's queued or running requests on one base model (datum tokens; prompt "
+        "tokens x samples); more wait their turn. A single larger request still runs, alone.",
+    )
+
+
+class RequestLimits(StrictConfig):
+    """Per-request limits, checked at the ingress before any work is queued (a 4xx naming the limit).
+    Token limits per datum and per request are each base model's max_seq_len and max_batch_tokens."""
+
+    max_datums: int = Field(1024, ge=1, description="Datums in one forward / forward_backward request.")
+    max_num_samples: int = Field(128, ge=1, description="num_samples of one sampling request.")
+    max_sample_tokens: int = Field(16384, ge=1, description="max_tokens of one sampling request.")
+    max_topk: int = Field(64, ge=1, description="Candidates per position: top-K targets (K) and topk_prompt_logprobs.")
+    max_stop_sequences: int = Field(16, ge=0, description="Stop strings or token ids of one sampling request.")
+    max_chat_messages: int = Field(
+        256, ge=1, description="Chat messages in one simple-route request, over all its conversations."
+    )
+    max_metadata_bytes: int = Field(
+        16384, ge=0, description="user_metadata, tags and similar free-form fields, as JSON, per request."
+    )
 
 
 class BaseModelConfig(StrictConfig):
@@ -175,6 +204,7 @@ class ThinkerConfig(StrictConfig):
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call the server; see AuthConfig.")
     quotas: TenantQuotas = Field(default_factory=TenantQuotas, description="Per-tenant limits; see TenantQuotas.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request limits; see RequestLimits.")
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ThinkerConfig:

@@ -37,7 +37,7 @@ def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backen
             health_check_period_s=10,
             health_check_timeout_s=120,
         )
-        .bind(model, config.cache_dir, config.checkpoint_root, backend_factory, config.database_url)
+        .bind(model, config.cache_dir, config.checkpoint_root, backend_factory, config.database_url, config.quotas)
     )
 
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.checkpoint_store import CheckpointStore
 from configs.errors import RequestTooLargeError, ThinkerError, UserError
@@ -35,33 +36,77 @@ def build_api(route_groups: list[Any], tenancy: Tenancy, max_request_bytes: int,
         status, body = error_response(exc)
         return JSONResponse(body, status_code=status)
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, method, an unreadable body): our error shape, its status."""
+        error = RequestTooLargeError(str(exc.detail)) if exc.status_code == 413 else UserError(str(exc.detail))
+        status, body = error_response(error)
+        return JSONResponse(body, status_code=exc.status_code if 400 <= exc.status_code < 500 else status)
+
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         status, body = error_response(UserError(f"invalid request: {problems}"))
         return JSONResponse(body, status_code=status)
 
-    @api.middleware("http")
-    async def _admit(request: Request, call_next):
-        """Refuse oversized bodies, then find the caller's tenant (401 without a usable key)."""
-        try:
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_request_bytes:
-                raise RequestTooLargeError(f"request body of {length} bytes exceeds {max_request_bytes}")
-            if _route_path(request) not in PUBLIC_PATHS:
-                request.state.tenant = await tenancy.authenticate(request.headers.get("x-api-key"))
-        except ThinkerError as exc:
-            status, body = error_response(exc)
-            response = JSONResponse(body, status_code=status)
-        else:
-            response = await call_next(request)
-        response.headers[REPLICA_HEADER] = replica_id
-        return response
-
     for group in route_groups:
         for method, path, endpoint in group.routes():
             api.add_api_route(path, endpoint, methods=[method])
+    api.add_middleware(Admission, tenancy=tenancy, max_bytes=max_request_bytes, replica_id=replica_id)
     return api
+
+
+class Admission:
+    """ASGI middleware in front of every route: refuses a body over the limit (by its declared
+    length, and by counting as it arrives, so chunked bodies too), finds the caller's tenant
+    (401 without a usable key) and tags each answer with the replica that gave it.
+
+    NOTE: a plain ASGI class, not `@app.middleware`: that one runs the route in a task group,
+    which would turn the 413 raised while the route reads its body into a bare 500."""
+
+    def __init__(self, app, tenancy: Tenancy, max_bytes: int, replica_id: str):
+        self._app = app
+        self._tenancy = tenancy
+        self._max_bytes = max_bytes
+        self._replica_id = replica_id.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def tagged_send(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REPLICA_HEADER.encode(), self._replica_id)]
+            await send(message)
+
+        request = Request(scope)
+        try:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self._max_bytes:
+                raise RequestTooLargeError(f"request body of {length} bytes exceeds {self._max_bytes}")
+            if _route_path(request) not in PUBLIC_PATHS:
+                tenant = await self._tenancy.authenticate(request.headers.get("x-api-key"))
+                scope.setdefault("state", {})["tenant"] = tenant
+        except ThinkerError as exc:
+            status, body = error_response(exc)
+            await JSONResponse(body, status_code=status)(scope, receive, tagged_send)
+            return
+        await self._app(scope, self._counting(receive), tagged_send)
+
+    def _counting(self, receive):
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self._max_bytes:  # FastAPI passes an HTTPException on to our handler
+                    raise StarletteHTTPException(413, f"request body exceeds {self._max_bytes} bytes")
+            return message
+
+        return counted_receive
 
 
 class ForwardBackwardByContentType:

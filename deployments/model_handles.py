@@ -37,17 +37,23 @@ class ModelHandles:
 
     async def of_model(self, tenant: str, model_id: str) -> Any:
         """The deployment of a live training model `tenant` owns."""
-        registry = self._tenancy.registry
-        run = await self._tenancy.run(registry.live_run, tenant, ids.check_id(model_id, "model_id"))
-        return self.base(run.base_model)
+        return self.base(await self.base_of_model(tenant, model_id))
 
     async def of_sampler(self, tenant: str, sampler_id: str) -> Any:
         """The deployment that samples `sampler_id`: a base model name, or a sampler `tenant` owns."""
+        return self.base(await self.base_of_sampler(tenant, sampler_id))
+
+    async def base_of_model(self, tenant: str, model_id: str) -> str:
+        registry = self._tenancy.registry
+        run = await self._tenancy.run(registry.live_run, tenant, ids.check_id(model_id, "model_id"))
+        return run.base_model
+
+    async def base_of_sampler(self, tenant: str, sampler_id: str) -> str:
         if sampler_id in self._handles:
-            return self._handles[sampler_id]
+            return sampler_id
         registry = self._tenancy.registry
         sampler = await self._tenancy.run(registry.sampler, tenant, ids.check_id(sampler_id, "sampling_session_id"))
-        return self.base(sampler.base_model)
+        return sampler.base_model
 
     async def describe(self, base_model: str) -> ModelDescription:
         if base_model not in self._descriptions:

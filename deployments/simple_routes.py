@@ -22,6 +22,7 @@ from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire
 from deployments.futures import Futures
+from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
 from deployments.tenancy import Tenancy, Tenant
 
@@ -32,6 +33,7 @@ class SimpleRoutes:
         self._futures = futures
         self._tenancy = tenancy
         self._config = config
+        self._limits = Limits(config.limits)
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -52,6 +54,8 @@ class SimpleRoutes:
         return self._models.names[0]
 
     async def forward_backward(self, body: wire.ChatForwardBackwardRequest, tenant: Tenant) -> dict:
+        self._limits.check_count("conversations", len(body.data), self._config.limits.max_datums, "limits.max_datums")
+        self._limits.check_messages(sum(len(conversation) for conversation in body.data))
         inputs = body.inputs_per_conversation()
         try:
             handle = await self._models.of_model(tenant, body.model_id)
@@ -147,6 +151,14 @@ class SimpleRoutes:
     async def generate(self, body: wire.GenerateRequest, tenant: Tenant) -> dict:
         if (body.prompt is None) == (body.messages is None):
             raise UserError("give exactly one of prompt (text) or messages (chat)")
+        self._limits.check_messages(len(body.messages or []))
+        limits = self._config.limits
+        self._limits.check_count("num_samples", body.num_samples, limits.max_num_samples, "limits.max_num_samples")
+        self._limits.check_count(
+            "max_tokens", body.max_tokens or 0, limits.max_sample_tokens, "limits.max_sample_tokens"
+        )
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        self._limits.check_count("stop sequences", len(stops), limits.max_stop_sequences, "limits.max_stop_sequences")
         sampler_id = body.model_id or self._default_base
         handle = await self._sampling_handle(tenant, sampler_id)
         params = wire.SamplingParams(
@@ -178,11 +190,12 @@ class SimpleRoutes:
 
 def simple_result(kind: str, value: Any) -> dict:
     """The simple routes' result shapes: metric names without their ':reduction' suffix."""
+    metrics = wire.finite_metrics(value.metrics) if kind in ("forward_backward", "optim_step") else {}
     if kind == "forward_backward":
-        metrics = {key.split(":")[0]: v for key, v in value.metrics.items() if key != "loss:sum"}
-        return {"loss": value.metrics["loss:sum"], "metrics": metrics}
+        loss = metrics.pop("loss:sum")
+        return {"loss": loss, "metrics": {key.split(":")[0]: v for key, v in metrics.items()}}
     if kind == "optim_step":
-        return {"metrics": {key.split(":")[0]: v for key, v in value.metrics.items()}}
+        return {"metrics": {key.split(":")[0]: v for key, v in metrics.items()}}
     if kind == "create_model":
         return {"model_id": value.model_id}
     if isinstance(value, str):

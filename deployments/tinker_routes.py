@@ -21,6 +21,7 @@ from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
 from deployments.futures import Futures
+from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
 from deployments.tenancy import Tenancy, Tenant
 
@@ -34,7 +35,7 @@ def encode_result(kind: str, value: Any, meta: dict[str, Any]) -> Response:
     if kind == "sample":
         return Response(wire_proto.encode_sample_response(value, meta.get("last_n")), media_type=PROTOBUF)
     bodies = {
-        "optim_step": lambda: wire.OptimStepResponse(metrics=value.metrics),
+        "optim_step": lambda: wire.OptimStepResponse(metrics=wire.finite_metrics(value.metrics)),
         "create_model": lambda: wire.CreateModelResponse(model_id=value.model_id),
         "unload_model": lambda: wire.UnloadModelResponse(model_id=value),
         "save_weights": lambda: wire.SaveWeightsResponse(path=value),
@@ -57,6 +58,7 @@ class TinkerRoutes:
         self._tenancy = tenancy
         self._registry = tenancy.registry
         self._config = config
+        self._limits = Limits(config.limits)
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -93,6 +95,7 @@ class TinkerRoutes:
         return {}
 
     async def create_session(self, body: wire.CreateSessionRequest, tenant: Tenant) -> dict:
+        self._limits.check_metadata("tags and user_metadata", [body.tags, body.user_metadata])
         session_id = await self._tenancy.run(
             self._registry.create_session, tenant, body.sdk_version, body.tags, body.user_metadata or {}
         )
@@ -133,6 +136,7 @@ class TinkerRoutes:
         model_id = ids.model_id(session_id, body.model_seq_id)
         lora = body.lora_config.to_spec()
         metadata = dict(body.user_metadata or {})
+        self._limits.check_metadata("user_metadata", metadata)
         await self._tenancy.record_run(tenant, model_id, session_id, body.base_model, lora, metadata)
         work = CreateModelWork(model_id, lora, metadata, tenant)
         return await self._submit("create_model", tenant, model_id, handle.create_model.remote(work))
@@ -147,11 +151,15 @@ class TinkerRoutes:
         return await self._submit("unload_model", tenant, body.model_id, handle.unload_model.remote(body.model_id))
 
     async def forward_backward(self, body: bytes, tenant: str) -> dict:
-        """The SDK's protobuf forward_backward (the ingress routes JSON bodies to the simple routes)."""
-        msg = wire_proto.parse_forward_backward(body)
-        handle = await self._models.of_model(tenant, msg.model_id)
+        """The SDK's protobuf forward_backward (the ingress routes JSON bodies to the simple routes).
+        NOTE: decoding runs in a thread: a large body must not hold up the event loop."""
+        msg = await asyncio.to_thread(wire_proto.parse_forward_backward, body)
+        base = await self._models.base_of_model(tenant, msg.model_id)
+        handle, model = self._models.base(base), await self._models.describe(base)
+        limits = self._config.limits
         try:
-            work = wire_proto.to_work(msg, forward_only=False)
+            work = await asyncio.to_thread(wire_proto.to_work, msg, False, limits.max_datums, limits.max_topk)
+            self._limits.check_forward_backward(work, model)
         except UserError as exc:
             return await self._reject(handle, tenant, msg.model_id, msg.seq_id or None, "forward_backward", exc)
         work.tenant = tenant
@@ -255,7 +263,13 @@ class TinkerRoutes:
         last_n = body.prompt_logprobs_last_n
         if last_n is not None and not (body.prompt_logprobs and 1 <= last_n <= len(prompt) - 1):
             raise UserError("prompt_logprobs_last_n needs prompt_logprobs and must be in [1, len(prompt) - 1]")
-        handle = await self._models.of_sampler(tenant, sampler_id)
+        base = await self._models.base_of_sampler(tenant, sampler_id)
+        handle, model = self._models.base(base), await self._models.describe(base)
+        params = body.sampling_params
+        stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+        self._limits.check_sample(
+            body.num_samples, params.max_tokens, len(prompt), body.topk_prompt_logprobs, len(stops), model
+        )
         work = SampleWork(
             sampler_id=sampler_id,
             seq_id=body.seq_id,

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -17,9 +18,13 @@ from configs.errors import UserError
 
 
 class WireIn(BaseModel):
-    """Base of every request body: unknown fields are ignored (newer SDKs add some)."""
+    """Base of every request body: unknown fields are ignored (newer SDKs add some); NaN and
+    infinities are refused wherever a number goes."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # what torch's generators take
 
 
 class WireOut(BaseModel):
@@ -42,8 +47,8 @@ class SessionRequest(WireIn):
 
 
 class LoraConfig(WireIn):
-    rank: int = 32
-    seed: int | None = None
+    rank: int = Field(32, ge=1)
+    seed: Seed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -70,6 +75,9 @@ class ModelIdRequest(WireIn):
 
 
 class AdamParams(WireIn):
+    """Lenient here (a bad value fails the optim_step's future, freeing its seq_id); checked in to_work."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=True)
     type: str | None = None  # only optimizer_params carries it; "dimuon" is not supported
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -80,9 +88,20 @@ class AdamParams(WireIn):
 
     def to_work(self) -> work.AdamParams:
         if self.type not in (None, "adamw", "adam"):
-            raise UserError(f"optimizer {self.type!r} is not supported; Thinker trains with AdamW")
-        if self.learning_rate < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps < 0:
-            raise UserError("adam_params need learning_rate >= 0, 0 <= beta1, beta2 < 1 and eps >= 0")
+            raise UserError(f"optimizer {str(self.type)[:40]!r} is not supported; Thinker trains with AdamW")
+        valid = (
+            0 <= self.learning_rate <= 10
+            and 0 <= self.beta1 < 1
+            and 0 <= self.beta2 < 1
+            and 0 <= self.eps <= 1
+            and 0 <= self.weight_decay <= 1 / max(self.learning_rate, 1e-30)
+            and self.grad_clip_norm >= 0
+        )
+        if not valid:
+            raise UserError(
+                "adam_params need finite values with 0 <= learning_rate <= 10, 0 <= beta1, beta2 < 1, "
+                "0 <= eps <= 1, weight_decay >= 0 with learning_rate * weight_decay <= 1, grad_clip_norm >= 0"
+            )
         return work.AdamParams(**self.model_dump(exclude={"type"}))
 
 
@@ -113,12 +132,12 @@ class ModelInput(WireIn):
 
 
 class SamplingParams(WireIn):
-    max_tokens: int | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    seed: Seed | None = None
     stop: str | list[str] | list[int] | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
+    temperature: float = Field(1.0, ge=0, le=1000)  # below 1e-5: greedy, as 0
+    top_k: int = Field(-1, ge=-1)
+    top_p: float = Field(1.0, gt=0, le=1)
 
     def to_work(self) -> work.SamplingParams:
         """`stop`: None stops at EOS; [] never stops early; token ids or strings stop besides EOS."""
@@ -140,13 +159,13 @@ class SampleRequest(WireIn):
     base_model: str | None = None
     model_path: str | None = None
     seq_id: int | None = None
-    num_samples: int = 1
+    num_samples: int = Field(1, ge=1)
     prompt: ModelInput
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    prompt_alt_tokens_k: int = 0
+    topk_prompt_logprobs: int = Field(0, ge=0)
+    topk_sample_logprobs: int = Field(0, ge=0)
+    prompt_alt_tokens_k: int = Field(0, ge=0)
     prompt_logprobs_last_n: int | None = None
     record_stability_info: bool | None = None
     target_prompt_logprobs: dict[str, Any] | None = None
@@ -234,19 +253,19 @@ class ChatForwardBackwardRequest(WireIn):
 class AddLoraRequest(WireIn):
     model_id: str
     base_model: str | None = None
-    rank: int = SIMPLE_RANK
-    seed: int | None = None
+    rank: int = Field(SIMPLE_RANK, ge=1)
+    seed: Seed | None = None
 
 
 class GenerateRequest(WireIn):
     model_id: str | None = None
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
-    max_tokens: int | None = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
+    max_tokens: int | None = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0, le=1000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     num_samples: int = Field(1, ge=1)
 
@@ -340,8 +359,13 @@ class UnloadModelResponse(WireOut):
     model_id: str
 
 
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for JSON: NaN and infinities (a diverged run) become null instead of failing the answer."""
+    return {key: (float(v) if math.isfinite(v) else None) for key, v in metrics.items()}
+
+
 class OptimStepResponse(WireOut):
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
 
 
 class CreateSamplingSessionResponse(WireOut):

@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork, SampleResult
-from configs.errors import UserError
+from configs.errors import LimitExceededError, UserError
 
 
 def _load_schema() -> ModuleType:
@@ -52,12 +52,16 @@ def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
     return msg
 
 
-def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool) -> ForwardBackwardWork:
-    """The compute-side request; datum-level problems raise UserError naming the datum."""
+def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool, max_datums: int, max_topk: int) -> ForwardBackwardWork:
+    """The compute-side request; datum-level problems raise UserError naming the datum. Sizes are
+    checked before anything is expanded: at most `max_datums` datums, loss inputs of exactly
+    [tokens] or [tokens, K <= max_topk] (a sparse tensor cannot declare more than that)."""
+    if len(msg.data) > max_datums:
+        raise LimitExceededError(f"datums in the request: {len(msg.data)} is over the limit of {max_datums}")
     return ForwardBackwardWork(
         model_id=msg.model_id,
         seq_id=msg.seq_id or None,
-        data=[_datum(d, i) for i, d in enumerate(msg.data)],
+        data=[_datum(d, i, max_topk) for i, d in enumerate(msg.data)],
         loss_fn=msg.loss_fn,
         loss_fn_config=_loss_config(msg),
         forward_only=forward_only or msg.forward_only,
@@ -72,32 +76,42 @@ def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
     return config
 
 
-def _datum(msg: pb.Datum, index: int) -> Datum:
+def _datum(msg: pb.Datum, index: int, max_topk: int) -> Datum:
     pieces = []
     for chunk in msg.model_input:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
             raise UserError(f"datum {index}: {kind or 'empty'} chunks are not supported (text only)")
-        pieces.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+        raw = chunk.encoded_text.tokens
+        if len(raw) % 4:
+            raise UserError(f"datum {index}: token bytes must be int32s (a multiple of 4 bytes), got {len(raw)}")
+        pieces.append(np.frombuffer(raw, dtype="<i4"))
     tokens = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
     inputs = {}
     for name, tensor in msg.loss_fn_inputs.items():
         try:
-            inputs[name] = tensor_to_numpy(tensor)
+            inputs[name] = tensor_to_numpy(tensor, max_shape=(len(tokens), max_topk))
         except ValueError as exc:
-            raise UserError(f"datum {index}: loss_fn_inputs[{name!r}]: {exc}") from None
+            raise UserError(f"datum {index}: loss_fn_inputs[{str(name)[:64]!r}]: {exc}") from None
     return Datum(tokens=tokens, loss_fn_inputs=inputs)
 
 
-def tensor_to_numpy(msg: pb.Tensor) -> np.ndarray:
-    """Dense or CSR tensor -> numpy (int64 for integer dtypes, float32 otherwise)."""
+def tensor_to_numpy(msg: pb.Tensor, max_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Dense or CSR tensor -> numpy (int64 for integer dtypes, float32 otherwise). With
+    `max_shape` (rows, columns), a declared shape other than [rows] or [rows, <= columns] is refused."""
     dtype = _NUMPY_DTYPES.get(msg.dtype)
     if dtype is None:
         raise ValueError(f"unsupported dtype {msg.dtype}")
     shape = tuple(int(s) for s in msg.shape)
+    if max_shape is not None and shape:
+        rows, columns = max_shape
+        if shape[0] != rows or len(shape) > 2 or (len(shape) == 2 and not 1 <= shape[1] <= columns):
+            raise ValueError(f"shape {list(shape)[:4]} must be [{rows}] or [{rows}, K] with 1 <= K <= {columns}")
     if msg.HasField("sparse_csr"):
         array = _densify(msg.sparse_csr, dtype, shape)
     else:
+        if len(msg.dense) % dtype.itemsize:
+            raise ValueError(f"{len(msg.dense)} bytes are not a whole number of {dtype.itemsize}-byte values")
         flat = np.frombuffer(msg.dense, dtype=dtype)
         if not shape:
             shape = flat.shape
@@ -108,8 +122,10 @@ def tensor_to_numpy(msg: pb.Tensor) -> np.ndarray:
 
 
 def _densify(csr: pb.SparseCsr, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if len(shape) != 2:
-        raise ValueError(f"sparse tensors must be 2-D, got shape {list(shape)}")
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"sparse tensors must be 2-D, got shape {list(shape)[:4]}")
+    if len(csr.values) % dtype.itemsize or len(csr.crow_indices) % 8 or len(csr.col_indices) % 8:
+        raise ValueError("sparse CSR buffers are not whole numbers of values")
     values = np.frombuffer(csr.values, dtype=dtype)
     crow = np.frombuffer(csr.crow_indices, dtype="<i8")
     cols = np.frombuffer(csr.col_indices, dtype="<i8")

@@ -23,7 +23,8 @@ class FakeBackend:
     """Implements actors.backend.Backend without a model.
 
     forward_backward sleeps `loss_fn_config["fake_delay_s"]` seconds if given, fails with a
-    UserError for loss "fake_user_error" and with a RuntimeError for "fake_crash".
+    UserError for loss "fake_user_error" and with a RuntimeError for "fake_crash"; loss
+    "fake_diverged" reports a NaN loss, and an optim_step with learning_rate >= 5 an infinite norm.
     """
 
     def __init__(self, config=None, cache_dir=None):
@@ -71,7 +72,8 @@ class FakeBackend:
         if work.loss_fn == "fake_crash":
             raise RuntimeError("fake crash")
         outputs = [{"logprobs": np.zeros(len(d.tokens), np.float32)} for d in work.data]
-        return ForwardBackwardResult(outputs, {"loss:sum": float(len(self.calls))})
+        loss = float("nan") if work.loss_fn == "fake_diverged" else float(len(self.calls))
+        return ForwardBackwardResult(outputs, {"loss:sum": loss})
 
     def sample(self, works: list[SampleWork]) -> list[SampleResult]:
         return [SampleResult(sequences=[]) for _ in works]
@@ -91,4 +93,6 @@ class FakeBackend:
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         self.get_info(work.model_id)
         self.calls.append(("optim_step", work.model_id, work.seq_id))
+        if work.adam.learning_rate >= 5.0:  # "diverged"
+            return OptimStepResult({"grad_norm:mean": float("inf"), "update:mean": float("nan")})
         return OptimStepResult({"grad_norm:mean": 0.0})

@@ -272,6 +272,10 @@ class HFBackend:
             outputs = generate(self.model, self.routing, rows, decode=self._decode)
             for i in sorted(set(owners)):
                 mine = [o for o, owner in zip(outputs, owners) if owner == i]
+                failed = next((o.error for o in mine if o.error), None)
+                if failed is not None:
+                    outcomes[i] = ServerError(failed)
+                    continue
                 outcomes[i] = SampleResult(
                     sequences=[o.sequence for o in mine],
                     prompt_logprobs=mine[0].prompt_logprobs,

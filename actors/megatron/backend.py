@@ -251,6 +251,9 @@ class MegatronBackend:
             return logits
 
         outputs = generate_uncached(next_logits, rows, decode=self._decode)
+        failed = next((o.error for o in outputs if o.error), None)
+        if failed is not None:
+            raise ServerError(failed)
         return SampleResult(
             sequences=[o.sequence for o in outputs],
             prompt_logprobs=outputs[0].prompt_logprobs,

@@ -124,3 +124,28 @@ def test_bad_requests_fail_alone(backend):
     assert tokens(results[1]) == tokens(backend.sample([good])[0])
     assert isinstance(results[2], UserError)
     assert "nobody" in str(results[3])
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(backend):
+    good = work("a", 0, temperature=0)
+    bad = work("b", 1, temperature=float("nan"))
+    tiny = work("a", 0, temperature=1e-30)  # divides to infinity: sampled greedily instead
+    outcomes = backend.sample([good, bad, tiny])
+    assert isinstance(outcomes[1], UserError) and "finite temperature" in str(outcomes[1])
+    assert tokens(outcomes[0]) == tokens(outcomes[2]) == tokens(backend.sample([good])[0])
+
+
+def test_a_row_whose_sampling_breaks_fails_only_its_own_request():
+    from actors.generation import GenRow, RowState, sample_step
+    from actors.work import SamplingParams
+
+    rows = [
+        GenRow("", np.arange(3), SamplingParams(temperature=1.0), 4, frozenset(), torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
+    states = [RowState(), RowState()]
+    logits = torch.zeros(2, 8)
+    logits[1] = float("nan")  # no probability distribution at all in row 1
+    sample_step(logits, rows, states, decode=None)
+    assert states[0].error is None and len(states[0].tokens) == 1
+    assert states[1].error is not None and states[1].stop_reason == "error" and states[1].tokens == []

@@ -1,6 +1,7 @@
 """The model actor's ordering, de-duplication and error handling, over a fake backend."""
 
 import asyncio
+import sys
 import tempfile
 import time
 
@@ -130,10 +131,9 @@ def test_custom_losses_named_in_the_config_are_registered_in_the_actor(tiny_mode
         )
         return plain, custom
 
-    try:
-        plain, custom = run(scenario())
-    finally:
-        unregister_custom_loss("weighted_squared_logprob")
+    unregister_custom_loss("weighted_squared_logprob")  # so that the actor is what registers it
+    sys.modules.pop("tests.custom_loss_example", None)
+    plain, custom = run(scenario())
     expected = 2.0 * float((plain.loss_fn_outputs[0]["logprobs"].astype(np.float64) ** 2).sum())
     assert custom.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
     assert custom.metrics["custom/squares:sum"] == 1.0
@@ -192,3 +192,44 @@ def test_too_many_adapters_is_a_user_error_naming_the_limit():
         return sorted(actor._backend.models)
 
     assert run(scenario()) == ["m1", "m2", "m4"]
+
+
+def test_a_request_with_no_datums_fails_alone_and_never_wedges_the_actor():
+    async def scenario():
+        actor = await created(make_actor())
+        await actor.create_model(CreateModelWork("other", LoraSpec(rank=2)))
+        empty = ForwardBackwardWork("m", 1, [], "cross_entropy")
+        fine = ForwardBackwardWork("other", 1, fb(1).data, "cross_entropy")
+        outcomes = await asyncio.gather(
+            actor.forward_backward(empty), actor.forward_backward(fine), return_exceptions=True
+        )
+        after = await actor.forward_backward(fb(2))  # the same model's next request runs too
+        return outcomes, after
+
+    (failed, passed), after = run(scenario())
+    assert isinstance(failed, UserError) and "at least one datum" in str(failed)
+    assert passed.metrics["loss:sum"] > 0 and after.metrics["loss:sum"] > 0
+
+
+def test_tokens_trained_and_sampled_are_counted_per_tenant():
+    from actors.metadata.database import Database, default_url
+    from actors.metadata.registry import Registry
+    from actors.metadata.tenants import Tenants
+
+    cache = tempfile.mkdtemp()
+    database = Database(default_url(cache))
+    database.migrate()
+    tenants = Tenants(database, "open")
+    alice, bob = tenants.authenticate("tml-alice"), tenants.authenticate("tml-bob")
+    actor = ModelActor(BaseModelConfig(name="fake"), cache, tempfile.mkdtemp(), backend_factory=FakeBackend)
+
+    async def scenario():
+        await actor.create_model(CreateModelWork("s:train:0", LoraSpec(rank=2), tenant=alice))
+        data = [Datum(np.arange(n), {"target_tokens": np.arange(n)}) for n in (3, 4)]
+        await actor.forward_backward(ForwardBackwardWork("s:train:0", 1, data, "cross_entropy", tenant=alice))
+        await actor.sample(SampleWork("fake", None, np.arange(3), tenant=bob))
+        await asyncio.sleep(0.5)  # the usage writes do not hold up the answers
+
+    run(scenario())
+    registry = Registry(database)
+    assert registry.usage(alice)["tokens_trained"] == 7 and registry.usage(bob)["tokens_trained"] == 0

@@ -149,3 +149,13 @@ def test_session_routes_answer_what_the_sdk_expects(url):
     assert post(url, "session_heartbeat", json={"session_id": session_id}).json() == {"type": "session_heartbeat"}
     assert_user_error(post(url, "session_heartbeat", json={"session_id": "never-made"}), 404)
     assert post(url, "telemetry", json={"events": []}).json() == {"status": "accepted"}
+
+
+def test_diverged_metrics_encode_as_null_instead_of_failing_the_answer(url):
+    model_id = new_model(url)
+    body = {"model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 5.0}}
+    request_id = post(url, "optim_step", json=body).json()["request_id"]
+    assert result(url, request_id).json()["metrics"] == {"grad_norm:mean": None, "update:mean": None}
+    simple = requests.post(f"{url}/optim_step", json={"model_id": model_id, "adam_params": {"learning_rate": 5.0}})
+    answer = requests.post(f"{url}/retrieve_future", json={"request_id": simple.json()["request_id"]}, timeout=30)
+    assert answer.status_code == 200 and answer.json() == {"metrics": {"grad_norm": None, "update": None}}

@@ -140,7 +140,7 @@ def test_pipelined_submissions_run_in_order(service):
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (lambda: datum(1, target_tokens=[1, 2, 3]), "leading dimension"),
+        (lambda: datum(1, target_tokens=[1, 2, 3]), r"shape \[3\] must be \[10\]"),
         (lambda: datum(1, target_tokens=[VOCAB + 5] * 10), "outside"),
         (lambda: datum(1, weights=[math.nan] * 10), "NaN"),
     ],

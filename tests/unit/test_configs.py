@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from configs.schema import AuthConfig, BaseModelConfig, MegatronConfig, TenantQuotas, ThinkerConfig
+from configs.schema import AuthConfig, BaseModelConfig, MegatronConfig, RequestLimits, TenantQuotas, ThinkerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
@@ -41,6 +41,6 @@ def test_unknown_keys_and_duplicate_names_are_rejected():
 
 
 def test_every_config_field_is_described():
-    for model in (ThinkerConfig, BaseModelConfig, MegatronConfig, AuthConfig, TenantQuotas):
+    for model in (ThinkerConfig, BaseModelConfig, MegatronConfig, AuthConfig, TenantQuotas, RequestLimits):
         undocumented = [name for name, field in model.model_fields.items() if not field.description]
         assert undocumented == []

@@ -46,9 +46,10 @@ def make(backend, **overrides) -> Scheduler:
     )
 
 
-def fb(model_id, n_datums=1, length=10, seq_id=None):
+def fb(model_id, n_datums=1, length=10, seq_id=None, tenant=None):
+    """A request of `model_id`; each model is its own tenant unless `tenant` says otherwise."""
     data = [Datum(np.arange(length), {"target_tokens": np.arange(length)}) for _ in range(n_datums)]
-    return ForwardBackwardWork(model_id, seq_id, data, "cross_entropy")
+    return ForwardBackwardWork(model_id, seq_id, data, "cross_entropy", tenant=tenant or f"tenant-{model_id}")
 
 
 def run(coro):
@@ -102,6 +103,34 @@ def test_a_huge_request_is_split_and_interleaved_with_other_tenants():
     # b's last datums run in the next pass, and its result holds all twelve.
     assert backend.passes == [[("a", 1)], [("b", 8), ("c", 2)], [("b", 4)]]
     assert len(results[1].loss_fn_outputs) == 12
+
+
+def test_a_tenant_with_many_adapters_gets_one_share_of_a_pass():
+    backend = SpyBackend()
+    scheduler = make(backend, max_pass_tokens=100)
+    works = [fb("a", tenant="x"), *(fb(m, n_datums=10, tenant="x") for m in "abc"), fb("d", n_datums=10, tenant="y")]
+    run(burst(scheduler, works))
+    # tenant x's three adapters share x's half of the budget; tenant y gets the other half
+    assert backend.passes[:2] == [[("a", 1)], [("a", 5), ("d", 5)]]
+
+
+def test_work_over_a_tenants_quota_waits_its_turn_in_order_and_others_pass_it_by():
+    backend = SpyBackend()
+    scheduler = make(backend, max_queued_per_tenant=2)
+    works = [
+        fb("a", seq_id=1, tenant="x"),
+        fb("a", seq_id=2, tenant="x"),
+        fb("a", seq_id=3, tenant="x"),
+        fb("b", tenant="x"),
+        fb("b", tenant="x"),
+        fb("c", tenant="y"),
+    ]
+    results = run(burst(scheduler, works))
+    assert len(results) == 6 and all(r.metrics["loss:sum"] > 0 for r in results)  # nothing was refused
+    assert backend.passes == [[("a", 1)], [("a", 1), ("c", 1), ("a", 1)], [("b", 1), ("b", 1)]]
+    assert [c for c in backend.calls if c[:2] == ("forward_backward", "a")] == [
+        ("forward_backward", "a", s) for s in (1, 2, 3)
+    ]
 
 
 def test_the_window_lets_an_active_tenant_join_the_pass():

@@ -27,7 +27,7 @@ def test_forward_backward_request_decodes_tokens_inputs_and_config():
         loss_fn_inputs={"target_tokens": [6, 7, 8], "advantages": [0.5, -1.0, 2.0], "logprobs": [-1.0, -2.0, -3.0]},
     )
     msg = wire_proto.parse_forward_backward(sdk_request([datum], "ppo", {"clip_low_threshold": 0.7, "name": "x"}))
-    work = wire_proto.to_work(msg, forward_only=False)
+    work = wire_proto.to_work(msg, forward_only=False, max_datums=8, max_topk=4)
     assert (work.model_id, work.seq_id, work.loss_fn) == ("s:train:0", 3, "ppo")
     assert work.loss_fn_config == {"clip_low_threshold": pytest.approx(0.7), "name": "x"}
     (d,) = work.data
@@ -48,7 +48,7 @@ def test_forward_backward_request_densifies_sparse_top_k_targets():
     )
     msg = wire_proto.parse_forward_backward(sdk_request([datum]))
     assert msg.data[0].loss_fn_inputs["target_tokens"].HasField("sparse_csr")
-    work = wire_proto.to_work(msg, forward_only=True)
+    work = wire_proto.to_work(msg, forward_only=True, max_datums=8, max_topk=4)
     assert work.forward_only
     np.testing.assert_array_equal(work.data[0].loss_fn_inputs["target_tokens"], targets.numpy())
     np.testing.assert_array_equal(work.data[0].loss_fn_inputs["weights"], weights.numpy())
@@ -74,7 +74,7 @@ def test_image_chunks_are_rejected_per_datum():
     msg = wire_proto.pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy")
     msg.data.add().model_input.add().image.data = b"png"
     with pytest.raises(UserError, match="datum 0: image"):
-        wire_proto.to_work(msg, forward_only=False)
+        wire_proto.to_work(msg, forward_only=False, max_datums=8, max_topk=4)
 
 
 def test_forward_backward_output_decodes_in_the_sdk():
