@@ -7,13 +7,19 @@
   * other losses: the conversation up to its last assistant reply is the prompt; the reply is
     `target_tokens` (given, or the reply as rendered) and the per-token inputs (`logprobs`,
     `advantages`, ...) cover exactly those tokens.
-- Reply spans come from rendering growing prefixes of the conversation, so they follow any
-  template whose renderings of a prefix are a prefix of the whole (ChatML and its kin).
+- Reply spans are found in one rendering (linear in the conversation): the template is rendered
+  once with each message's content replaced by a marker, which shows where every content starts
+  and ends; the real rendering is tokenized once, with character offsets, to turn those places
+  into token positions. A template that changes the text around contents (so the marked
+  rendering does not line up with the real one) falls back to rendering growing prefixes, which
+  follows any template whose renderings of a prefix are a prefix of the whole.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import secrets
 
 import numpy as np
 
@@ -41,6 +47,54 @@ def prompt_tokens(tokenizer, messages: Messages) -> np.ndarray:
 
 def _reply_spans(tokenizer, messages: Messages) -> tuple[list[int], list[tuple[int, int]]]:
     """All tokens, and the [start, end) token span of each assistant reply."""
+    found = _reply_spans_in_one_rendering(tokenizer, messages)
+    return found if found is not None else _reply_spans_by_prefixes(tokenizer, messages)
+
+
+def _reply_spans_in_one_rendering(tokenizer, messages: Messages) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """The linear way; None when the template or tokenizer does not allow it."""
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m or not isinstance(m["content"], str):
+            return None
+    nonce = secrets.token_hex(8)
+    markers = [f"@@{nonce}:{i}@@" for i in range(len(messages))]
+    marked = [{**m, "content": marker} for m, marker in zip(messages, markers)]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    template = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=False)
+    contents, position = [], 0  # (start, end) of each message's content in `text`
+    rebuilt = []
+    for marker, message in zip(markers, messages):
+        at = template.find(marker, position)
+        if at < 0:
+            return None
+        rebuilt.append(template[position:at])
+        start = sum(len(piece) for piece in rebuilt)
+        rebuilt.append(message["content"])
+        contents.append((start, start + len(message["content"])))
+        position = at + len(marker)
+    rebuilt.append(template[position:])
+    if "".join(rebuilt) != text:
+        return None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    token_starts = [start for start, _ in offsets]
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = bisect.bisect_left(token_starts, contents[i][0])
+        content_end = bisect.bisect_left(token_starts, contents[i][1])
+        following = bisect.bisect_left(token_starts, contents[i + 1][0] if i + 1 < len(messages) else len(text))
+        eos = getattr(tokenizer, "eos_token_id", None)  # the reply runs through its end-of-turn token
+        end = next((p + 1 for p in range(content_end, following) if tokens[p] == eos), content_end)
+        spans.append((start, end))
+    return tokens, spans
+
+
+def _reply_spans_by_prefixes(tokenizer, messages: Messages) -> tuple[list[int], list[tuple[int, int]]]:
+    """Quadratic in the number of messages (each reply renders its prefix); for odd templates."""
     full = _render(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):

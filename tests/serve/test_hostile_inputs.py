@@ -6,6 +6,7 @@ and random, truncated and bit-flipped protobuf bodies."""
 import random
 import threading
 import time
+from pathlib import Path
 
 import hypothesis
 import numpy as np
@@ -257,3 +258,39 @@ def test_the_bystander_is_bit_for_bit_untouched_and_keeps_training(tiny_url, bys
     assert tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == before
     assert tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
     assert tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"] > 0
+
+
+def test_no_id_or_name_writes_or_deletes_outside_the_checkpoint_root(tiny_url, tiny_config, tmp_path):
+    root = Path(tiny_config.checkpoint_root)
+    outside = root.parent / "not-thinkers"
+    outside.mkdir(exist_ok=True)
+    (outside / "precious.txt").write_text("keep me")
+    def outside_files() -> set[Path]:  # (the test app's database file sits beside the root: not counted)
+        return {p for p in root.parent.rglob("*") if root not in p.parents and not p.name.startswith(root.name)}
+
+    before = outside_files()
+    mine = model(tiny_url)
+    s = session(tiny_url)
+    hostile = ["../not-thinkers", "../../not-thinkers/precious.txt", "/tmp/x", "a\x00b", "\ud800", "..", "."]
+    for name in hostile:
+        for method, path, body in [
+            ("POST", "/api/v1/save_weights", {"model_id": mine, "path": name}),
+            ("POST", "/api/v1/save_weights_for_sampler", {"model_id": mine, "path": name}),
+            ("POST", "/api/v1/create_model", {"session_id": name, "model_seq_id": 0, "base_model": "tiny-a"}),
+            ("POST", "/add_lora", {"model_id": name}),
+            ("POST", "/fwdbwd", {"model_id": name, "data": [[{"role": "user", "content": "x"}]]}),
+            ("POST", "/api/v1/load_weights", {"model_id": mine, "path": f"tinker://{name}/weights/x"}),
+            (
+                "POST",
+                "/api/v1/create_sampling_session",
+                {"session_id": s, "sampling_session_seq_id": 0, "model_path": f"tinker://{mine}/weights/{name}"},
+            ),
+        ]:
+            response = call(tiny_url, method, path, json=body)
+            if response.status_code == 200 and "request_id" in response.json():
+                assert result(tiny_url, response.json()["request_id"]).json()["category"] == "user"
+            else:
+                assert_refused(response)
+        response = call(tiny_url, "DELETE", f"/api/v1/training_runs/{mine}/checkpoints/weights/{name}")
+        assert response.status_code in (400, 404)
+    assert outside_files() == before and (outside / "precious.txt").read_text() == "keep me"

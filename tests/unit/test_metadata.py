@@ -148,3 +148,17 @@ def test_usage_accumulates_per_tenant(db):
     )
     assert registry.usage(alice) == {"tokens_trained": 123, "tokens_sampled": 7, "checkpoint_bytes": 4096}
     assert registry.usage(bob) == {"tokens_trained": 1, "tokens_sampled": 0, "checkpoint_bytes": 0}
+
+
+def test_open_mode_beyond_loopback_logs_a_loud_warning(tmp_path, caplog):
+    from configs.schema import ThinkerConfig
+    from deployments.tenancy import Tenancy
+
+    open_mode = Tenancy(ThinkerConfig(database_url=f"sqlite:///{tmp_path / 'a.sqlite3'}"))
+    keys_mode = Tenancy(ThinkerConfig(database_url=f"sqlite:///{tmp_path / 'b.sqlite3'}", auth={"mode": "keys"}))
+    for host in ("127.0.0.1", "localhost", "::1"):
+        open_mode.warn_if_exposed(host)
+    keys_mode.warn_if_exposed("0.0.0.0")
+    assert "ANYONE" not in caplog.text
+    open_mode.warn_if_exposed("0.0.0.0")
+    assert "ANYONE who can reach this address" in caplog.text and "auth.mode: keys" in caplog.text
