@@ -63,20 +63,12 @@ class Tenancy:
         await self.run(self.registry.add_run, tenant, run_id, session_id, base_model, lora, metadata)
 
     async def check_adapter_quota(self, tenant: str) -> None:
-        live = len(await self.run(self.registry.live_runs, tenant))
-        if live >= self.quotas.max_adapters:
-            raise LimitExceededError(
-                f"this tenant already holds {live} training models, its limit (quotas.max_adapters = "
-                f"{self.quotas.max_adapters}); unload one first"
-            )
+        live = await self.run(self.registry.live_runs, tenant)
+        _check_quota(len(live), self.quotas.max_adapters, "training models", "max_adapters", "unload one first")
 
     async def check_sampler_quota(self, tenant: str) -> None:
-        live = len(await self.run(self.registry.live_samplers, tenant))
-        if live >= self.quotas.max_samplers:
-            raise LimitExceededError(
-                f"this tenant already holds {live} sampling sessions, its limit (quotas.max_samplers = "
-                f"{self.quotas.max_samplers}); finish a session first"
-            )
+        live = await self.run(self.registry.live_samplers, tenant)
+        _check_quota(len(live), self.quotas.max_samplers, "sampling sessions", "max_samplers", "finish a session")
 
     def warn_if_exposed(self, host: str | None) -> None:
         """A loud warning when open mode (any key is a tenant) listens beyond this machine."""
@@ -87,6 +79,13 @@ class Tenancy:
             "train, sample and store checkpoints here. Set auth.mode: keys and issue keys with "
             "`thinker keys create --tenant NAME`.\n" + "=" * 72,
             host,
+        )
+
+
+def _check_quota(live: int, limit: int, what: str, field: str, remedy: str) -> None:
+    if live >= limit:
+        raise LimitExceededError(
+            f"this tenant already holds {live} {what}, its limit (quotas.{field} = {limit}); {remedy}"
         )
 
 

@@ -179,13 +179,7 @@ class Registry:
         """Record (or replace, for a save under the same name) a checkpoint whose files are in place."""
         row.tenant_id = tenant
         with self._db.transaction() as session:
-            old = session.scalars(
-                select(Checkpoint).where(
-                    Checkpoint.training_run_id == row.training_run_id,
-                    Checkpoint.segment == row.segment,
-                    Checkpoint.name == row.name,
-                )
-            ).one_or_none()
+            old = _checkpoint_row(session, row.training_run_id, row.segment, row.name)
             if old is not None:
                 session.delete(old)
                 session.flush()
@@ -194,21 +188,13 @@ class Registry:
 
     def checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> Checkpoint:
         with self._db.transaction() as session:
-            row = session.scalars(
-                select(Checkpoint).where(
-                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
-                )
-            ).one_or_none()
+            row = _checkpoint_row(session, run_id, segment, name)
             return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
 
     def find_checkpoint(self, run_id: str, segment: str, name: str) -> Checkpoint | None:
         """Any tenant's checkpoint: for the operator's command line only, never for a request."""
         with self._db.transaction() as session:
-            return session.scalars(
-                select(Checkpoint).where(
-                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
-                )
-            ).one_or_none()
+            return _checkpoint_row(session, run_id, segment, name)
 
     def checkpoints(self, tenant: str, run_id: str | None = None, offset: int = 0, limit: int = 1000):
         """The tenant's checkpoints (of one run, or all), newest first, and how many there are."""
@@ -223,11 +209,7 @@ class Registry:
 
     def delete_checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> None:
         with self._db.transaction() as session:
-            row = session.scalars(
-                select(Checkpoint).where(
-                    Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
-                )
-            ).one_or_none()
+            row = _checkpoint_row(session, run_id, segment, name)
             session.delete(_owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}"))
 
     # ---- usage ----------------------------------------------------------------------------------
@@ -264,6 +246,13 @@ class Registry:
         usage.update({kind: int(amount) for kind, amount in totals})
         usage["checkpoint_bytes"] = int(stored or 0)
         return usage
+
+
+def _checkpoint_row(session, run_id: str, segment: str, name: str) -> Checkpoint | None:
+    query = select(Checkpoint).where(
+        Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
+    )
+    return session.scalars(query).one_or_none()
 
 
 def _owned(row, tenant: str, missing: str):

@@ -17,12 +17,15 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def keys_app(serve_instance, tmp_path_factory):
+def keys_app(serve_instance, tmp_path_factory, postgres_server_url):
+    """A keys-mode app whose metadata live in PostgreSQL (the other apps of the suite use SQLite)."""
+    from tests.postgres import fresh_database
+
     folder = tmp_path_factory.mktemp("keys-app")
     config = ThinkerConfig(
         models=[BaseModelConfig(name="fake", num_cpus=0)],
         checkpoint_root=str(folder / "checkpoints"),
-        database_url=f"sqlite:///{folder / 'thinker.sqlite3'}",
+        database_url=fresh_database(postgres_server_url),
         auth={"mode": "keys"},
     )
     config_file = folder / "serve_config.yaml"

@@ -265,6 +265,7 @@ def test_no_id_or_name_writes_or_deletes_outside_the_checkpoint_root(tiny_url, t
     outside = root.parent / "not-thinkers"
     outside.mkdir(exist_ok=True)
     (outside / "precious.txt").write_text("keep me")
+
     def outside_files() -> set[Path]:  # (the test app's database file sits beside the root: not counted)
         return {p for p in root.parent.rglob("*") if root not in p.parents and not p.name.startswith(root.name)}
 
