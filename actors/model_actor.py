@@ -16,6 +16,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,9 @@ from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
 from actors.checkpointing import Checkpointing
 from actors.metadata.database import Database, default_url
+from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
+from actors.outcomes import Outcomes, tracked
 from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
     ChatForwardBackwardWork,
@@ -72,6 +75,7 @@ class ModelActor:
         backend_factory: Callable[[BaseModelConfig, str], Backend] = default_backend,
         database_url: str | None = None,
         quotas: TenantQuotas | None = None,
+        future_ttl_s: float = 3600.0,
     ):
         quotas = quotas or TenantQuotas()
         for module in config.custom_losses:
@@ -84,6 +88,7 @@ class ModelActor:
         self._registry = Registry(database)
         self._checkpoints = Checkpointing(self._backend, store, self._registry, config.name, config.max_adapters)
         self._usage_writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+        self._outcomes = Outcomes(FutureRecords(database, future_ttl_s), future_ttl_s)
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -112,27 +117,33 @@ class ModelActor:
 
     # ---- training models --------------------------------------------------------------------
 
+    @tracked
     async def create_model(self, work: CreateModelWork) -> ModelInfo:
         return await self._scheduler.ordered(work.model_id, 0, partial(self._checkpoints.create_model, work))
 
+    @tracked
     async def create_model_from_state(self, work: CreateModelWork, path: str, optimizer: bool) -> ModelInfo:
         """create_training_client_from_state*: a new training model (seq 0) from a checkpoint."""
         fn = partial(self._checkpoints.create_from_state, work, path, optimizer)
         return await self._scheduler.ordered(work.model_id, 0, fn)
 
+    @tracked
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
         result = await self._scheduler.forward_backward(work)
         self._count_usage(work.tenant, work.model_id, "tokens_trained", sum(len(d.tokens) for d in work.data))
         return result
 
+    @tracked
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
 
+    @tracked
     async def save_weights(self, model_id: str, seq_id: int | None, name: str, tenant: str) -> str:
         return await self._scheduler.ordered(
             model_id, seq_id, partial(self._checkpoints.save, tenant, model_id, "weights", name)
         )
 
+    @tracked
     async def save_weights_for_sampler(
         self, model_id: str, seq_id: int | None, name: str | None, sampler_id: str | None, tenant: str
     ) -> str:
@@ -143,11 +154,13 @@ class ModelActor:
             fn = partial(self._checkpoints.snapshot, model_id, sampler_id)
         return await self._scheduler.ordered(model_id, seq_id, fn)
 
+    @tracked
     async def load_weights(self, model_id: str, seq_id: int | None, path: str, optimizer: bool, tenant: str) -> str:
         return await self._scheduler.ordered(
             model_id, seq_id, partial(self._checkpoints.load, tenant, model_id, path, optimizer)
         )
 
+    @tracked
     async def unload_model(self, model_id: str) -> str:
         await self._scheduler.ordered(model_id, None, partial(self._backend.unload_model, model_id))
         self._scheduler.forget(model_id)
@@ -167,6 +180,7 @@ class ModelActor:
     async def sampler_info(self, sampler_id: str) -> SamplerInfo:
         return self._backend.sampler_info(sampler_id)
 
+    @tracked
     async def sample(self, work: SampleWork) -> SampleResult:
         result = await self._scheduler.sample(work)
         self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", sum(len(s.tokens) for s in result.sequences))
@@ -174,6 +188,7 @@ class ModelActor:
 
     # ---- the simple JSON routes: chat data, text in and out ------------------------------------
 
+    @tracked
     async def chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
         result = await self._scheduler.ordered(work.model_id, None, partial(self._chat_forward_backward, work))
         scored = sum(len(output["logprobs"]) for output in result.loss_fn_outputs)
@@ -193,6 +208,10 @@ class ModelActor:
         return available_losses()
 
     # ---- bookkeeping for the ingress ---------------------------------------------------------
+
+    async def wait_result(self, request_id: str, timeout_s: float) -> tuple[str, Any]:
+        """The long-poll behind retrieve_future: ("done" | "failed" | "pending" | "unknown", outcome)."""
+        return await self._outcomes.wait(request_id, timeout_s)
 
     async def describe(self) -> ModelDescription:
         return self._description

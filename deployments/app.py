@@ -1,8 +1,8 @@
 """build_app(): the only place that knows every part. `serve_config.yaml` imports it.
 
 Validates the config once, binds one model deployment per base model (pinned to its GPUs when
-configured), the shared future store, and the ingress with a dict of model handles keyed by
-base model name.
+configured) and the ingress with a dict of model handles keyed by base model name. (Futures
+live in the metadata database and the model deployments: there is no future store.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from ray.serve import Application
 
 from actors.model_actor import ModelActor, default_backend
 from configs.schema import BaseModelConfig, ThinkerConfig
-from deployments.futures import FutureStore
 from deployments.ingress import Ingress
 
 UNBOUNDED = 100_000  # queued requests per replica: ordering and batching happen inside the actors
@@ -37,7 +36,15 @@ def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backen
             health_check_period_s=10,
             health_check_timeout_s=120,
         )
-        .bind(model, config.cache_dir, config.checkpoint_root, backend_factory, config.database_url, config.quotas)
+        .bind(
+            model,
+            config.cache_dir,
+            config.checkpoint_root,
+            backend_factory,
+            config.database_url,
+            config.quotas,
+            config.future_ttl_s,
+        )
     )
 
 
@@ -50,11 +57,6 @@ def build_thinker_app(config: ThinkerConfig, backend_factory: Any = default_back
     """Binds the deployments. `backend_factory(model_config, cache_dir)` builds each model
     actor's backend (tests pass a fake)."""
     models = {m.name: bind_model(i, m, config, backend_factory) for i, m in enumerate(config.models)}
-    store = (
-        serve.deployment(FutureStore)
-        .options(name="futures", num_replicas=1, max_ongoing_requests=UNBOUNDED, ray_actor_options={"num_cpus": 0})
-        .bind(config.future_ttl_s)
-    )
     return (
         serve.deployment(Ingress)
         .options(
@@ -63,5 +65,5 @@ def build_thinker_app(config: ThinkerConfig, backend_factory: Any = default_back
             max_ongoing_requests=UNBOUNDED,
             ray_actor_options={"num_cpus": 0},
         )
-        .bind(models, store, config)
+        .bind(models, config)
     )

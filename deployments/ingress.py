@@ -15,6 +15,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.checkpoint_store import CheckpointStore
+from actors.metadata.futures import FutureRecords
 from configs.errors import RequestTooLargeError, ThinkerError, UserError
 from configs.schema import ThinkerConfig
 from deployments.checkpoint_routes import CheckpointRoutes
@@ -138,11 +139,11 @@ class Ingress:
     answers at once with a request id. Holds no training state (any replica answers any request)
     and never imports torch."""
 
-    def __init__(self, models: dict[str, Any], futures_store: Any, config: ThinkerConfig):
+    def __init__(self, models: dict[str, Any], config: ThinkerConfig):
         self._tenancy = Tenancy(config)
         self._tenancy.warn_if_exposed(_http_host())
         handles = ModelHandles(models, self._tenancy)
-        futures = Futures(futures_store, config.future_ttl_s)
+        futures = Futures(FutureRecords(self._tenancy.database, config.future_ttl_s), handles.base)
         self._config = config
         tinker = TinkerRoutes(handles, futures, self._tenancy, config)
         simple = SimpleRoutes(handles, futures, self._tenancy, config)

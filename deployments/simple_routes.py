@@ -11,6 +11,7 @@
   other way round.
 """
 
+from functools import partial
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -21,7 +22,7 @@ from actors.work import ChatForwardBackwardWork, CreateModelWork, GenerateWork, 
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire
-from deployments.futures import Futures
+from deployments.futures import Futures, deployment_call
 from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
 from deployments.tenancy import Tenancy, Tenant
@@ -58,13 +59,13 @@ class SimpleRoutes:
         self._limits.check_messages(sum(len(conversation) for conversation in body.data))
         inputs = body.inputs_per_conversation()
         try:
-            handle = await self._models.of_model(tenant, body.model_id)
+            base = await self._models.base_of_model(tenant, body.model_id)
             create_with = None
         except LookupError:  # created on first use, on the default base model
             ids.check_name(body.model_id, "a new adapter's model_id")
             create_with = LoraSpec(rank=wire.SIMPLE_RANK)
             await self._tenancy.record_run(tenant, body.model_id, None, self._default_base, create_with, {})
-            handle = self._models.base(self._default_base)
+            base = self._default_base
         work = ChatForwardBackwardWork(
             model_id=body.model_id,
             conversations=body.data,
@@ -74,8 +75,8 @@ class SimpleRoutes:
             create_with=create_with,
             tenant=tenant,
         )
-        call = handle.chat_forward_backward.remote(work)
-        request_id = await self._futures.submit("forward_backward", tenant, call)
+        call = partial(deployment_call, self._models.base(base), "chat_forward_backward", work)
+        request_id = await self._futures.submit("forward_backward", tenant, base, call)
         return {"request_id": request_id, "model_id": body.model_id}
 
     async def forward_backward_json(self, raw: bytes, tenant: str) -> dict:
@@ -87,9 +88,10 @@ class SimpleRoutes:
         return await self.forward_backward(body, tenant)
 
     async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
-        handle = await self._models.of_model(tenant, body.model_id)
+        base = await self._models.base_of_model(tenant, body.model_id)
         work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
-        request_id = await self._futures.submit("optim_step", tenant, handle.optim_step.remote(work))
+        call = partial(deployment_call, self._models.base(base), "optim_step", work)
+        request_id = await self._futures.submit("optim_step", tenant, base, call)
         return {"request_id": request_id, "model_id": body.model_id}
 
     async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> JSONResponse:

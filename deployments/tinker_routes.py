@@ -10,6 +10,7 @@
 """
 
 import asyncio
+from functools import partial
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -20,7 +21,7 @@ from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
-from deployments.futures import Futures
+from deployments.futures import Futures, deployment_call
 from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
 from deployments.tenancy import Tenancy, Tenant
@@ -130,7 +131,7 @@ class TinkerRoutes:
     async def create_model(self, body: wire.CreateModelRequest, tenant: Tenant) -> dict:
         if body.optimizer_config.type != "adamw":
             raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
-        handle = self._models.base(body.base_model)
+        self._models.base(body.base_model)  # an unknown base model is a 404 here
         session_id = ids.check_id(body.session_id, "session_id")
         await self._tenancy.run(self._registry.session, tenant, session_id)
         model_id = ids.model_id(session_id, body.model_seq_id)
@@ -139,16 +140,16 @@ class TinkerRoutes:
         self._limits.check_metadata("user_metadata", metadata)
         await self._tenancy.record_run(tenant, model_id, session_id, body.base_model, lora, metadata)
         work = CreateModelWork(model_id, lora, metadata, tenant)
-        return await self._submit("create_model", tenant, model_id, handle.create_model.remote(work))
+        return await self._submit("create_model", tenant, model_id, body.base_model, "create_model", work)
 
     async def get_info(self, body: wire.ModelIdRequest, tenant: Tenant) -> dict:
         handle = await self._models.of_model(tenant, body.model_id)
         return wire.GetInfoResponse.of(await handle.get_info.remote(body.model_id)).model_dump()
 
     async def unload_model(self, body: wire.ModelIdRequest, tenant: Tenant) -> dict:
-        handle = await self._models.of_model(tenant, body.model_id)
+        base = await self._models.base_of_model(tenant, body.model_id)
         await self._tenancy.run(self._registry.unload_run, body.model_id)
-        return await self._submit("unload_model", tenant, body.model_id, handle.unload_model.remote(body.model_id))
+        return await self._submit("unload_model", tenant, body.model_id, base, "unload_model", body.model_id)
 
     async def forward_backward(self, body: bytes, tenant: str) -> dict:
         """The SDK's protobuf forward_backward (the ingress routes JSON bodies to the simple routes).
@@ -163,30 +164,32 @@ class TinkerRoutes:
         except UserError as exc:
             return await self._reject(handle, tenant, msg.model_id, msg.seq_id or None, "forward_backward", exc)
         work.tenant = tenant
-        return await self._submit("forward_backward", tenant, msg.model_id, handle.forward_backward.remote(work))
+        return await self._submit("forward_backward", tenant, msg.model_id, base, "forward_backward", work)
 
     async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
-        handle = await self._models.of_model(tenant, body.model_id)
+        base = await self._models.base_of_model(tenant, body.model_id)
         try:
             work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
         except UserError as exc:
-            return await self._reject(handle, tenant, body.model_id, body.seq_id, "optim_step", exc)
-        return await self._submit("optim_step", tenant, body.model_id, handle.optim_step.remote(work))
+            return await self._reject(self._models.base(base), tenant, body.model_id, body.seq_id, "optim_step", exc)
+        return await self._submit("optim_step", tenant, body.model_id, base, "optim_step", work)
 
     # ---- weights -------------------------------------------------------------------------------
 
     async def save_weights(self, body: wire.SaveWeightsRequest, tenant: Tenant) -> dict:
-        handle = await self._models.of_model(tenant, body.model_id)
+        base = await self._models.base_of_model(tenant, body.model_id)
+        handle = self._models.base(base)
         name = body.path or f"step-{body.seq_id or 0:06d}"
         try:
             ids.check_name(name)
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights", exc)
-        call = handle.save_weights.remote(body.model_id, body.seq_id, name, tenant)
-        return await self._submit("save_weights", tenant, body.model_id, call)
+        args = (body.model_id, body.seq_id, name, tenant)
+        return await self._submit("save_weights", tenant, body.model_id, base, "save_weights", *args)
 
     async def save_weights_for_sampler(self, body: wire.SaveWeightsForSamplerRequest, tenant: Tenant) -> dict:
-        handle = await self._models.of_model(tenant, body.model_id)
+        base = await self._models.base_of_model(tenant, body.model_id)
+        handle = self._models.base(base)
         run = await self._tenancy.run(self._registry.run, tenant, body.model_id)
         sampler_id = None
         try:
@@ -203,29 +206,34 @@ class TinkerRoutes:
                 )
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
-        call = handle.save_weights_for_sampler.remote(body.model_id, body.seq_id, body.path, sampler_id, tenant)
-        return await self._submit("save_weights_for_sampler", tenant, body.model_id, call)
+        args = (body.model_id, body.seq_id, body.path, sampler_id, tenant)
+        return await self._submit(
+            "save_weights_for_sampler", tenant, body.model_id, base, "save_weights_for_sampler", *args
+        )
 
     async def load_weights(self, body: wire.LoadWeightsRequest, tenant: Tenant) -> dict:
         run_id, segment, name = parse_tinker_path(body.path)
         checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
         if body.model_id is not None:  # into an existing training model (load_state)
-            handle = await self._models.of_model(tenant, body.model_id)
-            call = handle.load_weights.remote(body.model_id, body.seq_id, body.path, body.optimizer, tenant)
+            base = await self._models.base_of_model(tenant, body.model_id)
+            args = (body.model_id, body.seq_id, body.path, body.optimizer, tenant)
             meta = {"path": body.path, "loaded": body.model_id}
-            return await self._submit("load_weights", tenant, body.model_id, call, **meta)
+            return await self._submit("load_weights", tenant, body.model_id, base, "load_weights", *args, **meta)
         if body.session_id is None or body.model_seq_id is None:
             raise UserError("load_weights needs a model_id, or a session_id and model_seq_id")
         session_id = ids.check_id(body.session_id, "session_id")
         await self._tenancy.run(self._registry.session, tenant, session_id)
         base_model = body.base_model or checkpoint.base_model
-        handle = self._models.base(base_model)
+        self._models.base(base_model)  # an unknown base model is a 404 here
         model_id = ids.model_id(session_id, body.model_seq_id)
         metadata = dict(body.user_metadata or checkpoint.user_metadata or {})
         await self._tenancy.record_run(tenant, model_id, session_id, base_model, LoraSpec(**checkpoint.lora), metadata)
         work = CreateModelWork(model_id, LoraSpec(**checkpoint.lora), metadata, tenant)
-        call = handle.create_model_from_state.remote(work, body.path, body.optimizer)
-        return await self._submit("load_weights", tenant, model_id, call, path=body.path, loaded=model_id)
+        args = (work, body.path, body.optimizer)
+        meta = {"path": body.path, "loaded": model_id}
+        return await self._submit(
+            "load_weights", tenant, model_id, base_model, "create_model_from_state", *args, **meta
+        )
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -280,7 +288,8 @@ class TinkerRoutes:
             topk_prompt_logprobs=body.topk_prompt_logprobs,
             tenant=tenant,
         )
-        request_id = await self._futures.submit("sample", tenant, handle.sample.remote(work), last_n=last_n)
+        call = partial(deployment_call, handle, "sample", work)
+        request_id = await self._futures.submit("sample", tenant, base, call, last_n=last_n)
         ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
 
@@ -296,8 +305,12 @@ class TinkerRoutes:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    async def _submit(self, kind: str, tenant: str, model_id: str, response: Any, **meta: Any) -> dict:
-        request_id = await self._futures.submit(kind, tenant, response, **meta)
+    async def _submit(
+        self, kind: str, tenant: str, model_id: str, base: str, verb: str, *args: Any, **meta: Any
+    ) -> dict:
+        """Record the request and start `verb(*args)` on the deployment of `base`; its future's id."""
+        call = partial(deployment_call, self._models.base(base), verb, *args)
+        request_id = await self._futures.submit(kind, tenant, base, call, **meta)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
 
     async def _reject(
@@ -306,5 +319,5 @@ class TinkerRoutes:
         """Accept the submission but fail its future, and free its seq_id for later requests."""
         if seq_id is not None:
             await handle.skip.remote(model_id, seq_id)
-        request_id = self._futures.fail(kind, tenant, exc)
+        request_id = await self._futures.fail(kind, tenant, exc)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)

@@ -14,7 +14,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -142,3 +153,21 @@ class Usage(Base):
     kind: Mapped[str] = mapped_column(String(32))  # tokens_trained | tokens_sampled
     bucket_start: Mapped[datetime] = mapped_column()
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Request(Base):
+    """A submitted request (a future): who owns it, which model deployment runs it, and once it is
+    finished its outcome, so any ingress replica can answer it after the one that took it is gone."""
+
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_created", "created_at"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # the Tinker verb; decides the answer's encoding
+    base_model: Mapped[str | None] = mapped_column(String(256), default=None)  # whose deployment runs it
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed
+    outcome: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # pickled value or exception
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what the answer's encoding needs
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -159,3 +159,24 @@ def test_diverged_metrics_encode_as_null_instead_of_failing_the_answer(url):
     simple = requests.post(f"{url}/optim_step", json={"model_id": model_id, "adam_params": {"learning_rate": 5.0}})
     answer = requests.post(f"{url}/retrieve_future", json={"request_id": simple.json()["request_id"]}, timeout=30)
     assert answer.status_code == 200 and answer.json() == {"metrics": {"grad_norm": None, "update": None}}
+
+
+def test_results_outlive_the_ingress_replica_that_took_the_request(url):
+    """SIGKILL the replica that accepted requests while they run: any replica still answers them."""
+    import os
+    import signal
+
+    import ray
+
+    model_id = new_model(url)
+    accepted = []
+    for seq_id in range(1, 7):
+        response = post(url, "forward_backward", data=fb_body(model_id, seq_id, delay_s=0.5), headers=PROTO)
+        accepted.append((response.json()["request_id"], response.headers["x-thinker-replica"]))
+    victim = accepted[0][1]
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(f"#{victim}")]
+    replica = ray.get_actor(name, namespace="serve")
+    os.kill(ray.get(replica.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+    for request_id, _ in accepted:
+        response = result(url, request_id, deadline_s=120)
+        assert response.status_code == 200 and response.headers["content-type"] == "application/x-protobuf"

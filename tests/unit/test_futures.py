@@ -1,58 +1,96 @@
-"""The future store: TTL, re-fetch after a first fetch, and waiting for a put in flight."""
+"""Futures: their records in the metadata database and a model deployment's outcomes."""
 
 import asyncio
 import time
 
+import pytest
+
 from actors.ids import new_request_id, request_minted_at
-from deployments.futures import FutureEntry, FutureStore
+from actors.metadata.database import Database
+from actors.metadata.futures import FutureRecords, outcome_of
+from actors.metadata.tenants import Tenants
+from actors.outcomes import Outcomes
+from configs.errors import NotFoundError, UserError
 
 
-class Clock:
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
+@pytest.fixture
+def records(database_url):
+    db = Database(database_url)
+    db.migrate()
+    tenants = Tenants(db, "open")
+    tenants.authenticate("tml-alice"), tenants.authenticate("tml-bob")
+    yield FutureRecords(db, ttl_s=2.0), tenants.authenticate("tml-alice"), tenants.authenticate("tml-bob")
+    db.close()
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-def test_entries_survive_fetches_until_the_ttl():
-    clock = Clock()
-    store = FutureStore(ttl_s=60, clock=clock)
-    entry = FutureEntry(kind="optim_step", failure=(400, {"error": "x", "category": "user"}))
-    rid = new_request_id()
+def test_records_hold_outcomes_for_their_owner_until_the_ttl(records):
+    futures, alice, bob = records
+    done, failed = new_request_id(), new_request_id()
+    futures.add(done, alice, "optim_step", "base", {"path": "x"})
+    assert futures.get(alice, done).status == "pending"
+    assert futures.finish(done, {"loss": 1.5})
+    futures.add_failed(failed, alice, "forward_backward", UserError("bad datum"))
+    assert outcome_of(futures.get(alice, done)) == (True, {"loss": 1.5})
+    stored, error = outcome_of(futures.get(alice, failed))
+    assert stored and isinstance(error, UserError) and str(error) == "bad datum"
+    with pytest.raises(NotFoundError) as foreign:
+        futures.get(bob, done)
+    with pytest.raises(NotFoundError) as unknown:
+        futures.get(bob, new_request_id())
+    assert str(foreign.value).split("'")[0] == str(unknown.value).split("'")[0]
+    time.sleep(2.1)
+    with pytest.raises(NotFoundError):
+        futures.get(alice, done)
+    assert futures.expire() == 2
+
+
+def test_an_outcome_too_large_to_store_stays_with_the_deployment(records, monkeypatch):
+    futures, alice, _ = records
+    monkeypatch.setattr("actors.metadata.futures.MAX_STORED_OUTCOME", 10)
+    request_id = new_request_id()
+    futures.add(request_id, alice, "sample", "base", {})
+    assert not futures.finish(request_id, b"x" * 100)
+    record = futures.get(alice, request_id)
+    assert record.status == "done" and outcome_of(record) == (False, None)
+
+
+def test_a_deployment_keeps_outcomes_and_long_polls_them(records):
+    futures, alice, _ = records
+    outcomes = Outcomes(futures, ttl_s=60)
 
     async def scenario():
-        await store.put(rid, entry)
-        first, second = await store.get(rid), await store.get(rid)
-        clock.now += 61
-        return first, second, await store.get(rid)
+        ok, bad = new_request_id(), new_request_id()
+        for request_id in (ok, bad):
+            futures.add(request_id, alice, "optim_step", "base", {})
 
-    first, second, expired = run(scenario())
-    assert first is entry and second is entry and expired is None
+        async def slow(value):
+            await asyncio.sleep(0.3)
+            return value
+
+        async def broken():
+            raise UserError("no")
+
+        running = asyncio.create_task(outcomes.track(ok, slow(7)))
+        await asyncio.sleep(0.01)
+        pending = await outcomes.wait(ok, 0.05)
+        done = await outcomes.wait(ok, 5)
+        with pytest.raises(UserError):
+            await outcomes.track(bad, broken())
+        failed = await outcomes.wait(bad, 1)
+        await running
+        await asyncio.sleep(0.2)  # the records are written in a worker thread
+        return pending, done, failed, await outcomes.wait(new_request_id(), 1), ok, bad
+
+    pending, done, (state, error), unknown, ok, bad = run(scenario())
+    assert pending == ("pending", None) and done == ("done", 7) and unknown == ("unknown", None)
+    assert state == "failed" and isinstance(error, UserError)
+    assert outcome_of(futures.get(alice, ok)) == (True, 7)
+    assert futures.get(alice, bad).status == "failed"
 
 
-def test_get_waits_for_a_put_in_flight():
-    store = FutureStore(ttl_s=60, put_grace_s=5)
-    rid = new_request_id()
-
-    async def scenario():
-        waiter = asyncio.create_task(store.get(rid))
-        await asyncio.sleep(0.05)
-        await store.put(rid, FutureEntry(kind="optim_step"))
-        return await waiter
-
-    assert run(scenario()).kind == "optim_step"
-
-
-def test_unknown_old_or_foreign_ids_answer_at_once():
-    store = FutureStore(ttl_s=60, put_grace_s=5)
-    old = f"req-{int((time.time() - 10) * 1000):x}-{'ab' * 16}"
-    start = time.time()
-    assert run(store.get(old)) is None
-    assert run(store.get("something-else")) is None
-    assert time.time() - start < 1
+def test_request_ids_carry_their_mint_time():
     assert abs(request_minted_at(new_request_id()) - time.time()) < 5

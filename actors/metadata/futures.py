@@ -1,0 +1,76 @@
+"""The futures' records: every submitted request, its owner, the deployment that runs it, and
+once finished its outcome (a pickled result or exception).
+
+- The ingress records a request before it hands it to a model deployment, and answers
+  `retrieve_future` from here once the outcome is in; so a result survives the ingress replica
+  that took the request (Ray objects die with the process that made the call).
+- The model deployment writes the outcome when the work is done. Outcomes larger than
+  `MAX_STORED_OUTCOME` stay only in that deployment's memory.
+- Records older than the futures' TTL are answered as unknown and deleted by `expire`.
+- NOTE: outcomes are pickles that only Thinker's own processes write; the database is trusted.
+"""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete
+
+from actors.metadata.database import Database
+from actors.metadata.tables import Request, utc_now
+from configs.errors import NotFoundError
+
+MAX_STORED_OUTCOME = 64 * 1024 * 1024
+
+
+class FutureRecords:
+    def __init__(self, db: Database, ttl_s: float):
+        self._db = db
+        self._ttl = timedelta(seconds=ttl_s)
+
+    def add(self, request_id: str, tenant: str, kind: str, base_model: str | None, meta: dict[str, Any]) -> None:
+        row = Request(id=request_id, tenant_id=tenant, kind=kind, base_model=base_model, meta=dict(meta))
+        with self._db.transaction() as session:
+            session.add(row)
+
+    def add_failed(self, request_id: str, tenant: str, kind: str, error: BaseException) -> None:
+        """A request that failed before any deployment saw it (its future is already settled)."""
+        row = Request(id=request_id, tenant_id=tenant, kind=kind, status="failed", outcome=pickle.dumps(error))
+        row.finished_at = utc_now()
+        with self._db.transaction() as session:
+            session.add(row)
+
+    def finish(self, request_id: str, outcome: Any) -> bool:
+        """Store the outcome (a value, or the exception the work raised); False if it was too large
+        to store (or the record is gone)."""
+        blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._db.transaction() as session:
+            row = session.get(Request, request_id)
+            if row is None:
+                return False
+            row.status = "failed" if isinstance(outcome, BaseException) else "done"
+            row.finished_at = utc_now()
+            if len(blob) <= MAX_STORED_OUTCOME:
+                row.outcome = blob
+            return len(blob) <= MAX_STORED_OUTCOME
+
+    def get(self, tenant: str, request_id: str) -> Request:
+        """The record, if `tenant` owns it and it has not expired (else as unknown as any other id)."""
+        with self._db.transaction() as session:
+            row = session.get(Request, request_id)
+        if row is None or row.tenant_id != tenant or utc_now() - row.created_at > self._ttl:
+            raise NotFoundError(f"unknown or expired request_id {request_id!r}")
+        return row
+
+    def expire(self) -> int:
+        with self._db.transaction() as session:
+            return session.execute(delete(Request).where(Request.created_at < utc_now() - self._ttl)).rowcount
+
+
+def outcome_of(row: Request) -> tuple[bool, Any]:
+    """(stored, value or exception) of a finished record."""
+    if row.outcome is None:
+        return False, None
+    return True, pickle.loads(row.outcome)
