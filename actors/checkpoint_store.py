@@ -6,6 +6,7 @@ Layout under the root:
     {tenant}/{run}/sampler_weights/{name}/...    save_weights_for_sampler: a standard PEFT adapter folder
     {tenant}/{run}/.staging-{uuid}/              a checkpoint being written
     {tenant}/{run}/.replaced-{uuid}/             the checkpoint a save under the same name replaces
+    {tenant}/{run}/.durable/                     the newest snapshot for restoring after a restart
 - Every path is built from checked ids (`actors.ids`) and verified to stay inside the tenant's
   prefix, so no id or name can reach outside it.
 - A checkpoint exists once its `checkpoint.json` marker is written, last, after its files were
@@ -31,6 +32,7 @@ from configs.errors import NotFoundError, ServerError, UserError
 
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
 MARKER = "checkpoint.json"
+DURABLE = ".durable"  # {tenant}/{run}/.durable/: the newest snapshot taken after an optim_step
 
 
 @dataclass
@@ -112,6 +114,36 @@ class CheckpointStore:
         if replaced is not None:
             self.fs.rm(replaced, recursive=True)
         return record
+
+    def write_durable(self, tenant: str, run_id: str, tag: str, files: dict[str, bytes]) -> None:
+        """Write a durable snapshot of a training model (what a restarted deployment restores) as
+        `tag`; the database says which tag is current, so a snapshot it does not name yet is unused."""
+        staging = self._inside(tenant, run_id, f".staging-{uuid.uuid4().hex}")
+        self.fs.makedirs(staging, exist_ok=True)
+        for filename, data in files.items():
+            with self.fs.open(posixpath.join(staging, ids.check_name(filename, "file name")), "wb") as f:
+                f.write(data)
+        self.fs.makedirs(self._inside(tenant, run_id, DURABLE), exist_ok=True)
+        final = self._inside(tenant, run_id, DURABLE, ids.check_name(tag, "snapshot tag"))
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        self.fs.mv(staging, final, recursive=True)
+
+    def drop_durable_except(self, tenant: str, run_id: str, tag: str) -> None:
+        folder = self._inside(tenant, run_id, DURABLE)
+        for path in self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []:
+            if posixpath.basename(path.rstrip("/")) != tag:
+                self.fs.rm(path, recursive=True)
+
+    def read_durable(self, tenant: str, run_id: str, tag: str) -> dict[str, bytes]:
+        folder = self._inside(tenant, run_id, DURABLE, ids.check_name(tag, "snapshot tag"))
+        if not self.fs.exists(folder):
+            return {}
+        files = {}
+        for path in self.fs.ls(folder, detail=False):
+            with self.fs.open(path, "rb") as f:
+                files[posixpath.basename(path.rstrip("/"))] = f.read()
+        return files
 
     # ---- reading and deleting -----------------------------------------------------------------
 

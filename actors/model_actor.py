@@ -25,6 +25,7 @@ from actors.backend import Backend
 from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
 from actors.checkpointing import Checkpointing
+from actors.durability import Durability, needs_replay
 from actors.metadata.database import Database, default_url
 from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
@@ -37,6 +38,7 @@ from actors.work import (
     ForwardBackwardWork,
     GeneratedText,
     GenerateWork,
+    LoraSpec,
     ModelDescription,
     ModelInfo,
     OptimStepResult,
@@ -76,6 +78,7 @@ class ModelActor:
         database_url: str | None = None,
         quotas: TenantQuotas | None = None,
         future_ttl_s: float = 3600.0,
+        durable_training: bool = True,
     ):
         quotas = quotas or TenantQuotas()
         for module in config.custom_losses:
@@ -88,7 +91,11 @@ class ModelActor:
         self._registry = Registry(database)
         self._checkpoints = Checkpointing(self._backend, store, self._registry, config.name, config.max_adapters)
         self._usage_writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
-        self._outcomes = Outcomes(FutureRecords(database, future_ttl_s), future_ttl_s)
+        self._records = FutureRecords(database, future_ttl_s)
+        self._outcomes = Outcomes(self._records, future_ttl_s)
+        self._durability = Durability(store, self._registry) if durable_training else None
+        self._restore: asyncio.Task | None = None
+        self._replays: set[asyncio.Task] = set()
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -135,7 +142,12 @@ class ModelActor:
 
     @tracked
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
-        return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
+        if self._durability is None:
+            return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
+        fn = partial(self._step_and_snapshot, work)
+        result, files = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
+        self._durability.save(work, files)
+        return result
 
     @tracked
     async def save_weights(self, model_id: str, seq_id: int | None, name: str, tenant: str) -> str:
@@ -211,7 +223,54 @@ class ModelActor:
 
     async def wait_result(self, request_id: str, timeout_s: float) -> tuple[str, Any]:
         """The long-poll behind retrieve_future: ("done" | "failed" | "pending" | "unknown", outcome)."""
+        await self._ready()
         return await self._outcomes.wait(request_id, timeout_s)
+
+    # ---- durability: a restarted deployment brings its training models back -----------------------
+
+    async def _ready(self) -> None:
+        """The first call after a (re)start restores the training models before anything else runs."""
+        if self._restore is None:
+            self._restore = asyncio.ensure_future(self._restore_training_models())
+        await asyncio.shield(self._restore)
+
+    async def _restore_training_models(self) -> None:
+        """Every live training model of this base model from its durable snapshot, then its logged
+        requests after that snapshot, submitted again in order (the pending ones' futures complete)."""
+        if self._durability is None:
+            return
+        replays = []
+        for run in await asyncio.to_thread(self._registry.live_runs_of, self._config.name):
+            files = await asyncio.to_thread(self._durability.read, run)
+            if files:
+                work = CreateModelWork(run.id, LoraSpec(**run.lora), dict(run.user_metadata), run.tenant_id)
+                await self._scheduler.run_now(partial(self._load_snapshot, work, files))
+            after = (run.durable_seq, run.durable_at) if files else (None, None)
+            log = await asyncio.to_thread(self._records.log, run.id, *after)
+            replays += [(rid, verb, args) for rid, status, verb, args in log if needs_replay(status, verb, args)]
+        for request_id, verb, args in replays:
+            method = getattr(type(self), verb).__wrapped__  # past the @tracked gate, which waits for this
+            task = asyncio.ensure_future(self._outcomes.track(request_id, method(self, *args)))
+            self._replays.add(task)
+            task.add_done_callback(self._replayed)
+        if replays:
+            logger.info("restored training models; running %d logged requests again", len(replays))
+        for _ in range(3):  # let every replay reach the scheduler before anything new does
+            await asyncio.sleep(0)
+
+    def _replayed(self, task: asyncio.Task) -> None:
+        self._replays.discard(task)
+        if not task.cancelled():
+            task.exception()  # its outcome is recorded; a failure here is the request's own
+
+    def _load_snapshot(self, work: CreateModelWork, files: dict[str, bytes]) -> None:
+        self._checkpoints.create_model(work)
+        self._backend.load_state(work.model_id, files, with_optimizer=True)
+
+    def _step_and_snapshot(self, work: OptimStepWork) -> tuple[OptimStepResult, dict[str, bytes]]:
+        """On the compute thread: the step, then the state right after it (written off this thread)."""
+        result = self._backend.optim_step(work)
+        return result, self._backend.save_state(work.model_id, with_optimizer=True)
 
     async def describe(self) -> ModelDescription:
         return self._description

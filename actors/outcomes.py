@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors.metadata.futures import FutureRecords
+from actors.metadata.tables import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Outcomes:
         self._clock = clock
         self._futures: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # oldest first
         self._writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+        self.started_at = utc_now()  # a request recorded before this and unknown here was lost
 
     async def track(self, request_id: str | None, work: Awaitable[Any]) -> Any:
         """Run `work`; with a request id, keep and record its outcome."""
@@ -46,10 +48,10 @@ class Outcomes:
 
     async def wait(self, request_id: str, timeout_s: float) -> tuple[str, Any]:
         """("done", value), ("failed", exception), ("pending", None) after timeout_s, or
-        ("unknown", None) for a request this deployment has not seen (yet)."""
+        ("unknown", when this deployment started) for a request it has not seen (yet)."""
         entry = self._futures.get(request_id)
         if entry is None:
-            return "unknown", None
+            return "unknown", self.started_at
         future = entry[1]
         try:
             value = await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -89,6 +91,7 @@ def tracked(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 
     @functools.wraps(method)
     async def verb(self, *args: Any, request_id: str | None = None, **kwargs: Any) -> Any:
+        await self._ready()  # a restarted deployment first brings its training models back
         return await self._outcomes.track(request_id, method(self, *args, **kwargs))
 
     return verb

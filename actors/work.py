@@ -112,6 +112,7 @@ class OptimStepWork:
     model_id: str
     seq_id: int | None
     adam: AdamParams
+    tenant: str = ANONYMOUS  # the owner: the durable snapshot after the step goes under its prefix
 
 
 @dataclass

@@ -8,6 +8,11 @@ import socket
 def serve_thinker(config) -> str:
     """Start Ray and Serve on a free 127.0.0.1 port, run the app of `config` (a ThinkerConfig);
     returns its base URL. Ray shuts everything down when the benchmark's process exits."""
+    return serve_thinker_apps({"thinker": config})["thinker"]
+
+
+def serve_thinker_apps(configs: dict) -> dict[str, str]:
+    """Several apps side by side (name -> ThinkerConfig), each under /name; name -> base URL."""
     import ray
     from ray import serve
 
@@ -18,5 +23,10 @@ def serve_thinker(config) -> str:
         port = s.getsockname()[1]
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_thinker_app(config), name="thinker")
-    return f"http://127.0.0.1:{port}"
+    single = len(configs) == 1
+    urls = {}
+    for name, config in configs.items():
+        prefix = "/" if single else f"/{name}"
+        serve.run(build_thinker_app(config), name=name, route_prefix=prefix)
+        urls[name] = f"http://127.0.0.1:{port}" + ("" if single else prefix)
+    return urls

@@ -6,6 +6,7 @@ the printed ratio is Thinker's median step time over the baseline's.
 
     python bench/overhead.py                 # default model, shapes 1x32 and 8x128
     python bench/overhead.py --shapes 1x32 --rounds 3 --steps 5
+    python bench/overhead.py --durability    # Thinker with durable training vs without, same run
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class ThinkerClient:
         return loss
 
 
+def thinker_vocab(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).vocab_size
+
+
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -87,6 +94,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["1x32", "8x128"], help="datums x tokens")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per shape")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round and side")
+    parser.add_argument(
+        "--durability", action="store_true", help="baseline: Thinker with durable_training off (instead of PEFT)"
+    )
     args = parser.parse_args()
 
     from actors.model_source import ensure_embedded_model
@@ -94,14 +104,21 @@ def main() -> None:
 
     model_dir = str(ensure_embedded_model("SmolLM2-135M-Instruct", "~/.cache/thinker"))
     torch.set_num_threads(os.cpu_count() or 1)
-    baseline = PeftBaseline(model_dir)
-    from local_serve import serve_thinker
+    from local_serve import serve_thinker_apps
 
     from configs.schema import BaseModelConfig, ThinkerConfig
 
-    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME)]))
-    thinker = ThinkerClient(url, DEFAULT_MODEL_NAME)
-    vocab = baseline.model.config.vocab_size
+    configs = {"thinker": ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME)])}
+    if args.durability:
+        models = [BaseModelConfig(name=DEFAULT_MODEL_NAME)]
+        configs["volatile"] = ThinkerConfig(
+            models=models, durable_training=False, checkpoint_root="~/.cache/thinker/bench-volatile"
+        )
+    urls = serve_thinker_apps(configs)
+    thinker = ThinkerClient(urls["thinker"], DEFAULT_MODEL_NAME)
+    baseline = ThinkerClient(urls["volatile"], DEFAULT_MODEL_NAME) if args.durability else PeftBaseline(model_dir)
+    labels = ("durable", "not durable") if args.durability else ("thinker", "in-process PEFT")
+    vocab = thinker_vocab(model_dir)
     print(f"model {DEFAULT_MODEL_NAME}, LoRA rank {RANK} on {', '.join(TARGETS)}; {os.cpu_count()} cores")
     for spec in args.shapes:
         shape = tuple(int(v) for v in spec.split("x"))
@@ -114,7 +131,7 @@ def main() -> None:
             times["thinker"] += [timed(thinker.step, inputs, targets) for _ in range(args.steps)]
         peft, ours = statistics.median(times["peft"]), statistics.median(times["thinker"])
         print(
-            f"{spec:>7}: thinker {ours * 1000:8.1f} ms/step   in-process PEFT {peft * 1000:8.1f} ms/step   "
+            f"{spec:>7}: {labels[0]} {ours * 1000:8.1f} ms/step   {labels[1]} {peft * 1000:8.1f} ms/step   "
             f"ratio {ours / peft:.2f}x"
         )
 

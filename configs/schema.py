@@ -202,6 +202,11 @@ class ThinkerConfig(StrictConfig):
         "such as postgresql+psycopg://user@host/db, which every node must reach. None: a SQLite file "
         "(thinker.sqlite3) under cache_dir, for one-node deployments.",
     )
+    durable_training: bool = Field(
+        True,
+        description="Snapshot each training model after every optim_step (off the compute thread) and log its "
+        "requests, so a restarted model deployment brings it back exactly and completes the requests in flight.",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call the server; see AuthConfig.")
     quotas: TenantQuotas = Field(default_factory=TenantQuotas, description="Per-tenant limits; see TenantQuotas.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request limits; see RequestLimits.")

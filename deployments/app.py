@@ -44,6 +44,7 @@ def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backen
             config.database_url,
             config.quotas,
             config.future_ttl_s,
+            config.durable_training,
         )
     )
 

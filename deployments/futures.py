@@ -18,16 +18,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from actors import ids
-from actors.metadata.futures import FutureRecords, outcome_of
+from actors.metadata.futures import FutureRecords, LoggedCall, outcome_of
+from configs.errors import ServerError
 from deployments.errors import error_response, unwrap
 
 logger = logging.getLogger(__name__)
 
 Failure = tuple[int, dict[str, str]]  # (HTTP status, {"error", "category"}), from error_response
 EXPIRY_EVERY_S = 60.0
+# A request recorded this long before its deployment (re)started that the deployment does not know
+# was lost (it was not in the request log); a younger one may still be on its way there.
+LOST_AFTER = timedelta(seconds=2)
 
 
 @dataclass
@@ -45,11 +50,19 @@ class Futures:
         self._deliveries: set[asyncio.Task] = set()  # calls in flight; referenced so they are not collected
         self._next_expiry = 0.0
 
-    async def submit(self, kind: str, tenant: str, base_model: str, call: Callable[..., Any], **meta: Any) -> str:
-        """Record a new request of `tenant`, then start `call(request_id=...)` (a deployment call that
-        takes the request id); returns the request id at once."""
+    async def submit(
+        self,
+        kind: str,
+        tenant: str,
+        base_model: str,
+        call: Callable[..., Any],
+        logged: LoggedCall | None = None,
+        **meta: Any,
+    ) -> str:
+        """Record a new request of `tenant` (with `logged`: in its training model's request log, to be
+        run again if the deployment restarts), then start `call(request_id=...)`; its id, at once."""
         request_id = ids.new_request_id()
-        await asyncio.to_thread(self._records.add, request_id, tenant, kind, base_model, meta)
+        await asyncio.to_thread(self._records.add, request_id, tenant, kind, base_model, meta, logged)
         task = asyncio.get_running_loop().create_task(self._deliver(request_id, call(request_id=request_id)))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
@@ -75,7 +88,15 @@ class Futures:
                 return _settled(outcome, entry)
         if record.base_model is None:  # failed before any deployment saw it, and not stored
             return True, None, error_response(RuntimeError("the outcome of this request was lost")), entry
-        state, outcome = await self._deployments(record.base_model).wait_result.remote(request_id, timeout_s)
+        try:
+            state, outcome = await self._deployments(record.base_model).wait_result.remote(request_id, timeout_s)
+        except Exception as exc:  # the deployment is restarting: its work comes back from the request log
+            logger.warning("retrieve_future: the deployment of %s did not answer: %s", record.base_model, unwrap(exc))
+            await asyncio.sleep(min(timeout_s, 1.0))
+            return False, None, None, entry
+        if state == "unknown" and record.created_at < outcome - LOST_AFTER:
+            lost = ServerError("this request was lost when its model deployment restarted; submit it again")
+            return True, None, error_response(lost), entry
         if state in ("pending", "unknown"):
             return False, None, None, entry
         return _settled(outcome, entry)

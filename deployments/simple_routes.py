@@ -89,7 +89,7 @@ class SimpleRoutes:
 
     async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
         base = await self._models.base_of_model(tenant, body.model_id)
-        work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
+        work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work(), tenant)
         call = partial(deployment_call, self._models.base(base), "optim_step", work)
         request_id = await self._futures.submit("optim_step", tenant, base, call)
         return {"request_id": request_id, "model_id": body.model_id}

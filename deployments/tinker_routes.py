@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from actors import ids
 from actors.checkpoint_store import parse_tinker_path
+from actors.metadata.futures import LoggedCall
 from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
@@ -169,7 +170,7 @@ class TinkerRoutes:
     async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
         base = await self._models.base_of_model(tenant, body.model_id)
         try:
-            work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work())
+            work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work(), tenant)
         except UserError as exc:
             return await self._reject(self._models.base(base), tenant, body.model_id, body.seq_id, "optim_step", exc)
         return await self._submit("optim_step", tenant, body.model_id, base, "optim_step", work)
@@ -308,9 +309,11 @@ class TinkerRoutes:
     async def _submit(
         self, kind: str, tenant: str, model_id: str, base: str, verb: str, *args: Any, **meta: Any
     ) -> dict:
-        """Record the request and start `verb(*args)` on the deployment of `base`; its future's id."""
+        """Record the request (in the model's request log, run again if the deployment restarts) and
+        start `verb(*args)` on the deployment of `base`; its future's id."""
         call = partial(deployment_call, self._models.base(base), verb, *args)
-        request_id = await self._futures.submit(kind, tenant, base, call, **meta)
+        logged = LoggedCall(model_id, _seq_of(args), verb, args)
+        request_id = await self._futures.submit(kind, tenant, base, call, logged, **meta)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
 
     async def _reject(
@@ -321,3 +324,14 @@ class TinkerRoutes:
             await handle.skip.remote(model_id, seq_id)
         request_id = await self._futures.fail(kind, tenant, exc)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
+
+
+def _seq_of(args: tuple) -> int | None:
+    """The seq_id of a model actor call: its work's, 0 for a model's creation (its first request),
+    or the second argument of save_* / load_weights (model_id, seq_id, ...)."""
+    first = args[0] if args else None
+    if hasattr(first, "seq_id"):
+        return first.seq_id
+    if hasattr(first, "lora"):
+        return 0
+    return args[1] if len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool) else None

@@ -1,5 +1,6 @@
 """Test doubles: a pure-Python backend that records what it was asked to do."""
 
+import json
 import threading
 import time
 
@@ -32,6 +33,7 @@ class FakeBackend:
         self.calls: list[tuple[str, str, int | None]] = []
         self.models: dict[str, ModelInfo] = {}
         self.compute_thread_inits: list[str] = []  # names of the threads that called init_compute_thread
+        self.steps: dict[str, int] = {}  # optim_steps taken, per model (its "state")
 
     def init_compute_thread(self) -> None:
         self.compute_thread_inits.append(threading.current_thread().name)
@@ -87,12 +89,21 @@ class FakeBackend:
                 outcomes.append(exc)
         return outcomes
 
+    def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]:
+        self.get_info(model_id)
+        return {"fake_state.json": json.dumps({"model_id": model_id, "steps": self.steps.get(model_id, 0)}).encode()}
+
+    def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
+        self.get_info(model_id)
+        self.steps[model_id] = json.loads(files["fake_state.json"])["steps"]
+
     def check_forward_backward(self, work: ForwardBackwardWork) -> None:
         self.get_info(work.model_id)
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         self.get_info(work.model_id)
         self.calls.append(("optim_step", work.model_id, work.seq_id))
+        self.steps[work.model_id] = self.steps.get(work.model_id, 0) + 1
         if work.adam.learning_rate >= 5.0:  # "diverged"
             return OptimStepResult({"grad_norm:mean": float("inf"), "update:mean": float("nan")})
         return OptimStepResult({"grad_norm:mean": 0.0})

@@ -13,10 +13,11 @@ once finished its outcome (a pickled result or exception).
 from __future__ import annotations
 
 import pickle
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from actors.metadata.database import Database
 from actors.metadata.tables import Request, utc_now
@@ -25,15 +26,48 @@ from configs.errors import NotFoundError
 MAX_STORED_OUTCOME = 64 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class LoggedCall:
+    """A training model's request as its deployment ran it: enough to run it again, in order."""
+
+    model_id: str
+    seq_id: int | None
+    verb: str  # the model actor's method
+    args: tuple
+
+
 class FutureRecords:
     def __init__(self, db: Database, ttl_s: float):
         self._db = db
         self._ttl = timedelta(seconds=ttl_s)
 
-    def add(self, request_id: str, tenant: str, kind: str, base_model: str | None, meta: dict[str, Any]) -> None:
+    def add(
+        self,
+        request_id: str,
+        tenant: str,
+        kind: str,
+        base_model: str | None,
+        meta: dict[str, Any],
+        logged: LoggedCall | None = None,
+    ) -> None:
+        """Record a request; with `logged`, also as an entry of its training model's request log."""
         row = Request(id=request_id, tenant_id=tenant, kind=kind, base_model=base_model, meta=dict(meta))
+        if logged is not None:
+            row.model_id, row.seq_id, row.verb = logged.model_id, logged.seq_id, logged.verb
+            row.payload = pickle.dumps(logged.args, protocol=pickle.HIGHEST_PROTOCOL)
         with self._db.transaction() as session:
             session.add(row)
+
+    def log(self, model_id: str, after_seq: int | None, after: datetime | None) -> list[tuple[str, str, str, tuple]]:
+        """(request id, status, verb, args) of a training model's logged requests after its durable
+        snapshot (seq_id > after_seq; unsequenced ones submitted after `after`), in run order."""
+        query = select(Request).where(Request.model_id == model_id, Request.payload.is_not(None))
+        with self._db.transaction() as session:
+            rows = list(session.scalars(query))
+        if after_seq is not None:
+            rows = [r for r in rows if (r.seq_id > after_seq if r.seq_id is not None else r.created_at > after)]
+        rows.sort(key=lambda r: (0, r.seq_id, 0.0) if r.seq_id is not None else (1, 0, r.created_at.timestamp()))
+        return [(r.id, r.status, r.verb, pickle.loads(r.payload)) for r in rows]
 
     def add_failed(self, request_id: str, tenant: str, kind: str, error: BaseException) -> None:
         """A request that failed before any deployment saw it (its future is already settled)."""

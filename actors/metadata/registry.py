@@ -125,6 +125,18 @@ class Registry:
         with self._db.transaction() as session:
             return list(session.scalars(query))
 
+    def live_runs_of(self, base_model: str) -> list[TrainingRun]:
+        """Every tenant's live training runs on a base model: what its restarted deployment restores."""
+        query = select(TrainingRun).where(TrainingRun.base_model == base_model, TrainingRun.unloaded_at.is_(None))
+        with self._db.transaction() as session:
+            return list(session.scalars(query.order_by(TrainingRun.created_at)))
+
+    def set_durable(self, run_id: str, seq_id: int | None, submitted_at) -> None:
+        with self._db.transaction() as session:
+            row = session.get(TrainingRun, run_id)
+            if row is not None:
+                row.durable_seq, row.durable_at = seq_id, submitted_at
+
     def unload_run(self, run_id: str) -> None:
         with self._db.transaction() as session:
             row = session.get(TrainingRun, run_id)

@@ -106,6 +106,10 @@ class TrainingRun(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     unloaded_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The newest durable snapshot (weights + AdamW state, under the tenant's storage prefix) was
+    # taken right after the optim_step of this seq_id, submitted at durable_at.
+    durable_seq: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    durable_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Sampler(Base):
@@ -171,3 +175,8 @@ class Request(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)  # what the answer's encoding needs
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The request log of a training model: what to run again after its deployment restarts.
+    model_id: Mapped[str | None] = mapped_column(ID, default=None, index=True)
+    seq_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    verb: Mapped[str | None] = mapped_column(String(64), default=None)  # the model actor's method
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # its pickled arguments

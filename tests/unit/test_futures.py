@@ -86,7 +86,13 @@ def test_a_deployment_keeps_outcomes_and_long_polls_them(records):
         return pending, done, failed, await outcomes.wait(new_request_id(), 1), ok, bad
 
     pending, done, (state, error), unknown, ok, bad = run(scenario())
-    assert pending == ("pending", None) and done == ("done", 7) and unknown == ("unknown", None)
+    outcomes_started = unknown[1]
+    assert (
+        pending == ("pending", None)
+        and done == ("done", 7)
+        and unknown == ("unknown", outcomes_started)
+        and outcomes_started.tzinfo is not None
+    )
     assert state == "failed" and isinstance(error, UserError)
     assert outcome_of(futures.get(alice, ok)) == (True, 7)
     assert futures.get(alice, bad).status == "failed"

@@ -1,0 +1,77 @@
+"""Training state that survives its model deployment: durable snapshots and the request log.
+
+- After every optim_step the model actor takes the training model's state (adapter weights and
+  AdamW state, as PEFT files) on the compute thread, and `save` writes it under the tenant's
+  storage prefix off that thread (one writer thread, so snapshots land in order); the database
+  then names it as the model's current snapshot, and older ones are dropped.
+- Every request of a training model is in the request log (`actors.metadata.futures`). A restarted
+  deployment brings each live training model back from its current snapshot and runs again, in
+  order, the logged requests after it: those that changed the model's state (to rebuild it
+  exactly, gradients accumulated since the step included) and those still pending (so their
+  futures complete). The client sees a delay, not an error.
+- NOTE: a snapshot the database does not name yet is never read, so a crash between writing it
+  and naming it replays from the previous one, which is exact too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+from actors.checkpoint_store import CheckpointStore
+from actors.metadata.registry import Registry
+from actors.metadata.tables import TrainingRun, utc_now
+from actors.work import ForwardBackwardWork, OptimStepWork
+
+logger = logging.getLogger(__name__)
+
+STATE_CHANGING = frozenset(
+    {"create_model", "create_model_from_state", "forward_backward", "optim_step", "load_weights", "unload_model"}
+)
+
+
+def snapshot_tag(seq_id: int | None, at: datetime | None) -> str:
+    return f"seq-{seq_id}" if seq_id is not None else f"at-{int(at.timestamp() * 1e6)}"
+
+
+def needs_replay(status: str, verb: str, args: tuple) -> bool:
+    """Run again after a restart: what is still pending, and what changed the model's state."""
+    if status == "pending":
+        return True
+    if verb == "forward_backward" and isinstance(args[0], ForwardBackwardWork) and args[0].forward_only:
+        return False
+    return verb in STATE_CHANGING
+
+
+class Durability:
+    def __init__(self, store: CheckpointStore, registry: Registry):
+        self._store = store
+        self._registry = registry
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-durable")
+        self._writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+
+    def save(self, work: OptimStepWork, files: dict[str, bytes]) -> None:
+        """Write the snapshot taken right after `work` (an optim_step), in the background."""
+        at = utc_now()
+        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, work, at, files)
+        self._writes.add(write)
+        write.add_done_callback(self._written)
+
+    def read(self, run: TrainingRun) -> dict[str, bytes]:
+        """The run's current snapshot ({} without one)."""
+        if run.durable_seq is None and run.durable_at is None:
+            return {}
+        return self._store.read_durable(run.tenant_id, run.id, snapshot_tag(run.durable_seq, run.durable_at))
+
+    def _write(self, work: OptimStepWork, at: datetime, files: dict[str, bytes]) -> None:
+        tag = snapshot_tag(work.seq_id, at)
+        self._store.write_durable(work.tenant, work.model_id, tag, files)
+        self._registry.set_durable(work.model_id, work.seq_id, at)
+        self._store.drop_durable_except(work.tenant, work.model_id, tag)
+
+    def _written(self, write: asyncio.Future) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            logger.error("could not write a training model's durable snapshot", exc_info=write.exception())

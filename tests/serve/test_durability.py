@@ -1,0 +1,79 @@
+"""Nothing lost: the model actor's process is SIGKILLed in the middle of training; Serve restarts it,
+it restores the training model from its durable snapshot and the request log, and the official
+SDK client sees a delay, not an error, with the losses of an uninterrupted run."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+import tinker
+from ray import serve
+from tinker import types
+
+from configs.schema import ThinkerConfig
+from deployments.app import build_thinker_app
+from tests.conftest import run_app, tiny_model_config
+
+pytestmark = pytest.mark.serve
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def url(serve_instance, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("durable")
+    config = ThinkerConfig(
+        models=[tiny_model_config("tiny-d", batch_window_s=0.0, num_cpus=0.25)],
+        checkpoint_root=str(folder / "checkpoints"),
+        database_url=f"sqlite:///{folder / 'thinker.sqlite3'}",
+        long_poll_s=2,
+    )
+    yield run_app(serve_instance, build_thinker_app(config), "durable")
+    serve.delete("durable")  # its CPUs go back to the other test apps
+
+
+def batch(step: int) -> list[types.Datum]:
+    rng = np.random.default_rng(step)
+    data = []
+    for n in (7, 11):
+        tokens = rng.integers(0, 256, n + 1).tolist()
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:]}
+            )
+        )
+    return data
+
+
+def model_actor_pid() -> int:
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "durable#model-0" in a["name"]]
+    replica = ray.get_actor(name, namespace="serve")
+    return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()))
+
+
+def kill_model_actor() -> None:
+    os.kill(model_actor_pid(), signal.SIGKILL)
+
+
+def train(url: str, kill_after: int | None = None) -> list[float]:
+    service = tinker.ServiceClient(base_url=url)
+    tc = service.create_lora_training_client(base_model="tiny-d", rank=4, seed=5).result()
+    losses = []
+    for step in range(STEPS):
+        fb = tc.forward_backward(batch(step), "cross_entropy")
+        optim = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        if step == kill_after:
+            kill_model_actor()  # both requests are in flight (or queued) when the process dies
+        losses.append(fb.result().metrics["loss:sum"])
+        optim.result()
+    service.close("success").result()
+    return losses
+
+
+def test_a_killed_model_actor_comes_back_and_the_client_sees_no_error(url):
+    uninterrupted = train(url)
+    before = model_actor_pid()
+    interrupted = train(url, kill_after=3)
+    assert model_actor_pid() != before  # Serve did restart it
+    np.testing.assert_allclose(interrupted, uninterrupted, rtol=1e-5, atol=1e-5)
