@@ -8,6 +8,7 @@ computes, and is called from one thread at a time. Adapters go in and out as PEF
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from actors.work import (
@@ -60,6 +61,11 @@ class Backend(Protocol):
     def optim_step(self, work: OptimStepWork) -> OptimStepResult: ...
 
     def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]: ...
+
+    def snapshot_state(self, model_id: str) -> Callable[[], dict[str, bytes]]:
+        """The model's state (weights + AdamW) as of now, cheaply; the returned function makes the
+        `save_state(..., with_optimizer=True)` files from it later, on another thread."""
+        ...
 
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None: ...
 

@@ -1,9 +1,10 @@
 """Training state that survives its model deployment: durable snapshots and the request log.
 
-- After every optim_step the model actor takes the training model's state (adapter weights and
-  AdamW state, as PEFT files) on the compute thread, and `save` writes it under the tenant's
-  storage prefix off that thread (one writer thread, so snapshots land in order); the database
-  then names it as the model's current snapshot, and older ones are dropped.
+- After an optim_step (each one, or at most one per `snapshot_interval_s`), the model actor copies
+  the training model's state (adapter weights and AdamW state) on the compute thread, and `save`
+  serializes it (as PEFT files) and writes it under the tenant's storage prefix off that thread
+  (one writer thread, so snapshots land in order); the database then names it as the model's
+  current snapshot, and older ones are dropped.
 - Every request of a training model is in the request log (`actors.metadata.futures`). A restarted
   deployment brings each live training model back from its current snapshot and runs again, in
   order, the logged requests after it: those that changed the model's state (to rebuild it
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -46,16 +49,24 @@ def needs_replay(status: str, verb: str, args: tuple) -> bool:
 
 
 class Durability:
-    def __init__(self, store: CheckpointStore, registry: Registry):
+    def __init__(self, store: CheckpointStore, registry: Registry, interval_s: float = 0.0):
         self._store = store
         self._registry = registry
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}  # model id -> when its newest snapshot was taken (monotonic)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-durable")
         self._writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
 
-    def save(self, work: OptimStepWork, files: dict[str, bytes]) -> None:
-        """Write the snapshot taken right after `work` (an optim_step), in the background."""
+    def due(self, model_id: str) -> bool:
+        """Whether the optim_step about to run should be followed by a snapshot."""
+        last = self._last.get(model_id)
+        return last is None or time.monotonic() - last >= self._interval_s
+
+    def save(self, work: OptimStepWork, snapshot: Callable[[], dict[str, bytes]]) -> None:
+        """Serialize and write the snapshot taken right after `work` (an optim_step), in the background."""
         at = utc_now()
-        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, work, at, files)
+        self._last[work.model_id] = time.monotonic()
+        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, work, at, snapshot)
         self._writes.add(write)
         write.add_done_callback(self._written)
 
@@ -65,9 +76,9 @@ class Durability:
             return {}
         return self._store.read_durable(run.tenant_id, run.id, snapshot_tag(run.durable_seq, run.durable_at))
 
-    def _write(self, work: OptimStepWork, at: datetime, files: dict[str, bytes]) -> None:
+    def _write(self, work: OptimStepWork, at: datetime, snapshot: Callable[[], dict[str, bytes]]) -> None:
         tag = snapshot_tag(work.seq_id, at)
-        self._store.write_durable(work.tenant, work.model_id, tag, files)
+        self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
         self._registry.set_durable(work.model_id, work.seq_id, at)
         self._store.drop_durable_except(work.tenant, work.model_id, tag)
 

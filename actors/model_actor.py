@@ -47,7 +47,7 @@ from actors.work import (
     SamplerInfo,
     SampleWork,
 )
-from configs.errors import UserError
+from configs.errors import ThinkerError, UserError
 from configs.schema import BaseModelConfig, TenantQuotas
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class ModelActor:
         quotas: TenantQuotas | None = None,
         future_ttl_s: float = 3600.0,
         durable_training: bool = True,
+        snapshot_interval_s: float = 0.0,
     ):
         quotas = quotas or TenantQuotas()
         for module in config.custom_losses:
@@ -93,7 +94,7 @@ class ModelActor:
         self._usage_writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
         self._records = FutureRecords(database, future_ttl_s)
         self._outcomes = Outcomes(self._records, future_ttl_s)
-        self._durability = Durability(store, self._registry) if durable_training else None
+        self._durability = Durability(store, self._registry, snapshot_interval_s) if durable_training else None
         self._restore: asyncio.Task | None = None
         self._replays: set[asyncio.Task] = set()
         limits = SchedulerLimits(
@@ -142,11 +143,11 @@ class ModelActor:
 
     @tracked
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
-        if self._durability is None:
+        if self._durability is None or not self._durability.due(work.model_id):
             return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
         fn = partial(self._step_and_snapshot, work)
-        result, files = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
-        self._durability.save(work, files)
+        result, snapshot = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
+        self._durability.save(work, snapshot)
         return result
 
     @tracked
@@ -179,17 +180,20 @@ class ModelActor:
         return model_id
 
     async def get_info(self, model_id: str) -> ModelInfo:
+        await self._ready()
         return self._backend.get_info(model_id)
 
     # ---- sampling ------------------------------------------------------------------------------
 
     async def create_sampler(self, sampler_id: str, model_path: str | None, tenant: str) -> SamplerInfo:
+        await self._ready()
         if await self.has_sampler(sampler_id):
             return self._backend.sampler_info(sampler_id)
         fn = partial(self._checkpoints.create_sampler, tenant, sampler_id, model_path)
         return await self._scheduler.ordered(sampler_id, None, fn)
 
     async def sampler_info(self, sampler_id: str) -> SamplerInfo:
+        await self._ready()
         return self._backend.sampler_info(sampler_id)
 
     @tracked
@@ -208,6 +212,7 @@ class ModelActor:
         return result
 
     async def generate_text(self, work: GenerateWork) -> GeneratedText:
+        await self._ready()
         # NOTE: the tokenizer runs on the compute thread only (fast tokenizers are not re-entrant).
         prompt = await self._scheduler.run_now(partial(self._encode_prompt, work))
         sample = SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params, tenant=work.tenant)
@@ -248,6 +253,12 @@ class ModelActor:
             after = (run.durable_seq, run.durable_at) if files else (None, None)
             log = await asyncio.to_thread(self._records.log, run.id, *after)
             replays += [(rid, verb, args) for rid, status, verb, args in log if needs_replay(status, verb, args)]
+        for sampler in await asyncio.to_thread(self._registry.live_samplers_of, self._config.name):
+            make = partial(self._checkpoints.create_sampler, sampler.tenant_id, sampler.id, sampler.model_path)
+            try:
+                await self._scheduler.ordered(sampler.id, None, make)
+            except ThinkerError as exc:  # e.g. its checkpoint was deleted since: it is gone, like it
+                logger.warning("sampling session %s could not be made again: %s", sampler.id, exc)
         for request_id, verb, args in replays:
             method = getattr(type(self), verb).__wrapped__  # past the @tracked gate, which waits for this
             task = asyncio.ensure_future(self._outcomes.track(request_id, method(self, *args)))
@@ -267,29 +278,35 @@ class ModelActor:
         self._checkpoints.create_model(work)
         self._backend.load_state(work.model_id, files, with_optimizer=True)
 
-    def _step_and_snapshot(self, work: OptimStepWork) -> tuple[OptimStepResult, dict[str, bytes]]:
-        """On the compute thread: the step, then the state right after it (written off this thread)."""
+    def _step_and_snapshot(self, work: OptimStepWork) -> tuple[OptimStepResult, Callable[[], dict[str, bytes]]]:
+        """On the compute thread: the step, then a copy of the state right after it (serialized and
+        written off this thread)."""
         result = self._backend.optim_step(work)
-        return result, self._backend.save_state(work.model_id, with_optimizer=True)
+        return result, self._backend.snapshot_state(work.model_id)
 
     async def describe(self) -> ModelDescription:
         return self._description
 
     async def has_model(self, model_id: str) -> bool:
+        await self._ready()
         return model_id in self._backend.list_models()
 
     async def has_sampler(self, sampler_id: str) -> bool:
+        await self._ready()
         return sampler_id in self._backend.list_samplers()
 
     async def list_models(self) -> list[ModelInfo]:
+        await self._ready()
         return [self._backend.get_info(m) for m in self._backend.list_models()]
 
     async def skip(self, model_id: str, seq_id: int) -> None:
         """The ingress rejected this submission: later seq ids must not wait for it."""
+        await self._ready()
         self._scheduler.skip(model_id, seq_id)
 
     async def release_session(self, session_id: str) -> list[str]:
         """Unload the session's models and samplers that live here (its client has finished)."""
+        await self._ready()
         models = [m for m in self._backend.list_models() if ids.session_of(m) == session_id]
         released = [await self.unload_model(m) for m in models]
         for sampler_id in [s for s in self._backend.list_samplers() if ids.session_of(s) == session_id]:

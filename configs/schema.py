@@ -204,8 +204,14 @@ class ThinkerConfig(StrictConfig):
     )
     durable_training: bool = Field(
         True,
-        description="Snapshot each training model after every optim_step (off the compute thread) and log its "
-        "requests, so a restarted model deployment brings it back exactly and completes the requests in flight.",
+        description="Log each training model's requests and snapshot its state after optim_steps (off the compute "
+        "thread), so a restarted model deployment brings it back exactly and completes the requests in flight.",
+    )
+    snapshot_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="Least time between two durable snapshots of one training model (0: after every optim_step). "
+        "A restart replays the logged requests since the newest snapshot, so this bounds the work redone.",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call the server; see AuthConfig.")
     quotas: TenantQuotas = Field(default_factory=TenantQuotas, description="Per-tenant limits; see TenantQuotas.")

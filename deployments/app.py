@@ -45,6 +45,7 @@ def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backen
             config.quotas,
             config.future_ttl_s,
             config.durable_training,
+            config.snapshot_interval_s,
         )
     )
 

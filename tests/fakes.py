@@ -93,6 +93,10 @@ class FakeBackend:
         self.get_info(model_id)
         return {"fake_state.json": json.dumps({"model_id": model_id, "steps": self.steps.get(model_id, 0)}).encode()}
 
+    def snapshot_state(self, model_id: str):
+        files = self.save_state(model_id, with_optimizer=True)
+        return lambda: files
+
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
         self.get_info(model_id)
         self.steps[model_id] = json.loads(files["fake_state.json"])["steps"]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from actors.hf.adapters import AdapterTable
 from actors.hf.base_model import load_base_model
 from actors.hf.samplers import SamplerTable
 from actors.logprobs import target_logprobs
-from actors.lora import Routing, install_lora_layers
+from actors.lora import LoraWeights, Routing, install_lora_layers
 from actors.peft_format import (
     OPTIMIZER_FILE,
     adapter_files,
@@ -199,6 +200,23 @@ class HFBackend:
         files = adapter_files(adapter.weights, adapter.info.lora.rank, self.config.lora_alpha, self.config.name)
         if with_optimizer:
             files[OPTIMIZER_FILE] = optimizer_file(adapter.moments(), adapter.step)
+        return files
+
+    def snapshot_state(self, model_id: str) -> Callable[[], dict[str, bytes]]:
+        """Copies of the weights and moments now (on the compute thread); the files later."""
+        adapter = self.adapters.get(model_id)
+        weights = {
+            name: LoraWeights(A=w.A.detach().cpu().clone(), B=w.B.detach().cpu().clone(), scaling=w.scaling)
+            for name, w in adapter.weights.items()
+        }
+        moments = {key: (m.cpu().clone(), v.cpu().clone()) for key, (m, v) in adapter.moments().items()}
+        rank, step = adapter.info.lora.rank, adapter.step
+
+        def files() -> dict[str, bytes]:
+            saved = adapter_files(weights, rank, self.config.lora_alpha, self.config.name)
+            saved[OPTIMIZER_FILE] = optimizer_file(moments, step)
+            return saved
+
         return files
 
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,11 @@ class MegatronBackend:
             files[OPTIMIZER_FILE] = optimizer_file(moments, step)
             self._restore[model_id] = files
         return files
+
+    def snapshot_state(self, model_id: str) -> Callable[[], dict[str, bytes]]:
+        """The ranks hold the state: gathering it is a collective, so it runs now."""
+        files = self.save_state(model_id, with_optimizer=True)
+        return lambda: files
 
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
         self._heal()

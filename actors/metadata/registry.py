@@ -179,6 +179,15 @@ class Registry:
         with self._db.transaction() as session:
             return list(session.scalars(query))
 
+    def live_samplers_of(self, base_model: str) -> list[Sampler]:
+        """Every tenant's live sampling sessions on a base model that a restarted deployment can
+        make again (those made from a checkpoint path)."""
+        query = select(Sampler).where(
+            Sampler.base_model == base_model, Sampler.removed_at.is_(None), Sampler.model_path.is_not(None)
+        )
+        with self._db.transaction() as session:
+            return list(session.scalars(query))
+
     def remove_sampler(self, sampler_id: str) -> None:
         with self._db.transaction() as session:
             row = session.get(Sampler, sampler_id)

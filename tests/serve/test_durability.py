@@ -8,12 +8,14 @@ import signal
 import numpy as np
 import pytest
 import ray
+import requests
 import tinker
 from ray import serve
 from tinker import types
 
 from configs.schema import ThinkerConfig
 from deployments.app import build_thinker_app
+from examples.example_simple import retrieve
 from tests.conftest import run_app, tiny_model_config
 
 pytestmark = pytest.mark.serve
@@ -77,3 +79,42 @@ def test_a_killed_model_actor_comes_back_and_the_client_sees_no_error(url):
     interrupted = train(url, kill_after=3)
     assert model_actor_pid() != before  # Serve did restart it
     np.testing.assert_allclose(interrupted, uninterrupted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("restart")
+    config = ThinkerConfig(
+        models=[tiny_model_config("tiny-r", batch_window_s=0.0, num_cpus=0.25)],
+        checkpoint_root=str(folder / "checkpoints"),
+        database_url=f"sqlite:///{folder / 'thinker.sqlite3'}",
+        long_poll_s=2,
+    )
+    url = run_app(serve_instance, build_thinker_app(config), "restart")
+    service = tinker.ServiceClient(base_url=url)
+    reference = service.create_lora_training_client(base_model="tiny-r", rank=4, seed=9).result()
+    resumed = service.create_lora_training_client(base_model="tiny-r", rank=4, seed=9).result()
+    expected = []
+    for step in range(4):
+        for tc in (reference, resumed):
+            if tc is resumed and step == 3:
+                continue
+            fb = tc.forward_backward(batch(step), "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            if tc is reference:
+                expected.append(fb.result().metrics["loss:sum"])
+    key = {"X-API-Key": os.environ["TINKER_API_KEY"]}
+    finished = requests.post(f"{url}/add_lora", json={"model_id": "restart-probe"}, headers=key, timeout=60)
+    assert finished.status_code == 200
+    job = requests.post(f"{url}/optim_step", json={"model_id": "restart-probe"}, headers=key, timeout=60).json()
+    first = retrieve(url, job["request_id"], headers=key)
+
+    serve.delete("restart")  # the whole application goes, then comes back with the same config
+    url = run_app(serve_instance, build_thinker_app(config), "restart")
+
+    info = requests.post(f"{url}/api/v1/get_info", json={"model_id": resumed.model_id}, headers=key, timeout=60)
+    assert info.status_code == 200 and info.json()["model_id"] == resumed.model_id
+    assert retrieve(url, job["request_id"], headers=key) == first  # a result finished before the restart
+    loss = resumed.forward_backward(batch(3), "cross_entropy").result().metrics["loss:sum"]
+    np.testing.assert_allclose(loss, expected[3], rtol=1e-5, atol=1e-5)
+    service.close("success").result()
+    serve.delete("restart")
