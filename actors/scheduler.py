@@ -123,7 +123,8 @@ class Scheduler:
 
     async def sample(self, work: SampleWork) -> SampleResult:
         self._start()
-        key = (f"sample:{work.sampler_id}", work.seq_id) if work.seq_id is not None else None
+        # NOTE: a base model's name is every tenant's sampler id: the tenant belongs in the key
+        key = (f"sample:{work.tenant}:{work.sampler_id}", work.seq_id) if work.seq_id is not None else None
         if key is not None and key in self._seen:
             return await asyncio.shield(self._seen[key])
         job = _Job(self._new_future(), sample=work)

@@ -84,7 +84,7 @@ class Admission:
         request = Request(scope)
         try:
             length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > self._max_bytes:
+            if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > self._max_bytes):
                 raise RequestTooLargeError(f"request body of {length} bytes exceeds {self._max_bytes}")
             if _route_path(request) not in PUBLIC_PATHS:
                 tenant = await self._tenancy.authenticate(request.headers.get("x-api-key"))

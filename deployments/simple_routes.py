@@ -194,7 +194,7 @@ def simple_result(kind: str, value: Any) -> dict:
     """The simple routes' result shapes: metric names without their ':reduction' suffix."""
     metrics = wire.finite_metrics(value.metrics) if kind in ("forward_backward", "optim_step") else {}
     if kind == "forward_backward":
-        loss = metrics.pop("loss:sum")
+        loss = metrics.pop("loss:sum", None)
         return {"loss": loss, "metrics": {key.split(":")[0]: v for key, v in metrics.items()}}
     if kind == "optim_step":
         return {"metrics": {key.split(":")[0]: v for key, v in metrics.items()}}
@@ -202,4 +202,4 @@ def simple_result(kind: str, value: Any) -> dict:
         return {"model_id": value.model_id}
     if isinstance(value, str):
         return {"result": value}
-    raise ValueError(f"no simple encoding for {kind!r}")
+    raise UserError(f"a {kind} result has no simple-route form; retrieve it with /api/v1/retrieve_future")

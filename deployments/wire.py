@@ -11,7 +11,7 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from actors import work
 from configs.errors import UserError
@@ -25,6 +25,7 @@ class WireIn(BaseModel):
 
 
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # what torch's generators take
+SeqId = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a 64-bit column in the request log
 
 
 class WireOut(BaseModel):
@@ -107,7 +108,7 @@ class AdamParams(WireIn):
 
 class OptimStepRequest(WireIn):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: AdamParams = Field(
         default_factory=AdamParams, validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params")
     )
@@ -126,9 +127,15 @@ class ModelInput(WireIn):
         pieces = []
         for i, chunk in enumerate(self.chunks):
             if chunk.get("type", "encoded_text") != "encoded_text":
-                raise UserError(f"prompt chunk {i} is {chunk.get('type')!r}; only encoded_text is supported")
-            pieces.append(EncodedTextChunk.model_validate(chunk).tokens)
-        return np.asarray([t for piece in pieces for t in piece], dtype=np.int64)
+                raise UserError(f"prompt chunk {i} is {str(chunk.get('type'))[:40]!r}; only encoded_text is supported")
+            try:
+                pieces.append(EncodedTextChunk.model_validate(chunk).tokens)
+            except ValidationError:
+                raise UserError(f"prompt chunk {i}: tokens must be a list of integers") from None
+        try:
+            return np.asarray([t for piece in pieces for t in piece], dtype=np.int64)
+        except OverflowError:
+            raise UserError("prompt token ids must fit in 64 bits") from None
 
 
 class SamplingParams(WireIn):
@@ -158,7 +165,7 @@ class SampleRequest(WireIn):
     sampling_session_id: str | None = None
     base_model: str | None = None
     model_path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     num_samples: int = Field(1, ge=1)
     prompt: ModelInput
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
@@ -193,19 +200,19 @@ class CreateSamplingSessionRequest(WireIn):
 class SaveWeightsRequest(WireIn):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class SaveWeightsForSamplerRequest(WireIn):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     sampling_session_seq_id: int | None = None
 
 
 class LoadWeightsRequest(WireIn):
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
     model_seq_id: int | None = None
     base_model: str | None = None

@@ -38,7 +38,7 @@ class Registry:
         row = Session(
             id=session_id,
             tenant_id=tenant,
-            sdk_version=(sdk_version or "")[:64] or None,
+            sdk_version=(sdk_version or "")[:64].encode("utf-8", "replace").decode() or None,  # lone surrogates
             tags={"tags": list(tags)},
             user_metadata=dict(user_metadata),
         )

@@ -128,6 +128,9 @@ def test_the_reported_malformed_inputs_get_4xx(tiny_url, bystander):
         ),
         ("POST", "/generate", {"json": {"model_id": "tiny-a", "messages": [{"role": "user", "content": "hi"}] * 800}}),
         ("POST", "/fwdbwd", {"json": {"model_id": "chatty", "data": [[{"role": "user", "content": "x"}] * 800]}}),
+        ("POST", "/api/v1/asample", {"json": {"base_model": "tiny-a", "prompt": {"chunks": [{"tokens": ["x"]}]}}}),
+        ("POST", "/api/v1/asample", {"json": {"base_model": "tiny-a", "prompt": {"chunks": [{"tokens": [2**70]}]}}}),
+        ("POST", "/api/v1/optim_step", {"json": {"model_id": mine, "seq_id": 2**63}}),
         ("POST", "/add_lora", {"json": {"model_id": "../../etc/evil"}}),
         ("POST", "/add_lora", {"json": {"model_id": "/abs/path"}}),
         ("POST", "/api/v1/load_weights", {"json": {"model_id": mine, "path": "tinker://../../weights/x"}}),
@@ -138,6 +141,12 @@ def test_the_reported_malformed_inputs_get_4xx(tiny_url, bystander):
             {"json": {"session_id": "../escape-session", "model_seq_id": 0, "base_model": "tiny-a"}},
         ),
     ]
+    odd_version = call(url, "POST", "/api/v1/create_session", json={"tags": [], "sdk_version": "\ud800"})
+    assert odd_version.status_code == 200  # stored with the lone surrogate replaced
+    prompt = {"chunks": [{"tokens": [1, 2]}]}
+    sampled = call(url, "POST", "/api/v1/asample", json={"base_model": "tiny-a", "prompt": prompt})
+    simple = call(url, "POST", "/retrieve_future", json={"request_id": sampled.json()["request_id"]})
+    assert simple.status_code in (202, 400) and (simple.status_code == 202 or simple.json()["category"] == "user")
     start = time.time()
     for method, path, kwargs in refused:
         response = call(url, method, path, **kwargs)

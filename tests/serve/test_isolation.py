@@ -159,3 +159,16 @@ def test_alices_model_is_untouched_and_keeps_training(tiny_url, alice):
     assert alice["client"].forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
     info = call(tiny_url, "POST", "/api/v1/weights_info", ALICE, json={"tinker_path": alice["state_path"]})
     assert info.status_code == 200 and info.json()["lora_rank"] == 4
+
+
+def test_sampling_the_same_base_model_with_the_same_seq_id_never_shares_a_result(tiny_url):
+    from deployments.wire_proto import pb
+
+    lengths = {}
+    for key, prompt in ((ALICE, [1, 2, 3]), (BOB, [4, 5, 6, 7, 8, 9])):
+        body = {"base_model": "tiny-a", "seq_id": 4242, "prompt": {"chunks": [{"tokens": prompt}]}}
+        body.update(prompt_logprobs=True, sampling_params={"max_tokens": 2, "temperature": 0})
+        submitted = call(tiny_url, "POST", "/api/v1/asample", key, json=body)
+        answer = pb.SampleResponse.FromString(result(tiny_url, key, submitted.json()["request_id"]).content)
+        lengths[key] = len(answer.prompt_logprobs) // 4
+    assert lengths == {ALICE: 3, BOB: 6}  # Bob got his own result, not Alice's
