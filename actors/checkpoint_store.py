@@ -93,11 +93,7 @@ class CheckpointStore:
         """Publish a checkpoint atomically: files first, the marker last. A same-named checkpoint is
         moved aside, replaced, and only then deleted (restored if the replacement fails)."""
         final = self.folder(tenant, record.training_run_id, record.segment, record.name)
-        staging = self._inside(tenant, record.training_run_id, f".staging-{uuid.uuid4().hex}")
-        self.fs.makedirs(staging, exist_ok=True)
-        for filename, data in files.items():
-            with self.fs.open(posixpath.join(staging, ids.check_name(filename, "file name")), "wb") as f:
-                f.write(data)
+        staging = self._stage(tenant, record.training_run_id, files)
         record.size_bytes = sum(len(data) for data in files.values())
         self._write_json(posixpath.join(staging, MARKER), asdict(record))
         replaced = None
@@ -118,11 +114,7 @@ class CheckpointStore:
     def write_durable(self, tenant: str, run_id: str, tag: str, files: dict[str, bytes]) -> None:
         """Write a durable snapshot of a training model (what a restarted deployment restores) as
         `tag`; the database says which tag is current, so a snapshot it does not name yet is unused."""
-        staging = self._inside(tenant, run_id, f".staging-{uuid.uuid4().hex}")
-        self.fs.makedirs(staging, exist_ok=True)
-        for filename, data in files.items():
-            with self.fs.open(posixpath.join(staging, ids.check_name(filename, "file name")), "wb") as f:
-                f.write(data)
+        staging = self._stage(tenant, run_id, files)
         self.fs.makedirs(self._inside(tenant, run_id, DURABLE), exist_ok=True)
         final = self._inside(tenant, run_id, DURABLE, ids.check_name(tag, "snapshot tag"))
         if self.fs.exists(final):
@@ -174,6 +166,15 @@ class CheckpointStore:
             self.fs.rm(folder, recursive=True)
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _stage(self, tenant: str, run_id: str, files: dict[str, bytes]) -> str:
+        """The files in a fresh staging folder of the run (moved into place by the caller)."""
+        staging = self._inside(tenant, run_id, f".staging-{uuid.uuid4().hex}")
+        self.fs.makedirs(staging, exist_ok=True)
+        for filename, data in files.items():
+            with self.fs.open(posixpath.join(staging, ids.check_name(filename, "file name")), "wb") as f:
+                f.write(data)
+        return staging
 
     def _inside(self, tenant: str, run_id: str, *rest: str) -> str:
         """root/tenant/run/rest..., refused unless it stays inside root/tenant/run (the tenant and

@@ -16,19 +16,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+from actors.background import BackgroundWrites
 from actors.checkpoint_store import CheckpointStore
 from actors.metadata.registry import Registry
 from actors.metadata.tables import TrainingRun, utc_now
 from actors.work import ForwardBackwardWork, OptimStepWork
-
-logger = logging.getLogger(__name__)
 
 STATE_CHANGING = frozenset(
     {"create_model", "create_model_from_state", "forward_backward", "optim_step", "load_weights", "unload_model"}
@@ -54,8 +51,10 @@ class Durability:
         self._registry = registry
         self._interval_s = interval_s
         self._last: dict[str, float] = {}  # model id -> when its newest snapshot was taken (monotonic)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinker-durable")
-        self._writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+        # one writer thread: snapshots land in the order they were taken
+        self._writes = BackgroundWrites(
+            "a durable snapshot", ThreadPoolExecutor(1, thread_name_prefix="thinker-durable")
+        )
 
     def due(self, model_id: str) -> bool:
         """Whether the optim_step about to run should be followed by a snapshot."""
@@ -66,9 +65,7 @@ class Durability:
         """Serialize and write the snapshot taken right after `work` (an optim_step), in the background."""
         at = utc_now()
         self._last[work.model_id] = time.monotonic()
-        write = asyncio.get_running_loop().run_in_executor(self._writer, self._write, work, at, snapshot)
-        self._writes.add(write)
-        write.add_done_callback(self._written)
+        self._writes.start(self._write, work, at, snapshot)
 
     def read(self, run: TrainingRun) -> dict[str, bytes]:
         """The run's current snapshot ({} without one)."""
@@ -81,8 +78,3 @@ class Durability:
         self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
         self._registry.set_durable(work.model_id, work.seq_id, at)
         self._store.drop_durable_except(work.tenant, work.model_id, tag)
-
-    def _written(self, write: asyncio.Future) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and write.exception() is not None:
-            logger.error("could not write a training model's durable snapshot", exc_info=write.exception())

@@ -22,6 +22,7 @@ import numpy as np
 
 from actors import ids
 from actors.backend import Backend
+from actors.background import BackgroundWrites
 from actors.chat import chat_datum, likelihood_metrics, prompt_tokens
 from actors.checkpoint_store import CheckpointStore
 from actors.checkpointing import Checkpointing
@@ -91,7 +92,7 @@ class ModelActor:
         store = CheckpointStore(checkpoint_root)
         self._registry = Registry(database)
         self._checkpoints = Checkpointing(self._backend, store, self._registry, config.name, config.max_adapters)
-        self._usage_writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+        self._usage_writes = BackgroundWrites("usage")
         self._records = FutureRecords(database, future_ttl_s)
         self._outcomes = Outcomes(self._records, future_ttl_s)
         self._durability = Durability(store, self._registry, snapshot_interval_s) if durable_training else None
@@ -317,17 +318,9 @@ class ModelActor:
     # ---- usage ---------------------------------------------------------------------------------
 
     def _count_usage(self, tenant: str, owned_id: str, kind: str, amount: int) -> None:
-        """Add to the tenant's usage in the database, off the event loop and off the compute thread;
-        the answer does not wait for it (a failed write is logged, never the request's failure)."""
-        write = partial(self._registry.add_usage, tenant, ids.session_of(owned_id), self._config.name, kind, amount)
-        future = asyncio.get_running_loop().run_in_executor(None, write)
-        self._usage_writes.add(future)
-        future.add_done_callback(self._usage_written)
-
-    def _usage_written(self, future: asyncio.Future) -> None:
-        self._usage_writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            logger.error("could not record usage", exc_info=future.exception())
+        """Add to the tenant's usage in the database; the answer does not wait for it."""
+        record = self._registry.add_usage
+        self._usage_writes.start(record, tenant, ids.session_of(owned_id), self._config.name, kind, amount)
 
     # ---- compute-thread helpers ------------------------------------------------------------------
 

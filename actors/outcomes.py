@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from actors.background import BackgroundWrites
 from actors.metadata.futures import FutureRecords
 from actors.metadata.tables import utc_now
-
-logger = logging.getLogger(__name__)
 
 
 class Outcomes:
@@ -30,7 +28,7 @@ class Outcomes:
         self._ttl_s = ttl_s
         self._clock = clock
         self._futures: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # oldest first
-        self._writes: set[asyncio.Future] = set()  # in flight; referenced so they are not collected
+        self._writes = BackgroundWrites("a request's outcome")
         self.started_at = utc_now()  # a request recorded before this and unknown here was lost
 
     async def track(self, request_id: str | None, work: Awaitable[Any]) -> Any:
@@ -76,14 +74,7 @@ class Outcomes:
                 future.exception()  # retrieved here: a future nobody polls must not warn
             else:
                 future.set_result(outcome)
-        write = asyncio.get_running_loop().run_in_executor(None, self._records.finish, request_id, outcome)
-        self._writes.add(write)
-        write.add_done_callback(self._written)
-
-    def _written(self, write: asyncio.Future) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and write.exception() is not None:
-            logger.error("could not record a request's outcome", exc_info=write.exception())
+        self._writes.start(self._records.finish, request_id, outcome)
 
 
 def tracked(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
