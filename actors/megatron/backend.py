@@ -6,14 +6,21 @@
   each take a contiguous slice of every request's datums.
 - Adapters travel as PEFT files (`actors.peft_format`): a checkpoint written here loads in the
   HF backend and the other way round.
-- A failed rank fails the in-flight request with a ServerError; before the next request the
-  group is rebuilt and every training model comes back from its last saved or loaded state
-  (or, if it never had one, from its initial weights). Samplers do not survive that: sampling
-  one afterwards fails with a ServerError that says how to get it back.
+- A lost rank (dead or not answering) does not fail the request: the group is rebuilt, every
+  training model and sampler comes back exactly, and the request runs again (the client sees a
+  delay). For that the backend keeps, per training model, a restore point (the files of its last
+  snapshot, save or load; none: its seeded initial weights) and a journal of what changed it
+  since (forward_backward, optim_step, and the sampler snapshots taken from it), replayed in
+  order on the new group. A restore point is taken every `JOURNAL_STEPS` optim_steps (and at
+  each durable snapshot), so a replay stays short. A sampler made from files keeps its files; a
+  snapshot sampler is replayed from its model's journal, or exported to files before the
+  journal that made it is dropped.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +28,7 @@ import numpy as np
 
 from actors.batch import validate_data
 from actors.generation import generate_uncached
-from actors.megatron.group import RankGroup
+from actors.megatron.group import RankGroup, RankLost
 from actors.megatron.rank import merge_reports
 from actors.model_source import resolve_source, tokenizer_source
 from actors.peft_format import OPTIMIZER_FILE, adapter_files, optimizer_file, read_adapter, read_optimizer
@@ -43,6 +50,9 @@ from configs.errors import NotFoundError, ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from losses import get_loss
 
+logger = logging.getLogger(__name__)
+JOURNAL_STEPS = 8  # optim_steps a training model's journal holds before a new restore point is taken
+
 
 class _Weights:
     """The (A, B) pair in PEFT's file helpers' shape."""
@@ -53,8 +63,9 @@ class _Weights:
 
 class MegatronBackend:
     """The Backend interface over a group of megatron-core rank actors (TP x PP x DP): validates
-    here, sends each verb to every rank, merges the reporting ranks' results. Keeps each model's
-    last saved state so a group rebuilt after a rank died comes back with its adapters."""
+    here, sends each verb to every rank, merges the reporting ranks' results. Keeps what it needs
+    to rebuild every adapter exactly on a new group after a rank is lost, and runs the request
+    that met the loss again."""
 
     def __init__(self, config: BaseModelConfig, cache_dir: str = "~/.cache/thinker"):
         self.config = config
@@ -68,9 +79,11 @@ class MegatronBackend:
         self.tokenizer = _tokenizer(self.tokenizer_dir)
         self.eos_ids = frozenset([self.tokenizer.eos_token_id]) if self.tokenizer is not None else frozenset()
         self._models: dict[str, ModelInfo] = {}
-        self._restore: dict[str, dict[str, bytes]] = {}  # model id -> files of its last saved/loaded state
+        # model id -> files of its restore point (None: its seeded initial weights), and what changed it since
+        self._restore: dict[str, dict[str, bytes] | None] = {}
+        self._journal: dict[str, list[tuple[str, object]]] = {}
         self._samplers: dict[str, SamplerInfo] = {}
-        self._lost_samplers: dict[str, str] = {}  # sampler id -> how to get it back (after a rebuild)
+        self._sampler_files: dict[str, dict[str, bytes]] = {}  # a sampler's weights, when not in a journal
 
     def init_compute_thread(self) -> None:
         pass  # the compute runs in the rank actors
@@ -81,12 +94,12 @@ class MegatronBackend:
     # ---- training models ------------------------------------------------------------------------
 
     def create_model(self, work: CreateModelWork) -> ModelInfo:
-        self._heal()
         lora = work.lora.seeded()
         lora.validate(self.config.max_lora_rank)
-        self._group.call("create_adapter", work.model_id, lora, self.config.lora_alpha)
+        self._recovering(self._group.call, "create_adapter", work.model_id, lora, self.config.lora_alpha)
         info = ModelInfo(work.model_id, self.config.name, lora, "llama", self.tokenizer_dir, dict(work.user_metadata))
         self._models[work.model_id] = info
+        self._restore[work.model_id], self._journal[work.model_id] = None, []
         return info
 
     def get_info(self, model_id: str) -> ModelInfo:
@@ -99,9 +112,11 @@ class MegatronBackend:
 
     def unload_model(self, model_id: str) -> None:
         self.get_info(model_id)
-        self._group.call("remove_adapter", model_id)
+        self._recovering(self._settle_samplers, model_id)
+        self._recovering(self._group.call, "remove_adapter", model_id)
         del self._models[model_id]
         self._restore.pop(model_id, None)
+        self._journal.pop(model_id, None)
 
     def check_forward_backward(self, work: ForwardBackwardWork) -> None:
         self.get_info(work.model_id)
@@ -118,7 +133,6 @@ class MegatronBackend:
     def forward_backward_batch(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
         """Every valid request in one pipeline pass, each with its adapter and loss; data-parallel
         replicas each take a contiguous slice of every request's datums."""
-        self._heal()
         outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(works)
         ready = []
         for i, work in enumerate(works):
@@ -130,37 +144,55 @@ class MegatronBackend:
         if not ready:
             return outcomes
         batch = [works[i] for i in ready]
+        for i, merged in zip(ready, self._recovering(self._forward_backward, batch)):
+            outcomes[i] = ServerError(merged) if isinstance(merged, str) else merged
+            if not isinstance(merged, str) and not works[i].forward_only:
+                self._journal[works[i].model_id].append(("forward_backward", works[i]))
+        return outcomes
+
+    def _forward_backward(self, batch: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | str]:
+        """One pass over the group: per request its merged result (or a loss's error message)."""
         dp = self.config.megatron.data_parallel
         bounds = [np.linspace(0, len(w.data), dp + 1).astype(int) for w in batch]
         per_rank = [([(int(b[c["dp"]]), int(b[c["dp"] + 1])) for b in bounds],) for c in self._group.coords]
         reports = [r for r in self._group.reports(self._group.call("forward_backward", batch, per_rank=per_rank)) if r]
-        for j, i in enumerate(ready):
-            merged = merge_reports([r[j] for r in reports if r[j] is not None])
-            outcomes[i] = ServerError(merged) if isinstance(merged, str) else merged
-        return outcomes
+        return [merge_reports([r[j] for r in reports if r[j] is not None]) for j in range(len(batch))]
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
-        self._heal()
         self.get_info(work.model_id)
-        (metrics, *_) = self._group.reports(self._group.call("optim_step", work.model_id, work.adam))
+        metrics = self._recovering(self._optim_step, work)
+        journal = self._journal[work.model_id]
+        journal.append(("optim_step", work))
+        if sum(verb == "optim_step" for verb, _ in journal) >= JOURNAL_STEPS:
+            self.save_state(work.model_id, with_optimizer=True)  # a new restore point
         return OptimStepResult(metrics=metrics)
+
+    def _optim_step(self, work: OptimStepWork) -> dict:
+        (metrics, *_) = self._group.reports(self._group.call("optim_step", work.model_id, work.adam))
+        return metrics
 
     # ---- weights in and out ---------------------------------------------------------------------
 
     def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]:
-        self._heal()
         info = self.get_info(model_id)
+        files = self._recovering(self._export, model_id, info.lora.rank, with_optimizer)
+        if with_optimizer:  # the model's whole state: its new restore point
+            self._recovering(self._settle_samplers, model_id)
+            self._restore[model_id], self._journal[model_id] = files, []
+        return files
+
+    def _export(self, key: str, rank: int, with_optimizer: bool) -> dict[str, bytes]:
+        """An adapter's PEFT files (with its AdamW state when asked), gathered from the ranks."""
         weights, moments, step = {}, {}, 0
-        for part in self._group.call("export_adapter", model_id, with_optimizer):
+        for part in self._group.call("export_adapter", key, with_optimizer):
             if part is not None:
                 weights.update(part["weights"])
                 moments.update(part["moments"])
                 step = max(step, part["step"])
         as_lora = {name: _Weights(A, B) for name, (A, B) in weights.items()}
-        files = adapter_files(as_lora, info.lora.rank, self.config.lora_alpha, self.config.name)
+        files = adapter_files(as_lora, rank, self.config.lora_alpha, self.config.name)
         if with_optimizer:
             files[OPTIMIZER_FILE] = optimizer_file(moments, step)
-            self._restore[model_id] = files
         return files
 
     def snapshot_state(self, model_id: str) -> Callable[[], dict[str, bytes]]:
@@ -169,7 +201,6 @@ class MegatronBackend:
         return lambda: files
 
     def load_state(self, model_id: str, files: dict[str, bytes], with_optimizer: bool) -> None:
-        self._heal()
         info = self.get_info(model_id)
         full, config = read_adapter(files)
         if config.get("r") != info.lora.rank:
@@ -178,9 +209,15 @@ class MegatronBackend:
             )
         if with_optimizer and OPTIMIZER_FILE not in files:
             raise UserError("this checkpoint holds no optimizer state (save it with save_state)")
-        self._group.call("remove_adapter", model_id)
-        self._import(info, full, files if with_optimizer else {})
-        self._restore[model_id] = files
+        if not with_optimizer:
+            files = {name: data for name, data in files.items() if name != OPTIMIZER_FILE}
+        self._recovering(self._settle_samplers, model_id)
+        self._recovering(self._replace, info, full, files)
+        self._restore[model_id], self._journal[model_id] = files, []
+
+    def _replace(self, info: ModelInfo, full: dict, files: dict[str, bytes]) -> None:
+        self._group.call("remove_adapter", info.model_id)
+        self._import(info, full, files)
 
     def _import(self, info: ModelInfo, full: dict, files: dict[str, bytes]) -> None:
         """A training model's weights (and AdamW state, when `files` holds it) into every rank."""
@@ -190,19 +227,23 @@ class MegatronBackend:
     # ---- sampling ---------------------------------------------------------------------------------
 
     def create_sampler(self, info: SamplerInfo, files: dict[str, bytes] | None) -> SamplerInfo:
-        self._heal()
         if files is not None:
-            full, config = read_adapter(files)
-            lora = LoraSpec(rank=int(config["r"]))
-            self._group.call("import_adapter", info.sampler_id, full, lora, float(config["lora_alpha"]), False)
+            self._recovering(self._import_sampler, info.sampler_id, files)
+            self._sampler_files[info.sampler_id] = files
         self._samplers[info.sampler_id] = info
         return info
 
+    def _import_sampler(self, sampler_id: str, files: dict[str, bytes]) -> None:
+        full, config = read_adapter(files)
+        lora = LoraSpec(rank=int(config["r"]))
+        self._group.call("import_adapter", sampler_id, full, lora, float(config["lora_alpha"]), False)
+
     def snapshot_sampler(self, model_id: str, info: SamplerInfo) -> SamplerInfo:
-        self._heal()
         self.get_info(model_id)
-        self._group.call("copy_adapter", model_id, info.sampler_id)
+        self._recovering(self._group.call, "copy_adapter", model_id, info.sampler_id)
         self._samplers[info.sampler_id] = info
+        self._sampler_files.pop(info.sampler_id, None)
+        self._journal[model_id].append(("copy_adapter", info.sampler_id))
         return info
 
     def sampler_info(self, sampler_id: str) -> SamplerInfo:
@@ -211,30 +252,23 @@ class MegatronBackend:
         return self._samplers[sampler_id]
 
     def list_samplers(self) -> list[str]:
-        return [*self._samplers, *self._lost_samplers]
+        return list(self._samplers)
 
     def remove_sampler(self, sampler_id: str) -> None:
-        if self._lost_samplers.pop(sampler_id, None) is not None:
-            return
         self._samplers.pop(sampler_id, None)
-        self._group.call("remove_adapter", sampler_id)
+        self._sampler_files.pop(sampler_id, None)
+        self._recovering(self._group.call, "remove_adapter", sampler_id)
 
     def sample(self, works: list[SampleWork]) -> list[SampleResult | Exception]:
         outcomes: list[SampleResult | Exception] = []
         for work in works:
             try:
-                outcomes.append(self._sample(work))
+                outcomes.append(self._recovering(self._sample, work))
             except ThinkerError as exc:
                 outcomes.append(exc)
         return outcomes
 
     def _sample(self, work: SampleWork) -> SampleResult:
-        self._heal()
-        if work.sampler_id in self._lost_samplers:
-            raise ServerError(
-                f"sampling session {work.sampler_id!r} was lost when the Megatron group was rebuilt after a rank "
-                f"failure; {self._lost_samplers[work.sampler_id]}"
-            )
         if work.sampler_id == self.config.name:
             key = ""
         elif work.sampler_id in self._models or work.sampler_id in self._samplers:
@@ -272,24 +306,55 @@ class MegatronBackend:
 
     # ---- failures ---------------------------------------------------------------------------------
 
+    def _recovering(self, fn: Callable, *args):
+        """`fn(*args)` on the group; when a rank is lost meanwhile, once more on a rebuilt group."""
+        try:
+            self._heal()
+            return fn(*args)
+        except RankLost as exc:
+            logger.warning("%s: %s; rebuilding the group and running the request again", self.config.name, exc)
+        self._heal()
+        return fn(*args)
+
     def _heal(self) -> None:
-        """Rebuild a broken group and bring every training model back from its last state."""
+        """Rebuild a broken group and bring every adapter back as it was: samplers from their files,
+        training models from their restore points, then their journals replayed in order."""
         if not self._group.broken:
             return
+        started = time.monotonic()
         self._group.rebuild()
-        for sampler_id, info in self._samplers.items():
-            self._lost_samplers[sampler_id] = (
-                f"create a sampling client from {info.model_path} again"
-                if info.model_path
-                else "save_weights_for_sampler again"
-            )
-        self._samplers.clear()
+        for sampler_id, files in self._sampler_files.items():
+            self._import_sampler(sampler_id, files)
+        replayed = 0
         for model_id, info in self._models.items():
-            files = self._restore.get(model_id)
+            files = self._restore[model_id]
             if files is None:
                 self._group.call("create_adapter", model_id, info.lora, self.config.lora_alpha)
-                continue
-            self._import(info, read_adapter(files)[0], files)
+            else:
+                self._import(info, read_adapter(files)[0], files)
+            for verb, item in self._journal[model_id]:
+                if verb == "forward_backward":
+                    self._forward_backward([item])
+                elif verb == "optim_step":
+                    self._optim_step(item)
+                elif item in self._samplers and item not in self._sampler_files:  # copy_adapter
+                    self._group.call("copy_adapter", model_id, item)
+                replayed += 1
+        logger.warning(
+            "%s: Megatron group rebuilt in %.1f s: %d training models (%d journal entries replayed), %d samplers",
+            self.config.name,
+            time.monotonic() - started,
+            len(self._models),
+            replayed,
+            len(self._samplers),
+        )
+
+    def _settle_samplers(self, model_id: str) -> None:
+        """Before a model's journal is dropped: the snapshot samplers it made, exported to files."""
+        rank = self._models[model_id].lora.rank
+        for verb, item in self._journal.get(model_id, []):
+            if verb == "copy_adapter" and item in self._samplers and item not in self._sampler_files:
+                self._sampler_files[item] = self._export(item, rank, with_optimizer=False)
 
     def close(self) -> None:
         self._group.close()

@@ -3,13 +3,16 @@ ranks may land on different nodes (one bundle per rank; GPUs when configured).
 
 - Rank 0 hosts the torch.distributed rendezvous; every rank then sets up its shard.
 - `call` runs a method on every rank and waits at most `call_timeout_s`: a dead or stuck rank
-  becomes a ServerError (never a hang), and the group is marked broken so that the backend
-  rebuilds it (and restores its adapters) before the next request.
+  becomes a `RankLost` (never a hang), and the group is marked broken so that the backend
+  rebuilds it, restores its adapters and runs the request again.
+- Ranks are named actors (`thinker-megatron:<base model>:<group id>:<rank>`) so that an operator
+  (or a test) can find them with `ray list actors` / `ray.util.list_named_actors`.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import ray
@@ -21,6 +24,10 @@ from configs.errors import ServerError
 from configs.schema import BaseModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+class RankLost(ServerError):
+    """A rank actor died or stopped answering: the group must be rebuilt."""
 
 
 class RankGroup:
@@ -45,8 +52,10 @@ class RankGroup:
         self._await_placement(bundle, m.setup_timeout_s)
         remote = ray.remote(MegatronRank)
         threads = max(1, int(m.cpus_per_rank))
+        group_id = uuid.uuid4().hex[:8]
         self._actors = [
             remote.options(
+                name=f"thinker-megatron:{self._config.name}:{group_id}:{i}",
                 num_cpus=m.cpus_per_rank,
                 num_gpus=m.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
@@ -99,7 +108,7 @@ class RankGroup:
     def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
         """`method` on every rank (with `per_rank[i]` appended to rank i's arguments); all results."""
         if self.broken:
-            raise ServerError("the Megatron group is being rebuilt after a rank failure; retry")
+            raise RankLost("the Megatron group is being rebuilt after a rank failure")
         refs = [
             getattr(actor, method).remote(*args, *(per_rank[i] if per_rank else ()))
             for i, actor in enumerate(self._actors)
@@ -109,7 +118,7 @@ class RankGroup:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             self.broken = True
             logger.error("Megatron rank failure during %s: %s", method, exc)
-            raise ServerError(
+            raise RankLost(
                 f"a Megatron rank failed during {method} ({type(exc).__name__}); the group is rebuilt"
             ) from None
         except ray.exceptions.RayTaskError as exc:  # an exception inside the method: pass it on

@@ -1,8 +1,12 @@
 """The official SDK against a Serve app with the Megatron backend (TP=2 and PP=2 on CPU):
 the same LoRA loss trajectory as the HF backend on the same data and seed."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
+import ray
 import tinker
 from tinker import types
 
@@ -56,7 +60,7 @@ def test_megatron_loss_trajectories_equal_the_hf_backend(url):
             op.result()
         trajectories[base] = losses
         if base != "tiny-hf":  # sampling and sampler checkpoints go through the group too
-            sampler = tc.save_weights_and_get_sampling_client()
+            sampler = tc.save_weights_and_get_sampling_client().result()
             result = sampler.sample(
                 types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=4, seed=1)
             )
@@ -64,10 +68,45 @@ def test_megatron_loss_trajectories_equal_the_hf_backend(url):
             path = tc.save_weights_for_sampler("final").result().path
             assert (
                 service.create_sampling_client(model_path=path)
+                .result()
                 .compute_logprobs(types.ModelInput.from_ints([5, 6, 7]))
                 .result()[1]
                 < 0
             )
     for base in ("tiny-tp2", "tiny-pp2"):
         np.testing.assert_allclose(trajectories[base], trajectories["tiny-hf"], rtol=1e-4, atol=1e-4)
+    service.close("success").result()
+
+
+def rank_actors(base: str) -> list:
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return [
+        ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in named
+        if a["name"].startswith(f"thinker-megatron:{base}:")
+    ]
+
+
+def test_a_rank_killed_mid_training_costs_the_client_a_delay_not_an_error(url):
+    """The official SDK trains on the TP=2 group while a rank is SIGKILLed with requests in
+    flight (twice): no exception, and every loss equals an unbroken run's on the same data."""
+    service = tinker.ServiceClient(base_url=url)
+
+    def run(kill_at: set[int]) -> list[float]:
+        tc = service.create_lora_training_client(base_model="tiny-tp2", rank=4, seed=5).result()
+        losses = []
+        for step in range(6):
+            fb = tc.forward_backward(batch(step), "cross_entropy")
+            op = tc.optim_step(types.AdamParams(learning_rate=5e-2))
+            if step in kill_at:
+                (victim, *_) = rank_actors("tiny-tp2")
+                pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
+                os.kill(pid, signal.SIGKILL)
+            losses.append(fb.result().metrics["loss:sum"])
+            op.result()
+        return losses
+
+    expected = run(set())
+    got = run({1, 4})
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     service.close("success").result()
