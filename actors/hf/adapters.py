@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from actors.hf.spill import new_spill_dir
 from actors.lora import LoraLinear, LoraWeights, init_lora_weights
 from actors.work import AdamParams, ModelInfo
 from configs.errors import CapacityError, NotFoundError, UserError
@@ -229,7 +230,5 @@ class AdapterTable:
 
     def _spill_path(self, model_id: str) -> Path:
         if self._spill_dir is None:
-            root = Path(self._spill_root or tempfile.gettempdir()).expanduser()
-            root.mkdir(parents=True, exist_ok=True)
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="adapters-", dir=root))
+            self._spill_dir = new_spill_dir(self._spill_root or tempfile.gettempdir(), "adapters")
         return self._spill_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}.safetensors"

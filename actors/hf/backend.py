@@ -20,6 +20,7 @@ from actors.generation import GenRow, generate
 from actors.hf.adapters import AdapterTable
 from actors.hf.base_model import load_base_model
 from actors.hf.samplers import SamplerTable
+from actors.hf.spill import remove_leftovers
 from actors.logprobs import target_logprobs
 from actors.lora import LoraWeights, Routing, install_lora_layers
 from actors.peft_format import (
@@ -73,6 +74,7 @@ class HFBackend:
         if not self.lora_layers:
             raise ValueError(f"no LoRA-able projections found in a {self.arch!r} model")
         spill_root = str(Path(cache_dir).expanduser() / "spill")
+        remove_leftovers(spill_root)
         self.adapters = AdapterTable(
             self.lora_layers,
             config.max_lora_rank,

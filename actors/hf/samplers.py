@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from actors.hf.spill import new_spill_dir
 from actors.lora import LoraLinear, LoraWeights
 from actors.work import SamplerInfo
 from configs.errors import NotFoundError
@@ -37,8 +37,7 @@ class SamplerTable:
     def __init__(self, layers: dict[str, LoraLinear], capacity: int, spill_root: str):
         self._layers = layers
         self._capacity = capacity
-        Path(spill_root).expanduser().mkdir(parents=True, exist_ok=True)
-        self._spill_dir = Path(tempfile.mkdtemp(prefix="samplers-", dir=Path(spill_root).expanduser()))
+        self._spill_dir = new_spill_dir(spill_root, "samplers")
         self._samplers: dict[str, _Sampler] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order of snapshots on the layers
 

@@ -150,7 +150,8 @@ def rank_loss_run(cache, kills: set[str]) -> tuple[list, list]:
             kill_a_rank(backend)
         params = SamplingParams(max_tokens=4, seed=7, stop_at_eos=False)
         samples = [
-            backend.sample([SampleWork(s, None, np.arange(5), 2, params)])[0] for s in ["f", *(f"s{i}" for i in range(5))]
+            backend.sample([SampleWork(s, None, np.arange(5), 2, params)])[0]
+            for s in ["f", *(f"s{i}" for i in range(5))]
         ]
         assert not any(isinstance(s, Exception) for s in samples), samples
         return [r.metrics["loss:sum"] for r in losses], samples

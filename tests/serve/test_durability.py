@@ -4,6 +4,7 @@ SDK client sees a delay, not an error, with the losses of an uninterrupted run."
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,9 +77,12 @@ def train(url: str, kill_after: int | None = None) -> list[float]:
 def test_a_killed_model_actor_comes_back_and_the_client_sees_no_error(url):
     uninterrupted = train(url)
     before = model_actor_pid()
+    spill = Path(ThinkerConfig.model_fields["cache_dir"].default).expanduser() / "spill"
+    assert [f for f in spill.iterdir() if f"-{before}-" in f.name]  # its sampler spill folder
     interrupted = train(url, kill_after=3)
     assert model_actor_pid() != before  # Serve did restart it
     np.testing.assert_allclose(interrupted, uninterrupted, rtol=1e-5, atol=1e-5)
+    assert not [f for f in spill.iterdir() if f"-{before}-" in f.name]  # the killed process's, removed at restart
 
 
 def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_path_factory):

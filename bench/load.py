@@ -1,0 +1,214 @@
+"""Futures under load: 500 requests pending at once from 50 sessions (50 tenants), and one of
+the two ingress replicas SIGKILLed while they are pending. Counts the results lost (target:
+zero), then times answering a finished future (retrieve_future) against a no-op route of the
+same ingress (healthz), interleaved in the same run, and prints p50/p99 of both and their ratio.
+
+    python bench/load.py                        # 50 sessions x 10 requests, tiny random Llama
+    python bench/load.py --sessions 10 --per-session 5
+
+Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);
+a submission that meets the dying replica is sent again with the same seq_id, as the SDK's
+retry would, and counts once (exactly once: the model runs it once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TINY = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def fb_body(model_id: str, seq_id: int, rng: np.random.Generator) -> bytes:
+    from deployments.wire_proto import pb
+
+    msg = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    for _ in range(4):
+        tokens = rng.integers(0, TINY["vocab_size"], 65)
+        datum = msg.data.add()
+        datum.model_input.add().encoded_text.tokens = tokens[:-1].astype("<i4").tobytes()
+        target = datum.loss_fn_inputs["target_tokens"]
+        target.dtype = pb.DTYPE_INT64
+        target.shape.append(64)
+        target.dense = tokens[1:].astype("<i8").tobytes()
+    return msg.SerializeToString()
+
+
+class Load:
+    def __init__(self, url: str, sessions: int, per_session: int):
+        import httpx
+
+        self.url = f"{url}/api/v1"
+        self.http = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200))
+        self.sessions, self.per_session = sessions, per_session
+        self.accepted: list[tuple[str, str, str]] = []  # (api key, request id, replica)
+        self.resubmitted = 0
+
+    async def post(self, key: str, path: str, **kwargs):
+        return await self.http.post(
+            f"{self.url}/{path}", headers={"X-API-Key": key, **kwargs.pop("headers", {})}, **kwargs
+        )
+
+    async def submit(self, key: str, path: str, **kwargs) -> str:
+        """Accepted at last (a submission that meets the dying replica goes again, as the SDK's would)."""
+        for attempt in range(60):
+            try:
+                response = await self.post(key, path, **kwargs)
+                if response.status_code == 200:
+                    self.accepted.append((key, response.json()["request_id"], response.headers["x-thinker-replica"]))
+                    return response.json()["request_id"]
+                if response.status_code < 500:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+            except Exception as exc:  # connection reset by the killed replica
+                if isinstance(exc, RuntimeError):
+                    raise
+            self.resubmitted += 1
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"{path} was never accepted")
+
+    async def result(self, key: str, request_id: str) -> dict | bytes | None:
+        """The finished result, or None if it is lost (failed, unknown, or never answered)."""
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                response = await self.post(key, "retrieve_future", json={"request_id": request_id})
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            if response.status_code == 200:
+                return response.content
+            if response.status_code not in (408, 502, 503, 500) or "failed" in response.text:
+                print(f"lost {request_id}: {response.status_code} {response.text[:200]}")
+                return None
+            await asyncio.sleep(0.05 if response.status_code == 408 else 0.5)
+        return None
+
+    async def session(self, index: int, started: asyncio.Event) -> list[tuple[str, str]]:
+        key = f"tml-load-{index:03d}"
+        session = (await self.post(key, "create_session", json={"tags": [], "sdk_version": "load"})).json()
+        body = {
+            "session_id": session["session_id"],
+            "model_seq_id": 0,
+            "base_model": "tiny",
+            "lora_config": {"rank": 4},
+        }
+        model_id = json.loads(await self.result(key, await self.submit(key, "create_model", json=body)))["model_id"]
+        await started.wait()  # every session has its model: now all submit at once
+        rng = np.random.default_rng(index)
+        headers = {"content-type": "application/x-protobuf"}
+        ids = []
+        for seq_id in range(1, self.per_session + 1):
+            request_id = await self.submit(
+                key, "forward_backward", content=fb_body(model_id, seq_id, rng), headers=headers
+            )
+            ids.append((key, request_id))
+        return ids
+
+    async def healthz(self) -> None:
+        response = await self.http.get(f"{self.url}/healthz")
+        response.raise_for_status()
+
+
+def kill_replica(name_suffix: str) -> None:
+    import ray
+
+    (name,) = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(f"#{name_suffix}")
+    ]
+    replica = ray.get_actor(name, namespace="serve")
+    os.kill(ray.get(replica.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+
+
+async def run(url: str, sessions: int, per_session: int) -> None:
+    load = Load(url, sessions, per_session)
+    started = asyncio.Event()
+    tasks = [asyncio.ensure_future(load.session(i, started)) for i in range(sessions)]
+    while len(load.accepted) < sessions:  # every create_model accepted
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    t0 = time.monotonic()
+    started.set()
+    total = sessions * per_session
+    while len(load.accepted) < sessions + total // 2:
+        await asyncio.sleep(0.01)
+    replicas = {replica for *_, replica in load.accepted}
+    victim = load.accepted[-1][2]
+    kill_replica(victim)
+    print(f"killed ingress replica {victim} (of {sorted(replicas)}) after {len(load.accepted) - sessions} submissions")
+    submitted = [pair for ids in await asyncio.gather(*tasks) for pair in ids]
+    print(
+        f"{len(submitted)} forward_backward requests accepted in {time.monotonic() - t0:.1f} s "
+        f"({load.resubmitted} submissions sent again)"
+    )
+    results = await asyncio.gather(*(load.result(key, rid) for key, rid in submitted))
+    lost = sum(r is None for r in results)
+    print(f"all answered {time.monotonic() - t0:.1f} s after the first submission; lost: {lost} of {len(submitted)}")
+
+    # a finished future vs a no-op route, alternating, one at a time
+    future_s, noop_s = [], []
+    for key, rid in submitted:
+        start = time.perf_counter()
+        await load.healthz()
+        noop_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        response = await load.post(key, "retrieve_future", json={"request_id": rid})
+        future_s.append(time.perf_counter() - start)
+        assert response.status_code == 200, response.text[:200]
+    await load.http.aclose()
+
+    def pct(xs, q):
+        return float(np.percentile(np.asarray(xs) * 1000, q))
+
+    print(f"answering a finished future: p50 {pct(future_s, 50):.1f} ms, p99 {pct(future_s, 99):.1f} ms")
+    print(f"no-op route (healthz):       p50 {pct(noop_s, 50):.1f} ms, p99 {pct(noop_s, 99):.1f} ms")
+    print(
+        f"ratio (future / no-op): p50 {statistics.median(future_s) / statistics.median(noop_s):.2f}x, "
+        f"p99 {pct(future_s, 99) / pct(noop_s, 99):.2f}x"
+    )
+    if lost:
+        raise SystemExit(f"{lost} results lost")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--per-session", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from bench.local_serve import serve_thinker
+    from configs.schema import BaseModelConfig, TenantQuotas, ThinkerConfig
+
+    root = tempfile.mkdtemp(prefix="thinker-load-")
+    config = ThinkerConfig(
+        models=[BaseModelConfig(name="tiny", random_init=TINY, num_cpus=1, max_adapters=args.sessions + 8)],
+        checkpoint_root=root,
+        database_url=f"sqlite:///{root}/thinker.db",
+        ingress_replicas=2,
+        quotas=TenantQuotas(max_adapters=4),
+    )
+    url = serve_thinker(config)
+    asyncio.run(run(url, args.sessions, args.per_session))
+
+
+if __name__ == "__main__":
+    main()
