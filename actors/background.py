@@ -21,10 +21,12 @@ class BackgroundWrites:
         self._executor = executor  # None: the event loop's default thread pool
         self._in_flight: set[asyncio.Future] = set()  # referenced so they are not collected
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+    def start(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Start the write; its future (to wait for it with `asyncio.wait`, which does not raise)."""
         future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         self._in_flight.add(future)
         future.add_done_callback(self._done)
+        return future
 
     def _done(self, future: asyncio.Future) -> None:
         self._in_flight.discard(future)

@@ -121,7 +121,8 @@ class CheckpointStore:
             self.fs.rm(final, recursive=True)
         self.fs.mv(staging, final, recursive=True)
 
-    def drop_durable_except(self, tenant: str, run_id: str, tag: str) -> None:
+    def drop_durable_except(self, tenant: str, run_id: str, tag: str | None) -> None:
+        """Remove a run's durable snapshots but `tag` (None: all of them)."""
         folder = self._inside(tenant, run_id, DURABLE)
         for path in self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []:
             if posixpath.basename(path.rstrip("/")) != tag:

@@ -4,7 +4,7 @@
   the training model's state (adapter weights and AdamW state) on the compute thread, and `save`
   serializes it (as PEFT files) and writes it under the tenant's storage prefix off that thread
   (one writer thread, so snapshots land in order); the database then names it as the model's
-  current snapshot, and older ones are dropped.
+  current snapshot, and older ones and the request-log payloads it covers are dropped.
 - Every request of a training model is in the request log (`actors.metadata.futures`). A restarted
   deployment brings each live training model back from its current snapshot and runs again, in
   order, the logged requests after it: those that changed the model's state (to rebuild it
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from datetime import datetime
 
 from actors.background import BackgroundWrites
 from actors.checkpoint_store import CheckpointStore
+from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
 from actors.metadata.tables import TrainingRun, utc_now
 from actors.work import ForwardBackwardWork, OptimStepWork
@@ -46,9 +48,10 @@ def needs_replay(status: str, verb: str, args: tuple) -> bool:
 
 
 class Durability:
-    def __init__(self, store: CheckpointStore, registry: Registry, interval_s: float = 0.0):
+    def __init__(self, store: CheckpointStore, registry: Registry, records: FutureRecords, interval_s: float = 0.0):
         self._store = store
         self._registry = registry
+        self._records = records
         self._interval_s = interval_s
         self._last: dict[str, float] = {}  # model id -> when its newest snapshot was taken (monotonic)
         # one writer thread: snapshots land in the order they were taken
@@ -78,3 +81,13 @@ class Durability:
         self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
         self._registry.set_durable(work.model_id, work.seq_id, at)
         self._store.drop_durable_except(work.tenant, work.model_id, tag)
+        self._records.trim_log(work.model_id, work.seq_id, at)
+
+    def forget(self, tenant: str, model_id: str) -> asyncio.Future:
+        """An unloaded training model: its snapshots and request log go (after any write in progress)."""
+        self._last.pop(model_id, None)
+        return self._writes.start(self._forget, tenant, model_id)
+
+    def _forget(self, tenant: str, model_id: str) -> None:
+        self._store.drop_durable_except(tenant, model_id, None)
+        self._records.trim_log(model_id)

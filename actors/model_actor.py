@@ -95,7 +95,8 @@ class ModelActor:
         self._usage_writes = BackgroundWrites("usage")
         self._records = FutureRecords(database, future_ttl_s)
         self._outcomes = Outcomes(self._records, future_ttl_s)
-        self._durability = Durability(store, self._registry, snapshot_interval_s) if durable_training else None
+        durability = Durability(store, self._registry, self._records, snapshot_interval_s)
+        self._durability = durability if durable_training else None
         self._restore: asyncio.Task | None = None
         self._replays: set[asyncio.Task] = set()
         limits = SchedulerLimits(
@@ -178,6 +179,10 @@ class ModelActor:
     async def unload_model(self, model_id: str) -> str:
         await self._scheduler.ordered(model_id, None, partial(self._backend.unload_model, model_id))
         self._scheduler.forget(model_id)
+        if self._durability is not None:
+            run = await asyncio.to_thread(self._registry.find_run, model_id)
+            if run is not None:
+                await asyncio.wait([self._durability.forget(run.tenant_id, model_id)])
         return model_id
 
     async def get_info(self, model_id: str) -> ModelInfo:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,8 +57,6 @@ def fb_body(model_id: str, seq_id: int, rng: np.random.Generator) -> bytes:
 
 class Load:
     def __init__(self, url: str, sessions: int, per_session: int):
-        import httpx
-
         self.url = f"{url}/api/v1"
         self.http = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200))
         self.sessions, self.per_session = sessions, per_session
@@ -71,17 +70,16 @@ class Load:
 
     async def submit(self, key: str, path: str, **kwargs) -> str:
         """Accepted at last (a submission that meets the dying replica goes again, as the SDK's would)."""
-        for attempt in range(60):
+        for _ in range(60):
             try:
                 response = await self.post(key, path, **kwargs)
-                if response.status_code == 200:
-                    self.accepted.append((key, response.json()["request_id"], response.headers["x-thinker-replica"]))
-                    return response.json()["request_id"]
-                if response.status_code < 500:
-                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
-            except Exception as exc:  # connection reset by the killed replica
-                if isinstance(exc, RuntimeError):
-                    raise
+            except httpx.TransportError:  # the connection to the killed replica was reset
+                response = None
+            if response is not None and response.status_code == 200:
+                self.accepted.append((key, response.json()["request_id"], response.headers["x-thinker-replica"]))
+                return response.json()["request_id"]
+            if response is not None and response.status_code < 500:
+                raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
             self.resubmitted += 1
             await asyncio.sleep(0.5)
         raise RuntimeError(f"{path} was never accepted")
@@ -92,7 +90,7 @@ class Load:
         while time.monotonic() < deadline:
             try:
                 response = await self.post(key, "retrieve_future", json={"request_id": request_id})
-            except Exception:
+            except httpx.TransportError:
                 await asyncio.sleep(0.5)
                 continue
             if response.status_code == 200:

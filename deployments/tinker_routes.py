@@ -312,7 +312,7 @@ class TinkerRoutes:
         """Record the request (in the model's request log, run again if the deployment restarts) and
         start `verb(*args)` on the deployment of `base`; its future's id."""
         call = partial(deployment_call, self._models.base(base), verb, *args)
-        logged = LoggedCall(model_id, _seq_of(args), verb, args)
+        logged = LoggedCall(model_id, _seq_of(args), verb, args) if self._config.durable_training else None
         request_id = await self._futures.submit(kind, tenant, base, call, logged, **meta)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
 

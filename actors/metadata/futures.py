@@ -6,7 +6,9 @@ once finished its outcome (a pickled result or exception).
   that took the request (Ray objects die with the process that made the call).
 - The model deployment writes the outcome when the work is done. Outcomes larger than
   `MAX_STORED_OUTCOME` stay only in that deployment's memory.
-- Records older than the futures' TTL are answered as unknown and deleted by `expire`.
+- Records older than the futures' TTL are answered as unknown and deleted by `expire`; a
+  request-log entry (its payload) lives until its training model's next durable snapshot or its
+  unload (`trim_log`), however old, so a replay never misses a step.
 - NOTE: outcomes are pickles that only Thinker's own processes write; the database is trusted.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 
 from actors.metadata.database import Database
 from actors.metadata.tables import Request, utc_now
@@ -64,10 +66,30 @@ class FutureRecords:
         query = select(Request).where(Request.model_id == model_id, Request.payload.is_not(None))
         with self._db.transaction() as session:
             rows = list(session.scalars(query))
-        if after_seq is not None:
-            rows = [r for r in rows if (r.seq_id > after_seq if r.seq_id is not None else r.created_at > after)]
+
+        def after_snapshot(row: Request) -> bool:
+            if after_seq is not None and row.seq_id is not None:
+                return row.seq_id > after_seq
+            return after is None or row.created_at > after
+
+        rows = [r for r in rows if after_snapshot(r)]
         rows.sort(key=lambda r: (0, r.seq_id, 0.0) if r.seq_id is not None else (1, 0, r.created_at.timestamp()))
         return [(r.id, r.status, r.verb, pickle.loads(r.payload)) for r in rows]
+
+    def trim_log(self, model_id: str, through_seq: int | None = None, through: datetime | None = None) -> int:
+        """Drop the payloads a replay no longer needs: a training model's logged requests up to its
+        durable snapshot (seq_id <= through_seq; unsequenced ones submitted up to `through`), or,
+        with neither, all of them (the model was unloaded). The records stay, for retrieve_future."""
+        where = [Request.model_id == model_id, Request.payload.is_not(None)]
+        if through_seq is not None or through is not None:
+            covered = []
+            if through_seq is not None:
+                covered.append(Request.seq_id <= through_seq)
+            if through is not None:
+                covered.append(Request.seq_id.is_(None) & (Request.created_at <= through))
+            where.append(or_(*covered))
+        with self._db.transaction() as session:
+            return session.execute(update(Request).where(*where).values(payload=None)).rowcount
 
     def add_failed(self, request_id: str, tenant: str, kind: str, error: BaseException) -> None:
         """A request that failed before any deployment saw it (its future is already settled)."""
@@ -100,7 +122,8 @@ class FutureRecords:
 
     def expire(self) -> int:
         with self._db.transaction() as session:
-            return session.execute(delete(Request).where(Request.created_at < utc_now() - self._ttl)).rowcount
+            old = (Request.created_at < utc_now() - self._ttl) & Request.payload.is_(None)
+            return session.execute(delete(Request).where(old)).rowcount
 
 
 def outcome_of(row: Request) -> tuple[bool, Any]:

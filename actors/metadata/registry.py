@@ -98,6 +98,11 @@ class Registry:
         with self._db.transaction() as session:
             return _owned(session.get(TrainingRun, run_id), tenant, f"unknown model_id {run_id!r}")
 
+    def find_run(self, run_id: str) -> TrainingRun | None:
+        """Any tenant's run (for the model deployment's own bookkeeping, never for answering a client)."""
+        with self._db.transaction() as session:
+            return session.get(TrainingRun, run_id)
+
     def live_run(self, tenant: str, run_id: str) -> TrainingRun:
         """The run, if its adapter has not been unloaded."""
         row = self.run(tenant, run_id)

@@ -4,6 +4,7 @@ SDK client sees a delay, not an error, with the losses of an uninterrupted run."
 
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -120,5 +121,14 @@ def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_
     assert retrieve(url, job["request_id"], headers=key) == first  # a result finished before the restart
     loss = resumed.forward_backward(batch(3), "cross_entropy").result().metrics["loss:sum"]
     np.testing.assert_allclose(loss, expected[3], rtol=1e-5, atol=1e-5)
-    service.close("success").result()
+    runs = (reference.model_id, resumed.model_id)
+    assert all(list((folder / "checkpoints").glob(f"*/{run}/.durable/*")) for run in runs)
+    service.close("success").result()  # the session ends: its models are unloaded
     serve.delete("restart")
+    # an unloaded model's durable snapshots and request log go with it
+    assert not [p for run in runs for p in (folder / "checkpoints").glob(f"*/{run}/.durable/*")]
+    with sqlite3.connect(folder / "thinker.sqlite3") as db:
+        (logged,) = db.execute(
+            "SELECT count(*) FROM requests WHERE payload IS NOT NULL AND model_id IN (?, ?)", runs
+        ).fetchone()
+    assert logged == 0

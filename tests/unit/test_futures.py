@@ -7,7 +7,7 @@ import pytest
 
 from actors.ids import new_request_id, request_minted_at
 from actors.metadata.database import Database
-from actors.metadata.futures import FutureRecords, outcome_of
+from actors.metadata.futures import FutureRecords, LoggedCall, outcome_of
 from actors.metadata.tenants import Tenants
 from actors.outcomes import Outcomes
 from configs.errors import NotFoundError, UserError
@@ -100,3 +100,26 @@ def test_a_deployment_keeps_outcomes_and_long_polls_them(records):
 
 def test_request_ids_carry_their_mint_time():
     assert abs(request_minted_at(new_request_id()) - time.time()) < 5
+
+
+def test_the_request_log_lives_until_its_snapshot_or_unload_however_old(records):
+    """A logged request's payload outlives the TTL until a durable snapshot covers it (then the
+    record ages out like any other), so a replay never misses a step of an idle model."""
+    futures, alice, _ = records
+    logged = {}
+    for seq_id in range(1, 6):
+        logged[seq_id] = new_request_id()
+        call = LoggedCall("run-a", seq_id, "forward_backward", (seq_id,))
+        futures.add(logged[seq_id], alice, "forward_backward", "base", {}, call)
+    other = new_request_id()
+    futures.add(other, alice, "optim_step", "base", {}, LoggedCall("run-b", 1, "optim_step", (1,)))
+    time.sleep(2.1)  # past the TTL: the records are answered as unknown, but the log is kept
+    assert futures.expire() == 0
+    assert [args for _, _, _, args in futures.log("run-a", None, None)] == [(s,) for s in range(1, 6)]
+
+    assert futures.trim_log("run-a", through_seq=3) == 3  # a snapshot after seq 3
+    assert [args for _, _, _, args in futures.log("run-a", 3, None)] == [(4,), (5,)]
+    assert futures.expire() == 3  # the trimmed records, old enough, go
+    assert futures.trim_log("run-a") == 2  # unloaded
+    assert futures.expire() == 2
+    assert [args for _, _, _, args in futures.log("run-b", None, None)] == [(1,)]  # another model's, untouched
