@@ -33,6 +33,7 @@ from configs.errors import NotFoundError, ServerError, UserError
 SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
 MARKER = "checkpoint.json"
 DURABLE = ".durable"  # {tenant}/{run}/.durable/: the newest snapshot taken after an optim_step
+DURABLE_SAMPLERS = ".durable-samplers"  # {tenant}/{run}/.durable-samplers/: its snapshot samplers' weights
 
 
 @dataclass
@@ -111,25 +112,26 @@ class CheckpointStore:
             self.fs.rm(replaced, recursive=True)
         return record
 
-    def write_durable(self, tenant: str, run_id: str, tag: str, files: dict[str, bytes]) -> None:
+    def write_durable(self, tenant: str, run_id: str, tag: str, files: dict[str, bytes], kind: str = DURABLE) -> None:
         """Write a durable snapshot of a training model (what a restarted deployment restores) as
-        `tag`; the database says which tag is current, so a snapshot it does not name yet is unused."""
+        `tag`; the database says which tag is current, so a snapshot it does not name yet is unused.
+        (kind DURABLE_SAMPLERS: the weights of a snapshot sampler the model made, by sampler tag.)"""
         staging = self._stage(tenant, run_id, files)
-        self.fs.makedirs(self._inside(tenant, run_id, DURABLE), exist_ok=True)
-        final = self._inside(tenant, run_id, DURABLE, ids.check_name(tag, "snapshot tag"))
+        self.fs.makedirs(self._inside(tenant, run_id, kind), exist_ok=True)
+        final = self._inside(tenant, run_id, kind, ids.check_name(tag, "snapshot tag"))
         if self.fs.exists(final):
             self.fs.rm(final, recursive=True)
         self.fs.mv(staging, final, recursive=True)
 
-    def drop_durable_except(self, tenant: str, run_id: str, tag: str | None) -> None:
+    def drop_durable_except(self, tenant: str, run_id: str, tag: str | None, kind: str = DURABLE) -> None:
         """Remove a run's durable snapshots but `tag` (None: all of them)."""
-        folder = self._inside(tenant, run_id, DURABLE)
+        folder = self._inside(tenant, run_id, kind)
         for path in self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []:
             if posixpath.basename(path.rstrip("/")) != tag:
                 self.fs.rm(path, recursive=True)
 
-    def read_durable(self, tenant: str, run_id: str, tag: str) -> dict[str, bytes]:
-        folder = self._inside(tenant, run_id, DURABLE, ids.check_name(tag, "snapshot tag"))
+    def read_durable(self, tenant: str, run_id: str, tag: str, kind: str = DURABLE) -> dict[str, bytes]:
+        folder = self._inside(tenant, run_id, kind, ids.check_name(tag, "snapshot tag"))
         if not self.fs.exists(folder):
             return {}
         files = {}

@@ -10,6 +10,10 @@
   order, the logged requests after it: those that changed the model's state (to rebuild it
   exactly, gradients accumulated since the step included) and those still pending (so their
   futures complete). The client sees a delay, not an error.
+- Snapshot samplers (save_weights_for_sampler without a path) come back too: one made since its
+  model's last snapshot is made again by replaying its logged call; at the model's next snapshot
+  its weights are written beside it (`.durable-samplers/`), before the log that made it is trimmed.
+- Sampling requests still pending are in the log as well, and run again once their samplers are back.
 - NOTE: a snapshot the database does not name yet is never read, so a crash between writing it
   and naming it replays from the previous one, which is exact too.
 """
@@ -17,20 +21,29 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from actors.background import BackgroundWrites
-from actors.checkpoint_store import CheckpointStore
+from actors.checkpoint_store import DURABLE_SAMPLERS, CheckpointStore
 from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
 from actors.metadata.tables import TrainingRun, utc_now
 from actors.work import ForwardBackwardWork, OptimStepWork
 
 STATE_CHANGING = frozenset(
-    {"create_model", "create_model_from_state", "forward_backward", "optim_step", "load_weights", "unload_model"}
+    {
+        "create_model",
+        "create_model_from_state",
+        "forward_backward",
+        "chat_forward_backward",
+        "optim_step",
+        "load_weights",
+        "unload_model",
+    }
 )
 
 
@@ -38,10 +51,18 @@ def snapshot_tag(seq_id: int | None, at: datetime | None) -> str:
     return f"seq-{seq_id}" if seq_id is not None else f"at-{int(at.timestamp() * 1e6)}"
 
 
-def needs_replay(status: str, verb: str, args: tuple) -> bool:
-    """Run again after a restart: what is still pending, and what changed the model's state."""
+def sampler_tag(sampler_id: str) -> str:
+    """A snapshot sampler's folder name (sampler ids hold ':', which folder names may not)."""
+    return "s-" + hashlib.sha256(sampler_id.encode()).hexdigest()[:40]
+
+
+def needs_replay(status: str, verb: str, args: tuple, samplers_to_remake: frozenset[str] = frozenset()) -> bool:
+    """Run again after a restart: what is still pending, what changed the model's state, and the
+    calls that made snapshot samplers whose weights were not written yet."""
     if status == "pending":
         return True
+    if verb == "save_weights_for_sampler":
+        return args[2] is None and args[3] in samplers_to_remake  # (model_id, seq_id, name, sampler_id, tenant)
     if verb == "forward_backward" and isinstance(args[0], ForwardBackwardWork) and args[0].forward_only:
         return False
     return verb in STATE_CHANGING
@@ -64,11 +85,19 @@ class Durability:
         last = self._last.get(model_id)
         return last is None or time.monotonic() - last >= self._interval_s
 
-    def save(self, work: OptimStepWork, snapshot: Callable[[], dict[str, bytes]]) -> None:
-        """Serialize and write the snapshot taken right after `work` (an optim_step), in the background."""
+    def save(
+        self,
+        work: OptimStepWork,
+        snapshot: Callable[[], dict[str, bytes]],
+        samplers: list[tuple[str, Callable[[], dict[str, bytes]]]] = (),
+        applied: list[str] = (),
+    ) -> None:
+        """Serialize and write the snapshot taken right after `work` (an optim_step), and the weights
+        of the snapshot samplers the model made since its last one, in the background. `applied`:
+        the unsequenced logged requests (ids) the snapshot holds."""
         at = utc_now()
         self._last[work.model_id] = time.monotonic()
-        self._writes.start(self._write, work, at, snapshot)
+        self._writes.start(self._write, work, at, snapshot, list(samplers), list(applied))
 
     def read(self, run: TrainingRun) -> dict[str, bytes]:
         """The run's current snapshot ({} without one)."""
@@ -76,12 +105,17 @@ class Durability:
             return {}
         return self._store.read_durable(run.tenant_id, run.id, snapshot_tag(run.durable_seq, run.durable_at))
 
-    def _write(self, work: OptimStepWork, at: datetime, snapshot: Callable[[], dict[str, bytes]]) -> None:
+    def read_sampler(self, tenant: str, model_id: str, sampler_id: str) -> dict[str, bytes]:
+        """A snapshot sampler's written weights ({} if not written)."""
+        return self._store.read_durable(tenant, model_id, sampler_tag(sampler_id), DURABLE_SAMPLERS)
+
+    def _write(self, work: OptimStepWork, at: datetime, snapshot, samplers, applied: list[str]) -> None:
+        for sampler_id, files in samplers:  # before the snapshot is named (and the log that made them trimmed)
+            self._store.write_durable(work.tenant, work.model_id, sampler_tag(sampler_id), files(), DURABLE_SAMPLERS)
         tag = snapshot_tag(work.seq_id, at)
         self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
-        self._registry.set_durable(work.model_id, work.seq_id, at)
+        self._records.name_snapshot(work.model_id, work.seq_id, at, applied)
         self._store.drop_durable_except(work.tenant, work.model_id, tag)
-        self._records.trim_log(work.model_id, work.seq_id, at)
 
     def forget(self, tenant: str, model_id: str) -> asyncio.Future:
         """An unloaded training model: its snapshots and request log go (after any write in progress)."""
@@ -90,4 +124,5 @@ class Durability:
 
     def _forget(self, tenant: str, model_id: str) -> None:
         self._store.drop_durable_except(tenant, model_id, None)
+        self._store.drop_durable_except(tenant, model_id, None, DURABLE_SAMPLERS)
         self._records.trim_log(model_id)

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from actors.lora import Routing
 from actors.work import SampledSequence, SamplingParams
+from configs.errors import ServerError, ThinkerError, UserError
 
 TOPK_SENTINEL = (0, -99999.0)  # an empty top-k slot, as the Tinker wire expects
 
@@ -42,7 +43,7 @@ class GenOutput:
     prompt_logprobs: np.ndarray | None = None
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
-    error: str | None = None  # this row could not be sampled (its request fails; the others go on)
+    error: ThinkerError | None = None  # this row could not be sampled (its request fails; the others go on)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class RowState:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
-    error: str | None = None
+    error: ThinkerError | None = None
 
 
 @torch.no_grad()
@@ -99,10 +100,17 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
     for i, (row, state) in enumerate(zip(rows, states)):
         if state.stop_reason is not None:
             continue
+        if not bool(torch.isfinite(logits_BV[i]).all()):  # the adapter's weights diverged: the user's to fix
+            state.error = UserError(
+                "sampling failed: the model's next-token logits are not finite (NaN or inf): this adapter's "
+                "weights have diverged (e.g. too large a learning rate); sample an earlier checkpoint"
+            )
+            state.stop_reason = "error"
+            continue
         try:
             token = _choose(logits_BV[i], row.params, row.generator)
         except (RuntimeError, ValueError) as exc:  # e.g. no finite probability left: this row alone stops
-            state.error, state.stop_reason = f"sampling failed: {exc}", "error"
+            state.error, state.stop_reason = ServerError(f"sampling failed: {exc}"), "error"
             continue
         state.tokens.append(token)
         state.logprobs.append(float(logprobs_BV[i, token]))

@@ -30,7 +30,7 @@ from actors.durability import Durability, needs_replay
 from actors.metadata.database import Database, default_url
 from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
-from actors.outcomes import Outcomes, tracked
+from actors.outcomes import CURRENT_REQUEST, Outcomes, tracked
 from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
     ChatForwardBackwardWork,
@@ -99,6 +99,9 @@ class ModelActor:
         self._durability = durability if durable_training else None
         self._restore: asyncio.Task | None = None
         self._replays: set[asyncio.Task] = set()
+        self._unsaved_samplers: dict[str, list[str]] = {}  # model id -> snapshot samplers since its snapshot
+        self._remaking: dict[str, asyncio.Task] = {}  # sampler id -> the replay that makes it again
+        self._applied: dict[str, list[str]] = {}  # model id -> unsequenced logged requests run since its snapshot
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -146,10 +149,10 @@ class ModelActor:
     @tracked
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         if self._durability is None or not self._durability.due(work.model_id):
-            return await self._scheduler.ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
-        fn = partial(self._step_and_snapshot, work)
-        result, snapshot = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
-        self._durability.save(work, snapshot)
+            return await self._ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
+        fn = partial(self._step_and_snapshot, work, CURRENT_REQUEST.get())
+        result, snapshot, samplers, applied = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
+        self._durability.save(work, snapshot, samplers, applied)
         return result
 
     @tracked
@@ -166,19 +169,26 @@ class ModelActor:
         if name is not None:
             fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name)
         else:
-            fn = partial(self._checkpoints.snapshot, model_id, sampler_id)
-        return await self._scheduler.ordered(model_id, seq_id, fn)
+            fn = partial(self._snapshot_sampler, model_id, sampler_id)
+        return await self._ordered(model_id, seq_id, fn)
+
+    def _snapshot_sampler(self, model_id: str, sampler_id: str | None) -> str:
+        """On the compute thread: the snapshot, and a note to write its weights at the model's next snapshot."""
+        made = self._checkpoints.snapshot(model_id, sampler_id)
+        if self._durability is not None:
+            self._unsaved_samplers.setdefault(model_id, []).append(made)
+        return made
 
     @tracked
     async def load_weights(self, model_id: str, seq_id: int | None, path: str, optimizer: bool, tenant: str) -> str:
-        return await self._scheduler.ordered(
-            model_id, seq_id, partial(self._checkpoints.load, tenant, model_id, path, optimizer)
-        )
+        return await self._ordered(model_id, seq_id, partial(self._checkpoints.load, tenant, model_id, path, optimizer))
 
     @tracked
     async def unload_model(self, model_id: str) -> str:
         await self._scheduler.ordered(model_id, None, partial(self._backend.unload_model, model_id))
         self._scheduler.forget(model_id)
+        self._unsaved_samplers.pop(model_id, None)
+        self._applied.pop(model_id, None)
         if self._durability is not None:
             run = await asyncio.to_thread(self._registry.find_run, model_id)
             if run is not None:
@@ -200,10 +210,19 @@ class ModelActor:
 
     async def sampler_info(self, sampler_id: str) -> SamplerInfo:
         await self._ready()
+        await self._sampler_back(sampler_id)
         return self._backend.sampler_info(sampler_id)
+
+    async def _sampler_back(self, sampler_id: str) -> None:
+        """After a restart: wait until a snapshot sampler that a replay makes again is back."""
+        remaking = self._remaking.get(sampler_id)
+        if remaking is not None:
+            await asyncio.wait([remaking])
+            self._remaking.pop(sampler_id, None)
 
     @tracked
     async def sample(self, work: SampleWork) -> SampleResult:
+        await self._sampler_back(work.sampler_id)
         result = await self._scheduler.sample(work)
         self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", sum(len(s.tokens) for s in result.sequences))
         return result
@@ -212,7 +231,7 @@ class ModelActor:
 
     @tracked
     async def chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
-        result = await self._scheduler.ordered(work.model_id, None, partial(self._chat_forward_backward, work))
+        result = await self._ordered(work.model_id, None, partial(self._chat_forward_backward, work))
         scored = sum(len(output["logprobs"]) for output in result.loss_fn_outputs)
         self._count_usage(work.tenant, work.model_id, "tokens_trained", scored)
         return result
@@ -246,34 +265,76 @@ class ModelActor:
         await asyncio.shield(self._restore)
 
     async def _restore_training_models(self) -> None:
-        """Every live training model of this base model from its durable snapshot, then its logged
-        requests after that snapshot, submitted again in order (the pending ones' futures complete)."""
+        """Every live training model of this base model from its durable snapshot, its samplers, then
+        the logged requests after that snapshot, submitted again in order (the pending ones' futures
+        complete), and last the pending sampling requests, once the samplers they need are back."""
         if self._durability is None:
             return
-        replays = []
+        logs = []
         for run in await asyncio.to_thread(self._registry.live_runs_of, self._config.name):
-            files = await asyncio.to_thread(self._durability.read, run)
-            if files:
-                work = CreateModelWork(run.id, LoraSpec(**run.lora), dict(run.user_metadata), run.tenant_id)
-                await self._scheduler.run_now(partial(self._load_snapshot, work, files))
-            after = (run.durable_seq, run.durable_at) if files else (None, None)
-            log = await asyncio.to_thread(self._records.log, run.id, *after)
-            replays += [(rid, verb, args) for rid, status, verb, args in log if needs_replay(status, verb, args)]
+            try:  # one model that cannot come back must not keep the others (or the deployment) down
+                files = await asyncio.to_thread(self._durability.read, run)
+                if files:
+                    work = CreateModelWork(run.id, LoraSpec(**run.lora), dict(run.user_metadata), run.tenant_id)
+                    await self._scheduler.run_now(partial(self._load_snapshot, work, files))
+                after = (run.durable_seq, run.durable_at) if files else (None, None)
+                logs += await asyncio.to_thread(self._records.log, run.id, *after)
+            except Exception:
+                logger.exception("training model %s could not be restored", run.id)
+        to_remake = await self._restore_samplers()
+        replays = [(rid, verb, args) for rid, status, verb, args in logs if needs_replay(status, verb, args, to_remake)]
+        tasks = [self._replay(request_id, verb, args) for request_id, verb, args in replays]
+        for task, (_, verb, args) in zip(tasks, replays):
+            if verb == "save_weights_for_sampler" and args[3] in to_remake:
+                self._remaking[args[3]] = task
+        remade = list(self._remaking.values())
+        samples = await asyncio.to_thread(self._records.pending_log, self._config.name, "sample")
+        for request_id, args in samples:  # tracked now (so their futures read as pending), run later
+            self._replay(request_id, "sample", args, after=remade)
+        if replays or samples:
+            logger.warning("restored training models; running %d logged requests again", len(replays) + len(samples))
+        for _ in range(3):  # let every replay reach the scheduler before anything new does
+            await asyncio.sleep(0)
+
+    async def _restore_samplers(self) -> frozenset[str]:
+        """Every live sampler of this base model that can be made now (from a checkpoint, the base
+        model, or its written snapshot weights); the ids of those only their logged call can make."""
+        to_remake = set()
         for sampler in await asyncio.to_thread(self._registry.live_samplers_of, self._config.name):
-            make = partial(self._checkpoints.create_sampler, sampler.tenant_id, sampler.id, sampler.model_path)
+            if sampler.source_model_id is None:
+                make = partial(self._checkpoints.create_sampler, sampler.tenant_id, sampler.id, sampler.model_path)
+            else:
+                read = self._durability.read_sampler
+                try:
+                    files = await asyncio.to_thread(read, sampler.tenant_id, sampler.source_model_id, sampler.id)
+                except Exception:
+                    logger.exception("the weights of sampling session %s could not be read", sampler.id)
+                    continue
+                if not files:
+                    to_remake.add(sampler.id)
+                    continue
+                info = SamplerInfo(sampler.id, self._config.name, source_model_id=sampler.source_model_id)
+                make = partial(self._backend.create_sampler, info, files)
             try:
                 await self._scheduler.ordered(sampler.id, None, make)
             except ThinkerError as exc:  # e.g. its checkpoint was deleted since: it is gone, like it
                 logger.warning("sampling session %s could not be made again: %s", sampler.id, exc)
-        for request_id, verb, args in replays:
-            method = getattr(type(self), verb).__wrapped__  # past the @tracked gate, which waits for this
-            task = asyncio.ensure_future(self._outcomes.track(request_id, method(self, *args)))
-            self._replays.add(task)
-            task.add_done_callback(self._replayed)
-        if replays:
-            logger.info("restored training models; running %d logged requests again", len(replays))
-        for _ in range(3):  # let every replay reach the scheduler before anything new does
-            await asyncio.sleep(0)
+        return frozenset(to_remake)
+
+    def _replay(self, request_id: str, verb: str, args: tuple, after: list[asyncio.Task] = ()) -> asyncio.Task:
+        """Run a logged request again under its request id, once the `after` replays are done."""
+        method = getattr(type(self), verb).__wrapped__  # past the @tracked gate, which waits for the restore
+
+        async def run():
+            CURRENT_REQUEST.set(request_id)  # this task's own context
+            if after:
+                await asyncio.wait(after)
+            return await method(self, *args)
+
+        task = asyncio.ensure_future(self._outcomes.track(request_id, run()))
+        self._replays.add(task)
+        task.add_done_callback(self._replayed)
+        return task
 
     def _replayed(self, task: asyncio.Task) -> None:
         self._replays.discard(task)
@@ -284,11 +345,32 @@ class ModelActor:
         self._checkpoints.create_model(work)
         self._backend.load_state(work.model_id, files, with_optimizer=True)
 
-    def _step_and_snapshot(self, work: OptimStepWork) -> tuple[OptimStepResult, Callable[[], dict[str, bytes]]]:
-        """On the compute thread: the step, then a copy of the state right after it (serialized and
-        written off this thread)."""
+    def _step_and_snapshot(self, work: OptimStepWork, request_id: str | None) -> tuple:
+        """On the compute thread: the step, then a copy of the state right after it and of the snapshot
+        samplers made since the last one (serialized and written off this thread), and the ids of
+        the unsequenced logged requests that state holds."""
         result = self._backend.optim_step(work)
-        return result, self._backend.snapshot_state(work.model_id)
+        live = set(self._backend.list_samplers())
+        made = self._unsaved_samplers.pop(work.model_id, [])
+        samplers = [(s, self._backend.sampler_state(s)) for s in dict.fromkeys(made) if s in live]
+        applied = self._applied.pop(work.model_id, [])
+        if work.seq_id is None and request_id is not None:
+            applied.append(request_id)
+        return result, self._backend.snapshot_state(work.model_id), samplers, applied
+
+    async def _ordered(self, model_id: str, seq_id: int | None, fn: Callable[[], Any]) -> Any:
+        """`scheduler.ordered`, noting an unsequenced logged request once it ran (on the compute
+        thread, so the next snapshot knows exactly which ones it holds)."""
+        request_id = CURRENT_REQUEST.get()
+        if seq_id is not None or request_id is None or self._durability is None:
+            return await self._scheduler.ordered(model_id, seq_id, fn)
+
+        def noted() -> Any:
+            result = fn()
+            self._applied.setdefault(model_id, []).append(request_id)
+            return result
+
+        return await self._scheduler.ordered(model_id, seq_id, noted)
 
     async def describe(self) -> ModelDescription:
         return self._description
@@ -299,6 +381,7 @@ class ModelActor:
 
     async def has_sampler(self, sampler_id: str) -> bool:
         await self._ready()
+        await self._sampler_back(sampler_id)
         return sampler_id in self._backend.list_samplers()
 
     async def list_models(self) -> list[ModelInfo]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 from collections import OrderedDict
@@ -20,6 +21,9 @@ from typing import Any
 from actors.background import BackgroundWrites
 from actors.metadata.futures import FutureRecords
 from actors.metadata.tables import utc_now
+
+# The request id of the verb running in this task (set by `tracked` and by a restart's replays).
+CURRENT_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("thinker_request", default=None)
 
 
 class Outcomes:
@@ -35,6 +39,11 @@ class Outcomes:
         """Run `work`; with a request id, keep and record its outcome."""
         if request_id is None:
             return await work
+        existing = self._futures.get(request_id)
+        if existing is not None:  # delivered twice (a restart's replay and Serve's own retry): it runs once
+            if asyncio.iscoroutine(work):
+                work.close()
+            return await asyncio.shield(existing[1])
         future = self._future(request_id)
         try:
             value = await work
@@ -83,6 +92,10 @@ def tracked(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
     @functools.wraps(method)
     async def verb(self, *args: Any, request_id: str | None = None, **kwargs: Any) -> Any:
         await self._ready()  # a restarted deployment first brings its training models back
-        return await self._outcomes.track(request_id, method(self, *args, **kwargs))
+        token = CURRENT_REQUEST.set(request_id)
+        try:
+            return await self._outcomes.track(request_id, method(self, *args, **kwargs))
+        finally:
+            CURRENT_REQUEST.reset(token)
 
     return verb

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from actors import ids
+from actors.metadata.futures import LoggedCall
 from actors.work import ChatForwardBackwardWork, CreateModelWork, GenerateWork, LoraSpec, OptimStepWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
@@ -76,7 +77,7 @@ class SimpleRoutes:
             tenant=tenant,
         )
         call = partial(deployment_call, self._models.base(base), "chat_forward_backward", work)
-        request_id = await self._futures.submit("forward_backward", tenant, base, call)
+        request_id = await self._futures.submit("forward_backward", tenant, base, call, self._logged(work))
         return {"request_id": request_id, "model_id": body.model_id}
 
     async def forward_backward_json(self, raw: bytes, tenant: str) -> dict:
@@ -91,8 +92,15 @@ class SimpleRoutes:
         base = await self._models.base_of_model(tenant, body.model_id)
         work = OptimStepWork(body.model_id, body.seq_id, body.adam_params.to_work(), tenant)
         call = partial(deployment_call, self._models.base(base), "optim_step", work)
-        request_id = await self._futures.submit("optim_step", tenant, base, call)
+        request_id = await self._futures.submit("optim_step", tenant, base, call, self._logged(work))
         return {"request_id": request_id, "model_id": body.model_id}
+
+    def _logged(self, work: ChatForwardBackwardWork | OptimStepWork) -> LoggedCall | None:
+        """The request in its adapter's request log (run again if the deployment restarts)."""
+        if not self._config.durable_training:
+            return None
+        verb = "optim_step" if isinstance(work, OptimStepWork) else "chat_forward_backward"
+        return LoggedCall(work.model_id, work.seq_id if isinstance(work, OptimStepWork) else None, verb, (work,))
 
     async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> JSONResponse:
         done, value, failure, entry = await self._futures.poll(body.request_id, tenant, self._config.long_poll_s)

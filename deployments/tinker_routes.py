@@ -203,7 +203,7 @@ class TinkerRoutes:
                 sampler_id = ids.sampler_id(session, body.sampling_session_seq_id)
                 await self._tenancy.check_sampler_quota(tenant)
                 await self._tenancy.run(
-                    self._registry.add_sampler, tenant, sampler_id, run.session_id, run.base_model, None
+                    self._registry.add_sampler, tenant, sampler_id, run.session_id, run.base_model, None, run.id
                 )
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
@@ -290,7 +290,8 @@ class TinkerRoutes:
             tenant=tenant,
         )
         call = partial(deployment_call, handle, "sample", work)
-        request_id = await self._futures.submit("sample", tenant, base, call, last_n=last_n)
+        logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None
+        request_id = await self._futures.submit("sample", tenant, base, call, logged, last_n=last_n)
         ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
 

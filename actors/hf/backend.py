@@ -266,6 +266,15 @@ class HFBackend:
         self.samplers.add_adapter(info, weights, scaling)
         return info
 
+    def sampler_state(self, sampler_id: str) -> Callable[[], dict[str, bytes]]:
+        """A snapshot sampler's weights copied now; its PEFT files made later, on another thread."""
+        copied = self.samplers.weights(sampler_id)
+        if copied is None:
+            raise UserError(f"sampling session {sampler_id!r} samples the base model: it has no weights of its own")
+        weights, scaling = copied
+        rank = next(iter(weights.values())).A.shape[0]
+        return lambda: adapter_files(weights, rank, scaling * rank, self.config.name)
+
     def sampler_info(self, sampler_id: str) -> SamplerInfo:
         return self.samplers.info(sampler_id)
 
@@ -294,7 +303,7 @@ class HFBackend:
                 mine = [o for o, owner in zip(outputs, owners) if owner == i]
                 failed = next((o.error for o in mine if o.error), None)
                 if failed is not None:
-                    outcomes[i] = ServerError(failed)
+                    outcomes[i] = failed
                     continue
                 outcomes[i] = SampleResult(
                     sequences=[o.sequence for o in mine],

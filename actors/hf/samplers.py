@@ -71,6 +71,26 @@ class SamplerTable:
             self._place(sampler_id, weights, sampler.scaling)
         return sampler_id
 
+    def weights(self, sampler_id: str) -> tuple[dict[str, LoraWeights], float] | None:
+        """CPU copies of a snapshot's weights and its scaling (None for the base model)."""
+        sampler = self._get(sampler_id)
+        if sampler.scaling is None:
+            return None
+        if sampler_id in self._resident:
+            pairs = {
+                name: (layer.adapters[sampler_id].A, layer.adapters[sampler_id].B)
+                for name, layer in self._layers.items()
+                if sampler_id in layer.adapters
+            }
+        else:
+            tensors = load_file(sampler.spill_file)
+            pairs = {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in _modules(tensors)}
+        copies = {
+            name: LoraWeights(A=A.detach().cpu().clone(), B=B.detach().cpu().clone(), scaling=sampler.scaling)
+            for name, (A, B) in pairs.items()
+        }
+        return copies, sampler.scaling
+
     def remove(self, sampler_id: str) -> None:
         sampler = self._samplers.pop(sampler_id, None)
         if sampler is None:

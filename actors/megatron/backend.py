@@ -176,9 +176,13 @@ class MegatronBackend:
     def save_state(self, model_id: str, with_optimizer: bool) -> dict[str, bytes]:
         info = self.get_info(model_id)
         files = self._recovering(self._export, model_id, info.lora.rank, with_optimizer)
-        if with_optimizer:  # the model's whole state: its new restore point
+        if with_optimizer:  # the model's whole state but its accumulated gradients: its new restore point
             self._recovering(self._settle_samplers, model_id)
-            self._restore[model_id], self._journal[model_id] = files, []
+            journal = self._journal[model_id]
+            steps = [i for i, (verb, _) in enumerate(journal) if verb == "optim_step"]
+            since_step = journal[steps[-1] + 1 :] if steps else journal
+            self._restore[model_id] = files
+            self._journal[model_id] = [entry for entry in since_step if entry[0] == "forward_backward"]
         return files
 
     def _export(self, key: str, rank: int, with_optimizer: bool) -> dict[str, bytes]:
@@ -246,6 +250,17 @@ class MegatronBackend:
         self._journal[model_id].append(("copy_adapter", info.sampler_id))
         return info
 
+    def sampler_state(self, sampler_id: str) -> Callable[[], dict[str, bytes]]:
+        """The ranks hold the weights: gathering them is a collective, so it runs now."""
+        info = self.sampler_info(sampler_id)
+        files = self._sampler_files.get(sampler_id)
+        if files is None:
+            if info.source_model_id not in self._models:
+                raise UserError(f"sampling session {sampler_id!r} has no weights of its own")
+            rank = self._models[info.source_model_id].lora.rank
+            files = self._recovering(self._export, sampler_id, rank, False)
+        return lambda: files
+
     def sampler_info(self, sampler_id: str) -> SamplerInfo:
         if sampler_id not in self._samplers:
             raise NotFoundError(f"no sampling session {sampler_id!r} on this base model")
@@ -293,7 +308,7 @@ class MegatronBackend:
         outputs = generate_uncached(next_logits, rows, decode=self._decode)
         failed = next((o.error for o in outputs if o.error), None)
         if failed is not None:
-            raise ServerError(failed)
+            raise failed
         return SampleResult(
             sequences=[o.sequence for o in outputs],
             prompt_logprobs=outputs[0].prompt_logprobs,
@@ -322,10 +337,23 @@ class MegatronBackend:
         if not self._group.broken:
             return
         started = time.monotonic()
+        try:
+            self._restore_all()
+        except BaseException:
+            self._group.broken = True  # half restored: rebuilt again before the next request
+            raise
+        logger.warning(
+            "%s: Megatron group rebuilt in %.1f s: %d training models, %d samplers",
+            self.config.name,
+            time.monotonic() - started,
+            len(self._models),
+            len(self._samplers),
+        )
+
+    def _restore_all(self) -> None:
         self._group.rebuild()
         for sampler_id, files in self._sampler_files.items():
             self._import_sampler(sampler_id, files)
-        replayed = 0
         for model_id, info in self._models.items():
             files = self._restore[model_id]
             if files is None:
@@ -339,15 +367,6 @@ class MegatronBackend:
                     self._optim_step(item)
                 elif item in self._samplers and item not in self._sampler_files:  # copy_adapter
                     self._group.call("copy_adapter", model_id, item)
-                replayed += 1
-        logger.warning(
-            "%s: Megatron group rebuilt in %.1f s: %d training models (%d journal entries replayed), %d samplers",
-            self.config.name,
-            time.monotonic() - started,
-            len(self._models),
-            replayed,
-            len(self._samplers),
-        )
 
     def _settle_samplers(self, model_id: str) -> None:
         """Before a model's journal is dropped: the snapshot samplers it made, exported to files."""

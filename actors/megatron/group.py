@@ -131,7 +131,11 @@ class RankGroup:
 
     def rebuild(self) -> None:
         self.close()
-        self._start()
+        try:
+            self._start()
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            self.broken = True
+            raise RankLost(f"a Megatron rank failed while the group was rebuilt ({type(exc).__name__})") from None
 
     def close(self) -> None:
         for actor in self._actors:

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 
 from actors.metadata.database import Database
-from actors.metadata.tables import Request, utc_now
+from actors.metadata.tables import Request, TrainingRun, utc_now
 from configs.errors import NotFoundError
 
 MAX_STORED_OUTCOME = 64 * 1024 * 1024
@@ -32,10 +32,13 @@ MAX_STORED_OUTCOME = 64 * 1024 * 1024
 class LoggedCall:
     """A training model's request as its deployment ran it: enough to run it again, in order."""
 
-    model_id: str
+    model_id: str | None  # None: not a training model's (a sampling request, run again only while pending)
     seq_id: int | None
     verb: str  # the model actor's method
     args: tuple
+
+
+REPLAYED_ONLY_WHILE_PENDING = frozenset({"sample"})  # their payloads go when they finish
 
 
 class FutureRecords:
@@ -62,32 +65,54 @@ class FutureRecords:
 
     def log(self, model_id: str, after_seq: int | None, after: datetime | None) -> list[tuple[str, str, str, tuple]]:
         """(request id, status, verb, args) of a training model's logged requests after its durable
-        snapshot (seq_id > after_seq; unsequenced ones submitted after `after`), in run order."""
+        snapshot, in submission order: sequenced ones with seq_id > after_seq (submitted after
+        `after` when the snapshot has no seq_id); unsequenced ones still holding their payload (the
+        snapshot trimmed exactly those it covers)."""
         query = select(Request).where(Request.model_id == model_id, Request.payload.is_not(None))
         with self._db.transaction() as session:
             rows = list(session.scalars(query))
 
         def after_snapshot(row: Request) -> bool:
-            if after_seq is not None and row.seq_id is not None:
+            if row.seq_id is None:
+                return True
+            if after_seq is not None:
                 return row.seq_id > after_seq
             return after is None or row.created_at > after
 
         rows = [r for r in rows if after_snapshot(r)]
-        rows.sort(key=lambda r: (0, r.seq_id, 0.0) if r.seq_id is not None else (1, 0, r.created_at.timestamp()))
+        rows.sort(key=lambda r: (r.created_at, r.seq_id if r.seq_id is not None else -1))
         return [(r.id, r.status, r.verb, pickle.loads(r.payload)) for r in rows]
 
-    def trim_log(self, model_id: str, through_seq: int | None = None, through: datetime | None = None) -> int:
-        """Drop the payloads a replay no longer needs: a training model's logged requests up to its
-        durable snapshot (seq_id <= through_seq; unsequenced ones submitted up to `through`), or,
-        with neither, all of them (the model was unloaded). The records stay, for retrieve_future."""
+    def pending_log(self, base_model: str, verb: str) -> list[tuple[str, tuple]]:
+        """(request id, args) of a base model's logged `verb` requests still pending, oldest first."""
+        query = select(Request).where(
+            Request.base_model == base_model,
+            Request.verb == verb,
+            Request.status == "pending",
+            Request.payload.is_not(None),
+        )
+        with self._db.transaction() as session:
+            rows = sorted(session.scalars(query), key=lambda r: r.created_at)
+        return [(r.id, pickle.loads(r.payload)) for r in rows]
+
+    def name_snapshot(self, model_id: str, seq_id: int | None, at: datetime, applied: list[str]) -> None:
+        """In one transaction: the run's current durable snapshot is the one taken at (seq_id, at),
+        and the logged requests it covers lose their payloads (seq_id <= its seq_id, and the
+        unsequenced ones the model had applied by then, by id), so none is replayed twice."""
+        covered = [Request.id.in_(applied)] if applied else []
+        if seq_id is not None:
+            covered.append(Request.seq_id <= seq_id)
+        with self._db.transaction() as session:
+            run = session.get(TrainingRun, model_id)
+            if run is not None:
+                run.durable_seq, run.durable_at = seq_id, at
+            if covered:
+                trim = update(Request).where(Request.model_id == model_id, Request.payload.is_not(None), or_(*covered))
+                session.execute(trim.values(payload=None))
+
+    def trim_log(self, model_id: str) -> int:
+        """Drop all of a training model's request-log payloads (it was unloaded); the records stay."""
         where = [Request.model_id == model_id, Request.payload.is_not(None)]
-        if through_seq is not None or through is not None:
-            covered = []
-            if through_seq is not None:
-                covered.append(Request.seq_id <= through_seq)
-            if through is not None:
-                covered.append(Request.seq_id.is_(None) & (Request.created_at <= through))
-            where.append(or_(*covered))
         with self._db.transaction() as session:
             return session.execute(update(Request).where(*where).values(payload=None)).rowcount
 
@@ -108,6 +133,8 @@ class FutureRecords:
                 return False
             row.status = "failed" if isinstance(outcome, BaseException) else "done"
             row.finished_at = utc_now()
+            if row.verb in REPLAYED_ONLY_WHILE_PENDING:
+                row.payload = None
             if len(blob) <= MAX_STORED_OUTCOME:
                 row.outcome = blob
             return len(blob) <= MAX_STORED_OUTCOME

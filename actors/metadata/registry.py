@@ -136,12 +136,6 @@ class Registry:
         with self._db.transaction() as session:
             return list(session.scalars(query.order_by(TrainingRun.created_at)))
 
-    def set_durable(self, run_id: str, seq_id: int | None, submitted_at) -> None:
-        with self._db.transaction() as session:
-            row = session.get(TrainingRun, run_id)
-            if row is not None:
-                row.durable_seq, row.durable_at = seq_id, submitted_at
-
     def unload_run(self, run_id: str) -> None:
         with self._db.transaction() as session:
             row = session.get(TrainingRun, run_id)
@@ -159,10 +153,21 @@ class Registry:
     # ---- samplers -------------------------------------------------------------------------------
 
     def add_sampler(
-        self, tenant: str, sampler_id: str, session_id: str | None, base_model: str, model_path: str | None
+        self,
+        tenant: str,
+        sampler_id: str,
+        session_id: str | None,
+        base_model: str,
+        model_path: str | None,
+        source_model_id: str | None = None,
     ) -> None:
         row = Sampler(
-            id=sampler_id, tenant_id=tenant, session_id=session_id, base_model=base_model, model_path=model_path
+            id=sampler_id,
+            tenant_id=tenant,
+            session_id=session_id,
+            base_model=base_model,
+            model_path=model_path,
+            source_model_id=source_model_id,
         )
         try:
             with self._db.transaction() as session:
@@ -185,11 +190,8 @@ class Registry:
             return list(session.scalars(query))
 
     def live_samplers_of(self, base_model: str) -> list[Sampler]:
-        """Every tenant's live sampling sessions on a base model that a restarted deployment can
-        make again (those made from a checkpoint path)."""
-        query = select(Sampler).where(
-            Sampler.base_model == base_model, Sampler.removed_at.is_(None), Sampler.model_path.is_not(None)
-        )
+        """Every tenant's live sampling sessions on a base model (for a restarted deployment)."""
+        query = select(Sampler).where(Sampler.base_model == base_model, Sampler.removed_at.is_(None))
         with self._db.transaction() as session:
             return list(session.scalars(query))
 

@@ -120,6 +120,8 @@ class Sampler(Base):
     session_id: Mapped[str | None] = mapped_column(ID, default=None, index=True)
     base_model: Mapped[str] = mapped_column(String(256))
     model_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    # a snapshot of this training model's weights (save_weights_for_sampler without a path)
+    source_model_id: Mapped[str | None] = mapped_column(ID, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     removed_at: Mapped[datetime | None] = mapped_column(default=None)
 

@@ -210,3 +210,22 @@ def test_top_k_cross_entropy_logprobs_have_k_columns(backend):
     assert [o["logprobs"].shape for o in result.loss_fn_outputs] == [(4, 3), (6, 3)]
     expected = -sum((o["logprobs"] / 3).sum() for o in result.loss_fn_outputs)
     assert result.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_sampling_a_diverged_adapter_is_the_users_error_and_fails_alone(backend):
+    """An adapter whose weights went NaN (too large a learning rate) makes non-finite logits:
+    sampling it is a 400 naming the cause, and a request batched with it still samples."""
+    from actors.work import SampleWork, SamplingParams
+
+    diverged, healthy = create(backend, "nan"), create(backend, "ok")
+    with torch.no_grad():
+        for w in diverged.weights.values():
+            w.B.fill_(float("nan"))
+    params = SamplingParams(max_tokens=3, seed=1)
+    prompt = np.arange(4)
+    bad, good = backend.sample(
+        [SampleWork("nan", None, prompt, params=params), SampleWork("ok", None, prompt, params=params)]
+    )
+    assert isinstance(bad, UserError) and "diverged" in str(bad)
+    assert len(good.sequences[0].tokens) == 3
+    assert healthy is not None

@@ -112,6 +112,9 @@ def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_
     assert finished.status_code == 200
     job = requests.post(f"{url}/optim_step", json={"model_id": "restart-probe"}, headers=key, timeout=60).json()
     first = retrieve(url, job["request_id"], headers=key)
+    chat = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]]
+    fwdbwd = requests.post(f"{url}/fwdbwd", json={"model_id": "restart-probe", "data": chat}, headers=key, timeout=60)
+    retrieve(url, fwdbwd.json()["request_id"], headers=key)  # gradients accumulated, no step (nor snapshot) since
 
     serve.delete("restart")  # the whole application goes, then comes back with the same config
     url = run_app(serve_instance, build_thinker_app(config), "restart")
@@ -119,6 +122,8 @@ def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_
     info = requests.post(f"{url}/api/v1/get_info", json={"model_id": resumed.model_id}, headers=key, timeout=60)
     assert info.status_code == 200 and info.json()["model_id"] == resumed.model_id
     assert retrieve(url, job["request_id"], headers=key) == first  # a result finished before the restart
+    job = requests.post(f"{url}/optim_step", json={"model_id": "restart-probe"}, headers=key, timeout=60).json()
+    assert retrieve(url, job["request_id"], headers=key)["metrics"]["grad_norm"] > 0  # the replayed gradients
     loss = resumed.forward_backward(batch(3), "cross_entropy").result().metrics["loss:sum"]
     np.testing.assert_allclose(loss, expected[3], rtol=1e-5, atol=1e-5)
     runs = (reference.model_id, resumed.model_id)
@@ -132,3 +137,47 @@ def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_
             "SELECT count(*) FROM requests WHERE payload IS NOT NULL AND model_id IN (?, ?)", runs
         ).fetchone()
     assert logged == 0
+
+
+def test_snapshot_samplers_and_pending_samples_survive_a_killed_model_actor(serve_instance, tmp_path_factory):
+    """Two snapshot samplers, one written beside its model's durable snapshot, one made after it
+    (its logged call makes it again); sampling requests on both in flight when the process dies:
+    they complete with the same tokens as before the kill, and the samplers answer afterwards."""
+    folder = tmp_path_factory.mktemp("samplers")
+    config = ThinkerConfig(
+        models=[tiny_model_config("tiny-d", batch_window_s=0.0, num_cpus=0.25)],
+        checkpoint_root=str(folder / "checkpoints"),
+        database_url=f"sqlite:///{folder / 'thinker.sqlite3'}",
+        long_poll_s=2,
+        snapshot_interval_s=0,
+    )
+    url = run_app(serve_instance, build_thinker_app(config), "durable")
+    try:
+        service = tinker.ServiceClient(base_url=url)
+        tc = service.create_lora_training_client(base_model="tiny-d", rank=4, seed=5).result()
+        tc.forward_backward(batch(0), "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+        written = tc.save_weights_and_get_sampling_client().result()
+        tc.forward_backward(batch(1), "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()  # its snapshot writes `written` too
+        replayed = tc.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints([1, 2, 3])
+        params = types.SamplingParams(max_tokens=200, seed=11, stop=[])  # long enough to be cut off by the kill
+
+        def sample_all():
+            return [s.sample(prompt, 2, params) for s in (written, replayed)]
+
+        def tokens(futures):
+            return [[seq.tokens for seq in f.result().sequences] for f in futures]
+
+        expected = tokens(sample_all())
+        assert expected[0] != expected[1]  # different weights
+        before = model_actor_pid()
+        in_flight = sample_all()
+        kill_model_actor()
+        assert tokens(in_flight) == expected
+        assert model_actor_pid() != before
+        assert tokens(sample_all()) == expected
+        service.close("success").result()
+    finally:
+        serve.delete("durable")

@@ -171,7 +171,7 @@ def test_results_outlive_the_ingress_replica_that_took_the_request(url):
     model_id = new_model(url)
     accepted = []
     for seq_id in range(1, 7):
-        response = post(url, "forward_backward", data=fb_body(model_id, seq_id, delay_s=0.5), headers=PROTO)
+        response = post(url, "forward_backward", data=fb_body(model_id, seq_id, delay_s=0.2), headers=PROTO)
         accepted.append((response.json()["request_id"], response.headers["x-thinker-replica"]))
     victim = accepted[0][1]
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(f"#{victim}")]

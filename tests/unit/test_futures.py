@@ -8,6 +8,7 @@ import pytest
 from actors.ids import new_request_id, request_minted_at
 from actors.metadata.database import Database
 from actors.metadata.futures import FutureRecords, LoggedCall, outcome_of
+from actors.metadata.tables import utc_now
 from actors.metadata.tenants import Tenants
 from actors.outcomes import Outcomes
 from configs.errors import NotFoundError, UserError
@@ -103,23 +104,29 @@ def test_request_ids_carry_their_mint_time():
 
 
 def test_the_request_log_lives_until_its_snapshot_or_unload_however_old(records):
-    """A logged request's payload outlives the TTL until a durable snapshot covers it (then the
-    record ages out like any other), so a replay never misses a step of an idle model."""
+    """A logged request's payload outlives the TTL until the durable snapshot that covers it is
+    named (then the record ages out like any other), so a replay never misses a step of an idle
+    model; an unsequenced request is covered by id (it ran before the snapshot), never by clock."""
     futures, alice, _ = records
     logged = {}
     for seq_id in range(1, 6):
         logged[seq_id] = new_request_id()
         call = LoggedCall("run-a", seq_id, "forward_backward", (seq_id,))
         futures.add(logged[seq_id], alice, "forward_backward", "base", {}, call)
+    ran, queued = new_request_id(), new_request_id()  # unsequenced (simple routes)
+    for request_id, arg in ((ran, "r"), (queued, "q")):
+        call = LoggedCall("run-a", None, "chat_forward_backward", (arg,))
+        futures.add(request_id, alice, "forward_backward", "base", {}, call)
     other = new_request_id()
     futures.add(other, alice, "optim_step", "base", {}, LoggedCall("run-b", 1, "optim_step", (1,)))
     time.sleep(2.1)  # past the TTL: the records are answered as unknown, but the log is kept
     assert futures.expire() == 0
-    assert [args for _, _, _, args in futures.log("run-a", None, None)] == [(s,) for s in range(1, 6)]
+    everything = [(1,), (2,), (3,), (4,), (5,), ("r",), ("q",)]
+    assert [args for _, _, _, args in futures.log("run-a", None, None)] == everything
 
-    assert futures.trim_log("run-a", through_seq=3) == 3  # a snapshot after seq 3
-    assert [args for _, _, _, args in futures.log("run-a", 3, None)] == [(4,), (5,)]
-    assert futures.expire() == 3  # the trimmed records, old enough, go
-    assert futures.trim_log("run-a") == 2  # unloaded
-    assert futures.expire() == 2
+    futures.name_snapshot("run-a", 3, utc_now(), [ran])  # a snapshot after seq 3 that holds `ran`
+    assert [args for _, _, _, args in futures.log("run-a", 3, utc_now())] == [(4,), (5,), ("q",)]
+    assert futures.expire() == 4  # the covered records, old enough, go
+    assert futures.trim_log("run-a") == 3  # unloaded
+    assert futures.expire() == 3
     assert [args for _, _, _, args in futures.log("run-b", None, None)] == [(1,)]  # another model's, untouched
