@@ -123,12 +123,20 @@ class CheckpointStore:
             self.fs.rm(final, recursive=True)
         self.fs.mv(staging, final, recursive=True)
 
-    def drop_durable_except(self, tenant: str, run_id: str, tag: str | None, kind: str = DURABLE) -> None:
-        """Remove a run's durable snapshots but `tag` (None: all of them)."""
+    def drop_durable_except(
+        self, tenant: str, run_id: str, keep: str | frozenset[str] | None, kind: str = DURABLE
+    ) -> None:
+        """Remove a run's durable snapshots but `keep` (a tag or a set of tags; None: all of them)."""
+        keep = frozenset([keep]) if isinstance(keep, str) else keep or frozenset()
         folder = self._inside(tenant, run_id, kind)
         for path in self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []:
-            if posixpath.basename(path.rstrip("/")) != tag:
+            if posixpath.basename(path.rstrip("/")) not in keep:
                 self.fs.rm(path, recursive=True)
+
+    def drop_durable(self, tenant: str, run_id: str, tag: str, kind: str = DURABLE) -> None:
+        folder = self._inside(tenant, run_id, kind, ids.check_name(tag, "snapshot tag"))
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
 
     def read_durable(self, tenant: str, run_id: str, tag: str, kind: str = DURABLE) -> dict[str, bytes]:
         folder = self._inside(tenant, run_id, kind, ids.check_name(tag, "snapshot tag"))

@@ -75,6 +75,8 @@ class Durability:
         self._records = records
         self._interval_s = interval_s
         self._last: dict[str, float] = {}  # model id -> when its newest snapshot was taken (monotonic)
+        # model id -> (samplers, applied ids) of a snapshot whose write failed: the next one carries them
+        self._carried: dict[str, tuple[list, list[str]]] = {}
         # one writer thread: snapshots land in the order they were taken
         self._writes = BackgroundWrites(
             "a durable snapshot", ThreadPoolExecutor(1, thread_name_prefix="thinker-durable")
@@ -97,7 +99,9 @@ class Durability:
         the unsequenced logged requests (ids) the snapshot holds."""
         at = utc_now()
         self._last[work.model_id] = time.monotonic()
-        self._writes.start(self._write, work, at, snapshot, list(samplers), list(applied))
+        carried_samplers, carried_applied = self._carried.pop(work.model_id, ([], []))
+        samplers, applied = carried_samplers + list(samplers), carried_applied + list(applied)
+        self._writes.start(self._write, work, at, snapshot, samplers, applied)
 
     def read(self, run: TrainingRun) -> dict[str, bytes]:
         """The run's current snapshot ({} without one)."""
@@ -110,19 +114,34 @@ class Durability:
         return self._store.read_durable(tenant, model_id, sampler_tag(sampler_id), DURABLE_SAMPLERS)
 
     def _write(self, work: OptimStepWork, at: datetime, snapshot, samplers, applied: list[str]) -> None:
-        for sampler_id, files in samplers:  # before the snapshot is named (and the log that made them trimmed)
-            self._store.write_durable(work.tenant, work.model_id, sampler_tag(sampler_id), files(), DURABLE_SAMPLERS)
-        tag = snapshot_tag(work.seq_id, at)
-        self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
-        self._records.name_snapshot(work.model_id, work.seq_id, at, applied)
+        try:
+            self._write_samplers(work.tenant, work.model_id, samplers)  # before the log that made them is trimmed
+            tag = snapshot_tag(work.seq_id, at)
+            self._store.write_durable(work.tenant, work.model_id, tag, snapshot())
+            self._records.name_snapshot(work.model_id, work.seq_id, at, applied)
+        except BaseException:  # not named: a restart replays from the previous one; the next snapshot carries these
+            self._carried[work.model_id] = (samplers, applied)
+            raise
         self._store.drop_durable_except(work.tenant, work.model_id, tag)
 
-    def forget(self, tenant: str, model_id: str) -> asyncio.Future:
-        """An unloaded training model: its snapshots and request log go (after any write in progress)."""
-        self._last.pop(model_id, None)
-        return self._writes.start(self._forget, tenant, model_id)
+    def _write_samplers(self, tenant: str, model_id: str, samplers) -> None:
+        for sampler_id, files in samplers:
+            self._store.write_durable(tenant, model_id, sampler_tag(sampler_id), files(), DURABLE_SAMPLERS)
 
-    def _forget(self, tenant: str, model_id: str) -> None:
+    def forget(self, tenant: str, model_id: str, unsaved: list, live_samplers: set[str]) -> asyncio.Future:
+        """An unloaded training model: its snapshots and request log go (after any write in progress);
+        the snapshot samplers it made that are still live stay (`unsaved`: weights not written yet)."""
+        self._last.pop(model_id, None)
+        carried, _ = self._carried.pop(model_id, ([], []))
+        return self._writes.start(self._forget, tenant, model_id, carried + list(unsaved), live_samplers)
+
+    def _forget(self, tenant: str, model_id: str, unsaved: list, live_samplers: set[str]) -> None:
+        self._write_samplers(tenant, model_id, [(s, files) for s, files in unsaved if s in live_samplers])
+        keep = frozenset(sampler_tag(s) for s in live_samplers)
         self._store.drop_durable_except(tenant, model_id, None)
-        self._store.drop_durable_except(tenant, model_id, None, DURABLE_SAMPLERS)
+        self._store.drop_durable_except(tenant, model_id, keep, DURABLE_SAMPLERS)
         self._records.trim_log(model_id)
+
+    def forget_sampler(self, tenant: str, model_id: str, sampler_id: str) -> asyncio.Future:
+        """A removed snapshot sampler: its written weights go."""
+        return self._writes.start(self._store.drop_durable, tenant, model_id, sampler_tag(sampler_id), DURABLE_SAMPLERS)

@@ -152,7 +152,8 @@ class ModelActor:
             return await self._ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
         fn = partial(self._step_and_snapshot, work, CURRENT_REQUEST.get())
         result, snapshot, samplers, applied = await self._scheduler.ordered(work.model_id, work.seq_id, fn)
-        self._durability.save(work, snapshot, samplers, applied)
+        if snapshot is not None:
+            self._durability.save(work, snapshot, samplers, applied)
         return result
 
     @tracked
@@ -185,15 +186,30 @@ class ModelActor:
 
     @tracked
     async def unload_model(self, model_id: str) -> str:
-        await self._scheduler.ordered(model_id, None, partial(self._backend.unload_model, model_id))
+        unsaved = await self._scheduler.ordered(model_id, None, partial(self._unload, model_id))
         self._scheduler.forget(model_id)
-        self._unsaved_samplers.pop(model_id, None)
         self._applied.pop(model_id, None)
         if self._durability is not None:
             run = await asyncio.to_thread(self._registry.find_run, model_id)
-            if run is not None:
-                await asyncio.wait([self._durability.forget(run.tenant_id, model_id)])
+            if run is not None:  # its snapshots and log go; the snapshot samplers it made and that live stay
+                live = {s for s in self._backend.list_samplers() if self._source_of(s) == model_id}
+                await asyncio.wait([self._durability.forget(run.tenant_id, model_id, unsaved, live)])
         return model_id
+
+    def _unload(self, model_id: str) -> list:
+        """On the compute thread: copies of the snapshot samplers it made whose weights are not written
+        yet (they outlive it), then the unload."""
+        made = self._unsaved_samplers.pop(model_id, [])
+        live = set(self._backend.list_samplers())
+        unsaved = [(s, self._backend.sampler_state(s)) for s in dict.fromkeys(made) if s in live]
+        self._backend.unload_model(model_id)
+        return unsaved
+
+    def _source_of(self, sampler_id: str) -> str | None:
+        try:
+            return self._backend.sampler_info(sampler_id).source_model_id
+        except ThinkerError:
+            return None
 
     async def get_info(self, model_id: str) -> ModelInfo:
         await self._ready()
@@ -350,13 +366,18 @@ class ModelActor:
         samplers made since the last one (serialized and written off this thread), and the ids of
         the unsequenced logged requests that state holds."""
         result = self._backend.optim_step(work)
-        live = set(self._backend.list_samplers())
-        made = self._unsaved_samplers.pop(work.model_id, [])
-        samplers = [(s, self._backend.sampler_state(s)) for s in dict.fromkeys(made) if s in live]
-        applied = self._applied.pop(work.model_id, [])
         if work.seq_id is None and request_id is not None:
-            applied.append(request_id)
-        return result, self._backend.snapshot_state(work.model_id), samplers, applied
+            self._applied.setdefault(work.model_id, []).append(request_id)
+        try:  # the step is done: a snapshot that cannot be taken must not fail it (the log still covers it)
+            live = set(self._backend.list_samplers())
+            made = self._unsaved_samplers.get(work.model_id, [])
+            samplers = [(s, self._backend.sampler_state(s)) for s in dict.fromkeys(made) if s in live]
+            snapshot = self._backend.snapshot_state(work.model_id)
+        except Exception:
+            logger.exception("no durable snapshot of %s after this step (its request log covers it)", work.model_id)
+            return result, None, [], []
+        self._unsaved_samplers.pop(work.model_id, None)
+        return result, snapshot, samplers, self._applied.pop(work.model_id, [])
 
     async def _ordered(self, model_id: str, seq_id: int | None, fn: Callable[[], Any]) -> Any:
         """`scheduler.ordered`, noting an unsequenced logged request once it ran (on the compute
@@ -399,8 +420,12 @@ class ModelActor:
         models = [m for m in self._backend.list_models() if ids.session_of(m) == session_id]
         released = [await self.unload_model(m) for m in models]
         for sampler_id in [s for s in self._backend.list_samplers() if ids.session_of(s) == session_id]:
+            source = self._source_of(sampler_id)
             await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
             released.append(sampler_id)
+            run = await asyncio.to_thread(self._registry.find_run, source) if source else None
+            if self._durability is not None and run is not None:
+                await asyncio.wait([self._durability.forget_sampler(run.tenant_id, source, sampler_id)])
         return released
 
     # ---- usage ---------------------------------------------------------------------------------

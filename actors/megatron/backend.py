@@ -164,7 +164,10 @@ class MegatronBackend:
         journal = self._journal[work.model_id]
         journal.append(("optim_step", work))
         if sum(verb == "optim_step" for verb, _ in journal) >= JOURNAL_STEPS:
-            self.save_state(work.model_id, with_optimizer=True)  # a new restore point
+            try:  # a new restore point; the step is done whether or not it can be taken now
+                self.save_state(work.model_id, with_optimizer=True)
+            except Exception:
+                logger.exception("no new restore point for %s (its journal keeps growing)", work.model_id)
         return OptimStepResult(metrics=metrics)
 
     def _optim_step(self, work: OptimStepWork) -> dict:

@@ -178,6 +178,16 @@ def test_snapshot_samplers_and_pending_samples_survive_a_killed_model_actor(serv
         assert tokens(in_flight) == expected
         assert model_actor_pid() != before
         assert tokens(sample_all()) == expected
+
+        # the training model unloaded, its samplers live on: their weights are written, and come back
+        key = {"X-API-Key": os.environ["TINKER_API_KEY"]}
+        unload = requests.post(f"{url}/api/v1/unload_model", json={"model_id": tc.model_id}, headers=key, timeout=60)
+        retrieve(url, unload.json()["request_id"], headers=key)
+        before = model_actor_pid()
+        kill_model_actor()
+        assert tokens(sample_all()) == expected
+        assert model_actor_pid() != before
         service.close("success").result()
+        assert not list((folder / "checkpoints").glob("*/*/.durable-samplers/*"))  # gone with their session
     finally:
         serve.delete("durable")
