@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -30,6 +31,7 @@ from actors.durability import Durability, needs_replay
 from actors.metadata.database import Database, default_url
 from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
+from actors.metadata.sequences import SampledSequences
 from actors.outcomes import CURRENT_REQUEST, Outcomes, tracked
 from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
@@ -94,6 +96,8 @@ class ModelActor:
         self._checkpoints = Checkpointing(self._backend, store, self._registry, config.name, config.max_adapters)
         self._usage_writes = BackgroundWrites("usage")
         self._records = FutureRecords(database, future_ttl_s)
+        self._sequences = SampledSequences(database)
+        self._next_sequence_expiry = 0.0
         self._outcomes = Outcomes(self._records, future_ttl_s)
         durability = Durability(store, self._registry, self._records, snapshot_interval_s)
         self._durability = durability if durable_training else None
@@ -240,6 +244,15 @@ class ModelActor:
     async def sample(self, work: SampleWork) -> SampleResult:
         await self._sampler_back(work.sampler_id)
         result = await self._scheduler.sample(work)
+        request_id = CURRENT_REQUEST.get()
+        if work.record_stability and request_id is not None:  # before the answer: training may name them next
+            sequences = [(s.tokens, s.logprobs) for s in result.sequences]
+            session_id = ids.session_of(work.sampler_id)
+            record = self._sequences.record
+            await asyncio.to_thread(record, work.tenant, session_id, request_id, work.prompt, sequences)
+            if time.monotonic() >= self._next_sequence_expiry:  # records unused for a day go
+                self._next_sequence_expiry = time.monotonic() + 600
+                self._usage_writes.start(self._sequences.expire)
         self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", sum(len(s.tokens) for s in result.sequences))
         return result
 

@@ -184,6 +184,7 @@ class SampleWork:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     tenant: str = ANONYMOUS
+    record_stability: bool = False  # keep prompt, tokens and log-probs per sequence id (stable_reinforce)
 
 
 @dataclass

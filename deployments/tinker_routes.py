@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from actors import ids
 from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.futures import LoggedCall
+from actors.metadata.sequences import SampledSequences
 from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
@@ -61,6 +62,7 @@ class TinkerRoutes:
         self._registry = tenancy.registry
         self._config = config
         self._limits = Limits(config.limits)
+        self._sequences = SampledSequences(tenancy.database)
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -162,6 +164,10 @@ class TinkerRoutes:
         try:
             work = await asyncio.to_thread(wire_proto.to_work, msg, False, limits.max_datums, limits.max_topk)
             self._limits.check_forward_backward(work, model)
+            if work.loss_fn == "stable_reinforce":  # its sampler log-probs come from this server's records
+                spans = wire_proto.spans_of(msg)
+                session_id = ids.session_of(msg.model_id)
+                await self._tenancy.run(self._sequences.resolve, tenant, session_id, work.data, spans)
         except UserError as exc:
             return await self._reject(handle, tenant, msg.model_id, msg.seq_id or None, "forward_backward", exc)
         work.tenant = tenant
@@ -288,6 +294,7 @@ class TinkerRoutes:
             prompt_logprobs=bool(body.prompt_logprobs),
             topk_prompt_logprobs=body.topk_prompt_logprobs,
             tenant=tenant,
+            record_stability=bool(body.record_stability_info),
         )
         call = partial(deployment_call, handle, "sample", work)
         logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None

@@ -183,8 +183,6 @@ class SampleRequest(WireIn):
             return "topk_sample_logprobs"
         if self.prompt_alt_tokens_k:
             return "prompt_alt_tokens_k"
-        if self.record_stability_info:
-            return "record_stability_info (stable_reinforce)"
         if self.target_prompt_logprobs is not None:
             return "target_prompt_logprobs"
         return None

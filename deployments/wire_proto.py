@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from actors.metadata.sequences import Span
 from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork, SampleResult
 from configs.errors import LimitExceededError, UserError
 
@@ -66,6 +67,28 @@ def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool, max_datums: int,
         loss_fn_config=_loss_config(msg),
         forward_only=forward_only or msg.forward_only,
     )
+
+
+def spans_of(msg: pb.ForwardBackwardRequest) -> list[tuple[list[Span], list[Span]] | None]:
+    """Each datum's provenance runs (model input, targets); None for a datum without any."""
+    out = []
+    for datum in msg.data:
+        if not datum.model_input_spans and not datum.loss_fn_input_spans:
+            out.append(None)
+            continue
+        out.append((_runs(datum.model_input_spans), _runs(datum.loss_fn_input_spans)))
+    return out
+
+
+def _runs(spans) -> list[Span]:
+    runs = []
+    for span in spans:
+        kind = span.WhichOneof("span")
+        if kind is None:
+            raise UserError("a provenance span is empty (neither prompt_tokens nor sampled_tokens)")
+        run = getattr(span, kind)
+        runs.append(Span("prompt" if kind == "prompt_tokens" else "sampled", run.sequence_id, run.offset, run.length))
+    return runs
 
 
 def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:

@@ -11,11 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from configs.errors import UserError
-from losses import cispo, cross_entropy, dro, importance_sampling, ppo
+from losses import cispo, cross_entropy, dro, gspo, importance_sampling, ppo, stable_reinforce
 from losses.spec import LossFn, LossSpec
 
 BUILTIN_LOSSES: dict[str, LossSpec] = {
-    spec.name: spec for spec in (cross_entropy.SPEC, importance_sampling.SPEC, ppo.SPEC, cispo.SPEC, dro.SPEC)
+    spec.name: spec
+    for spec in (
+        cross_entropy.SPEC,
+        importance_sampling.SPEC,
+        ppo.SPEC,
+        cispo.SPEC,
+        dro.SPEC,
+        gspo.SPEC,
+        stable_reinforce.SPEC,
+    )
 }
 _custom_losses: dict[str, LossSpec] = {}
 

@@ -46,6 +46,7 @@ class LossSpec:
     config_defaults: Mapping[str, float] = field(default_factory=dict)
     required_config: tuple[str, ...] = ()
     allows_topk: bool = False  # accepts (N, K) target_tokens (top-K distillation)
+    needs_datum_index: bool = False  # gets input "datum_index": each token's datum (per-sequence losses)
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -182,3 +182,20 @@ class Request(Base):
     seq_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
     verb: Mapped[str | None] = mapped_column(String(64), default=None)  # the model actor's method
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # its pickled arguments
+
+
+class SampledSequenceRecord(Base):
+    """What a sample taken with `record_stability_info` leaves for `stable_reinforce`: the request's
+    prompt, the sequence's tokens and the sampler's own log-probs of them, owned by the session that
+    sampled, kept a day from its last use."""
+
+    __tablename__ = "sampled_sequences"
+    __table_args__ = (Index("ix_sampled_sequences_used", "last_used_at"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)  # the sequence id: "<request id>:<index>"
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"))
+    session_id: Mapped[str | None] = mapped_column(ID, default=None)
+    prompt: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian token ids
+    tokens: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian token ids
+    logprobs: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, one per token
+    last_used_at: Mapped[datetime] = mapped_column(default=utc_now)

@@ -163,3 +163,61 @@ def test_register_custom_loss_adds_and_validates():
         unregister_custom_loss("l2")
     with pytest.raises(UserError):
         get_loss("l2")
+
+
+def test_stable_reinforce_matches_hand_computed_values_and_gradient():
+    """Thinker's definition: -sum keep * min(r, cap) * A * lp + kl_coeff * sum k3, weights detached,
+    prompt positions (sampled_mask 0) out; r = exp(lp - q) with q the server's sampler log-probs."""
+    lp = [-0.5, -1.0, -2.0, -0.3, -4.0]
+    q = [-0.7, -1.0, -3.0, -0.3, -0.5]  # ratios e^0.2, 1, e^1 (over the cap 2), -, e^-3.5 (under 0.125: masked)
+    adv = [1.0, -2.0, 0.5, 0.0, 3.0]
+    mask = [1.0, 1.0, 1.0, 0.0, 1.0]  # position 3 is a prompt token
+    config = {"kl_coeff": 0.1}
+    logprobs = t(lp, grad=True)
+    out = run("stable_reinforce", logprobs, {"sampler_logprobs": q, "sampled_mask": mask, "advantages": adv}, config)
+    r = [math.exp(a - b) for a, b in zip(lp, q)]
+    keep = [1.0, 1.0, 1.0, 0.0, 0.0]
+    weight = [min(x, 2.0) for x in r]
+    policy = -sum(k * w * a * x for k, w, a, x in zip(keep, weight, adv, lp))
+    k3 = [(math.exp(b - a) - (b - a) - 1.0) * m for a, b, m in zip(lp, q, mask)]
+    assert out.loss.item() == pytest.approx(policy + 0.1 * sum(k3))
+    assert out.metrics == pytest.approx(
+        {"masked_tokens:sum": 1.0, "truncated_tokens:sum": 1.0, "kl_sampler:sum": sum(k3), "sampled_tokens:sum": 4.0}
+    )
+    out.loss.backward()
+    # d/dlp: -keep*w*A (the weight is a constant) + kl_coeff * mask * (1 - exp(q - lp))
+    expected = [
+        -k * w * a + 0.1 * m * (1.0 - math.exp(b - x)) for k, w, a, m, b, x in zip(keep, weight, adv, mask, q, lp)
+    ]
+    assert logprobs.grad.tolist() == pytest.approx(expected)
+
+
+def test_stable_reinforce_takes_no_sampler_logprobs_from_the_client():
+    spec = get_loss("stable_reinforce")
+    assert {"sampler_logprobs", "sampled_mask"} <= set(spec.required_inputs)
+    assert spec.resolve_config({}) == {"ratio_cap": 2.0, "mask_low": 0.125, "mask_high": 8.0, "kl_coeff": 0.0}
+
+
+def test_gspo_uses_one_sequence_ratio_per_datum_with_each_tokens_own_gradient():
+    lp = [-0.5, -1.0, -2.0, -0.2, -0.4]
+    q = [-0.9, -1.0, -2.2, -0.5, -0.4]
+    adv = [0.0, 1.0, 1.0, -1.0, -1.0]
+    seq_mask = [0.0, 1.0, 1.0, 1.0, 0.0]  # datum 0: tokens 0-2 (prompt at 0); datum 1: tokens 3-4
+    datum = [0.0, 0.0, 0.0, 1.0, 1.0]
+    logprobs = t(lp, grad=True)
+    inputs = {"logprobs": q, "advantages": adv, "sequence_ratio_mask": seq_mask, "datum_index": datum}
+    out = run("gspo", logprobs, inputs, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.2})
+    log_s = [((-1.0 + 1.0) + (-2.0 + 2.2)) / 2, (-0.2 + 0.5) / 1]  # 0.1 and 0.3
+    s = [math.exp(log_s[int(d)]) for d in datum]  # e^0.1 ~ 1.105 (inside), e^0.3 ~ 1.35 (over 1.2)
+    objective = [min(x * a, min(max(x, 0.9), 1.2) * a) for x, a in zip(s, adv)]
+    assert out.loss.item() == pytest.approx(-sum(objective))
+    assert out.metrics == {"clipped_sequences:mean": 0.5}
+    out.loss.backward()
+    # datum 0 unclipped: -s*A per token; datum 1 with A < 0 and s over the band: min picks s*A, gradient -s*A
+    assert logprobs.grad.tolist() == pytest.approx([-x * a for x, a in zip(s, adv)])
+
+
+def test_gspo_with_an_empty_mask_has_ratio_one_not_nan():
+    inputs = {"logprobs": [-1.0, -2.0], "advantages": [1.0, 1.0], "sequence_ratio_mask": [0.0, 0.0]}
+    out = run("gspo", t([-0.5, -1.0]), {**inputs, "datum_index": [0.0, 0.0]})
+    assert out.loss.item() == pytest.approx(-2.0)
