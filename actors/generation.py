@@ -35,6 +35,7 @@ class GenRow:
     generator: torch.Generator
     prompt_logprobs: bool = False
     topk_prompt: int = 0
+    target_prompt: np.ndarray | None = None  # int64 [L - 1, K]: ids to score at positions 1..L-1 (-1: none)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class GenOutput:
     prompt_logprobs: np.ndarray | None = None
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    target_logprobs: np.ndarray | None = None  # float32 [L - 1, K] for target_prompt (0 where -1)
     error: ThinkerError | None = None  # this row could not be sampled (its request fails; the others go on)
 
 
@@ -69,7 +71,7 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     routing.set([row.key for row in rows])
     cache = DynamicCache()
-    want_prompt = any(r.prompt_logprobs or r.topk_prompt for r in rows)
+    want_prompt = any(scores_prompt(r) for r in rows)
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -149,7 +151,7 @@ def _hit_stop_string(tokens: list[int], stops: tuple[str, ...], decode) -> bool:
 def prompt_scores(logits_TV: torch.Tensor, row: GenRow, first: int) -> GenOutput:
     """log p(prompt[i] | prompt[:i]) for the row (NaN at 0) and the top-k alternatives;
     `first` is the position of the row's first prompt token in `logits_TV`."""
-    if not (row.prompt_logprobs or row.topk_prompt):
+    if not scores_prompt(row):
         return GenOutput(sequence=None)
     n = len(row.prompt)
     logprobs_TV = torch.log_softmax(logits_TV[first : first + n - 1].float(), dim=-1)  # predicts 1..n-1
@@ -165,7 +167,16 @@ def prompt_scores(logits_TV: torch.Tensor, row: GenRow, first: int) -> GenOutput
         ids[1:, :k] = top.indices.cpu().numpy()
         lps[1:, :k] = top.values.cpu().numpy()
         output.topk_ids, output.topk_logprobs = ids, lps
+    if row.target_prompt is not None:
+        wanted = torch.as_tensor(row.target_prompt, device=logprobs_TV.device)
+        picked = logprobs_TV.gather(-1, wanted.clamp(min=0))
+        output.target_logprobs = torch.where(wanted >= 0, picked, torch.zeros_like(picked)).cpu().numpy()
     return output
+
+
+def scores_prompt(row: GenRow) -> bool:
+    """Whether the row needs the prefill's logits at every prompt position."""
+    return row.prompt_logprobs or bool(row.topk_prompt) or row.target_prompt is not None
 
 
 def finish(state: RowState, prompt: GenOutput) -> GenOutput:
@@ -186,7 +197,7 @@ def generate_uncached(next_logits, rows: list[GenRow], decode=None) -> list[GenO
     """
     lengths = [len(r.prompt) for r in rows]
     sequences = [list(np.asarray(r.prompt, dtype=np.int64)) for r in rows]
-    if any(r.prompt_logprobs or r.topk_prompt for r in rows):
+    if any(scores_prompt(r) for r in rows):
         logits = next_logits(_right_padded(sequences), lengths, True)
         prompts = [prompt_scores(logits[i], row, 0) for i, row in enumerate(rows)]
     else:

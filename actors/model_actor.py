@@ -244,6 +244,8 @@ class ModelActor:
     async def sample(self, work: SampleWork) -> SampleResult:
         await self._sampler_back(work.sampler_id)
         result = await self._scheduler.sample(work)
+        if work.target_prompt_ids is not None:  # answered in the layout it was asked in
+            result.target_prompt_layout = work.target_prompt_layout
         request_id = CURRENT_REQUEST.get()
         if work.record_stability and request_id is not None:  # before the answer: training may name them next
             sequences = [(s.tokens, s.logprobs) for s in result.sequences]

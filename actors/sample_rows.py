@@ -49,6 +49,8 @@ def to_rows(work: SampleWork, key: str, limits: SampleLimits) -> list[GenRow]:
         raise UserError(f"stop token ids must be in [0, {limits.vocab_size})")
     if not 0 <= work.topk_prompt_logprobs <= MAX_TOPK_PROMPT_LOGPROBS:
         raise UserError(f"topk_prompt_logprobs must be between 0 and {MAX_TOPK_PROMPT_LOGPROBS}")
+    if work.target_prompt_ids is not None:
+        _check_target_prompt(work.target_prompt_ids, len(work.prompt), limits.vocab_size)
     room = limits.max_seq_len - len(work.prompt)
     max_tokens = min(params.max_tokens or limits.default_max_tokens, room)
     stops = frozenset(params.stop_tokens) | (limits.eos_ids if params.stop_at_eos else frozenset())
@@ -63,9 +65,22 @@ def to_rows(work: SampleWork, key: str, limits: SampleLimits) -> list[GenRow]:
             generator=torch.Generator(device=limits.device).manual_seed((seed * 1_000_003 + i) % 2**63),
             prompt_logprobs=work.prompt_logprobs and i == 0,
             topk_prompt=work.topk_prompt_logprobs if i == 0 else 0,
+            target_prompt=work.target_prompt_ids if i == 0 else None,
         )
         for i in range(work.num_samples)
     ]
+
+
+def _check_target_prompt(ids: np.ndarray, prompt_length: int, vocab_size: int) -> None:
+    if ids.ndim != 2 or ids.shape[0] != prompt_length - 1 or ids.shape[1] < 1:
+        raise UserError(
+            f"target_prompt_logprobs must have shape [len(prompt) - 1, K] = [{prompt_length - 1}, K >= 1], "
+            f"got {list(ids.shape)}"
+        )
+    if ids.size and (ids.min() < -1 or ids.max() >= vocab_size):
+        raise UserError(f"target_prompt_logprobs token ids must be in [0, {vocab_size}) (or -1 for none)")
+    if not np.any(ids >= 0):
+        raise UserError("target_prompt_logprobs asks for no token id (every cell is -1)")
 
 
 def _check_prompt(prompt: np.ndarray, limits: SampleLimits) -> None:

@@ -185,6 +185,8 @@ class SampleWork:
     topk_prompt_logprobs: int = 0
     tenant: str = ANONYMOUS
     record_stability: bool = False  # keep prompt, tokens and log-probs per sequence id (stable_reinforce)
+    target_prompt_ids: np.ndarray | None = None  # int64 [L - 1, K]: log-probs wanted at positions 1..L-1 (-1: none)
+    target_prompt_layout: tuple[np.ndarray, np.ndarray] | None = None  # the request's CSR (crow, col), if sparse
 
 
 @dataclass
@@ -200,6 +202,8 @@ class SampleResult:
     prompt_logprobs: np.ndarray | None = None  # float32 [L], NaN at 0
     topk_prompt_ids: np.ndarray | None = None  # int32 [L, k]
     topk_prompt_logprobs: np.ndarray | None = None  # float32 [L, k]
+    target_prompt_logprobs: np.ndarray | None = None  # float32 [L - 1, K]: SampleWork.target_prompt_ids' scores
+    target_prompt_layout: tuple[np.ndarray, np.ndarray] | None = None  # the request's CSR (crow, col), if sparse
 
 
 @dataclass

@@ -278,6 +278,9 @@ class TinkerRoutes:
         last_n = body.prompt_logprobs_last_n
         if last_n is not None and not (body.prompt_logprobs and 1 <= last_n <= len(prompt) - 1):
             raise UserError("prompt_logprobs_last_n needs prompt_logprobs and must be in [1, len(prompt) - 1]")
+        target, layout = None, None
+        if body.target_prompt_logprobs is not None:
+            target, layout = wire.target_prompt_ids(body.target_prompt_logprobs, len(prompt))
         base = await self._models.base_of_sampler(tenant, sampler_id)
         handle, model = self._models.base(base), await self._models.describe(base)
         params = body.sampling_params
@@ -295,6 +298,8 @@ class TinkerRoutes:
             topk_prompt_logprobs=body.topk_prompt_logprobs,
             tenant=tenant,
             record_stability=bool(body.record_stability_info),
+            target_prompt_ids=target,
+            target_prompt_layout=layout,
         )
         call = partial(deployment_call, handle, "sample", work)
         logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None

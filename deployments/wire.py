@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from actors import work
-from configs.errors import UserError
+from configs.errors import LimitExceededError, UserError
 
 
 class WireIn(BaseModel):
@@ -183,9 +183,48 @@ class SampleRequest(WireIn):
             return "topk_sample_logprobs"
         if self.prompt_alt_tokens_k:
             return "prompt_alt_tokens_k"
-        if self.target_prompt_logprobs is not None:
-            return "target_prompt_logprobs"
         return None
+
+
+MAX_TARGET_PROMPT_CELLS = 1 << 20  # [len(prompt) - 1] x K cells of target_prompt_logprobs
+
+
+def target_prompt_ids(tensor: dict[str, Any], prompt_length: int) -> tuple[np.ndarray, tuple | None]:
+    """`target_prompt_logprobs` (a JSON TensorData of token ids, [len(prompt) - 1, K], dense with -1
+    for "nothing" or sparse CSR) as a dense int64 matrix with -1 in unasked cells, and the CSR
+    (crow, col) indices when it came sparse (the answer keeps the layout)."""
+    try:
+        dtype, shape = tensor.get("dtype", "int64"), [int(s) for s in tensor.get("shape") or []]
+        data = np.asarray(tensor.get("data") or [], dtype=np.int64)
+        crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
+        crow = None if crow is None else np.asarray(crow, dtype=np.int64)
+        col = None if col is None else np.asarray(col, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        raise UserError("target_prompt_logprobs must be a TensorData of int64 token ids") from None
+    if dtype != "int64" or len(shape) != 2 or data.ndim != 1:
+        raise UserError(f"target_prompt_logprobs must be int64 of shape [len(prompt) - 1, K], got {dtype} {shape}")
+    rows, k = shape
+    if rows != prompt_length - 1 or k < 1:
+        raise UserError(f"target_prompt_logprobs has shape {shape}; this prompt needs [{prompt_length - 1}, K >= 1]")
+    if rows * k > MAX_TARGET_PROMPT_CELLS:
+        raise LimitExceededError(
+            f"target_prompt_logprobs has {rows * k} cells, over the limit of {MAX_TARGET_PROMPT_CELLS}"
+        )
+    if crow is None and col is None:
+        if data.size != rows * k:
+            raise UserError(f"target_prompt_logprobs has {data.size} values for shape {shape}")
+        return data.reshape(rows, k), None
+    if crow is None or col is None or crow.ndim != 1 or col.ndim != 1:
+        raise UserError("a sparse target_prompt_logprobs needs both sparse_crow_indices and sparse_col_indices")
+    ordered = len(crow) == rows + 1 and crow[0] == 0 and np.all(np.diff(crow) >= 0) and crow[-1] == len(col)
+    if not ordered or len(col) != data.size or (col.size and (col.min() < 0 or col.max() >= k)):
+        raise UserError(f"target_prompt_logprobs: CSR indices do not describe a [{rows}, {k}] matrix of its values")
+    dense = np.full((rows, k), -1, dtype=np.int64)
+    row_of = np.repeat(np.arange(rows), np.diff(crow))
+    dense[row_of, col] = data
+    if len(np.unique(row_of * k + col)) != col.size:
+        raise UserError("target_prompt_logprobs: a CSR cell is listed twice")
+    return dense, (crow, col)
 
 
 class CreateSamplingSessionRequest(WireIn):

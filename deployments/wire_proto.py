@@ -203,4 +203,21 @@ def encode_sample_response(result: SampleResult, prompt_logprobs_last_n: int | N
         out.topk_prompt_logprobs.length, out.topk_prompt_logprobs.k = ids.shape
         out.topk_prompt_logprobs.token_ids = ids.tobytes()
         out.topk_prompt_logprobs.logprobs = lps.tobytes()
+    if result.target_prompt_logprobs is not None:
+        _fill_target_prompt(out.target_prompt_logprobs, result.target_prompt_logprobs, result.target_prompt_layout)
     return out.SerializeToString()
+
+
+def _fill_target_prompt(tensor: pb.Tensor, values: np.ndarray, layout: tuple | None) -> None:
+    """float32 log-probs in the request's layout: dense [rows, K] (0.0 where nothing was asked), or
+    the same CSR crow/col indices with the log-probs as values."""
+    tensor.dtype = pb.DTYPE_FLOAT32
+    tensor.shape.extend(values.shape)
+    if layout is None:
+        tensor.dense = np.ascontiguousarray(values, dtype="<f4").tobytes()
+        return
+    crow, col = layout
+    rows = np.repeat(np.arange(values.shape[0]), np.diff(crow))
+    tensor.sparse_csr.values = np.ascontiguousarray(values[rows, col], dtype="<f4").tobytes()
+    tensor.sparse_csr.crow_indices = np.ascontiguousarray(crow, dtype="<i8").tobytes()
+    tensor.sparse_csr.col_indices = np.ascontiguousarray(col, dtype="<i8").tobytes()

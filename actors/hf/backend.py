@@ -310,6 +310,7 @@ class HFBackend:
                     prompt_logprobs=mine[0].prompt_logprobs,
                     topk_prompt_ids=mine[0].topk_ids,
                     topk_prompt_logprobs=mine[0].topk_logprobs,
+                    target_prompt_logprobs=mine[0].target_logprobs,
                 )
         return outcomes
 

@@ -317,6 +317,7 @@ class MegatronBackend:
             prompt_logprobs=outputs[0].prompt_logprobs,
             topk_prompt_ids=outputs[0].topk_ids,
             topk_prompt_logprobs=outputs[0].topk_logprobs,
+            target_prompt_logprobs=outputs[0].target_logprobs,
         )
 
     def _decode(self, tokens: list[int]) -> str:

@@ -144,3 +144,55 @@ def _with_first_sampled_token(d: types.Datum, s) -> types.Datum:
     targets = list(d.loss_fn_inputs["target_tokens"].data)
     targets[len(PROMPT) - 1] = (targets[len(PROMPT) - 1] + 1) % 200
     return _with_input(d, "target_tokens", targets)
+
+
+def test_target_prompt_logprobs_dense_and_sparse_keep_their_layout(rollout):
+    """Cell [i, j] is the log-prob of id [i, j] at prompt position i + 1, the same numbers as the
+    prompt's own log-probs and its top-k; -1 (dense) or unlisted (CSR) cells ask for nothing."""
+    import torch
+
+    tc, _ = rollout
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(PROMPT)
+    params = types.SamplingParams(max_tokens=1, seed=1)
+    reference = sampler.sample(prompt, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    ids = np.full((len(PROMPT) - 1, 2), -1, dtype=np.int64)
+    ids[:, 0] = PROMPT[1:]  # the prompt's own next tokens
+    ids[1, 1] = reference.topk_prompt_logprobs[2][1][0]  # position 2's second most likely token
+    dense = sampler.sample(prompt, 1, params, target_prompt_logprobs=types.TensorData.from_numpy(ids)).result()
+    got = dense.target_prompt_logprobs.to_numpy()
+    assert got.shape == (len(PROMPT) - 1, 2) and dense.target_prompt_logprobs.sparse_crow_indices is None
+    np.testing.assert_allclose(got[:, 0], reference.prompt_logprobs[1:], atol=1e-5)
+    assert got[1, 1] == pytest.approx(reference.topk_prompt_logprobs[2][1][1], abs=1e-5)
+    assert (got[[0, 2, 3], 1] == 0.0).all()
+
+    sparse_ids = torch.tensor(ids.clip(min=0)).masked_fill(torch.tensor(ids < 0), 0).to_sparse_csr()
+    sparse = types.TensorData(
+        data=sparse_ids.values().tolist(),
+        dtype="int64",
+        shape=list(ids.shape),
+        sparse_crow_indices=sparse_ids.crow_indices().tolist(),
+        sparse_col_indices=sparse_ids.col_indices().tolist(),
+    )
+    answer = sampler.sample(prompt, 1, params, target_prompt_logprobs=sparse).result().target_prompt_logprobs
+    assert answer.sparse_crow_indices == sparse.sparse_crow_indices
+    assert answer.sparse_col_indices == sparse.sparse_col_indices
+    np.testing.assert_allclose(np.asarray(answer.data), got[ids >= 0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (np.full((len(PROMPT) - 1, 2), -1), "asks for no token id"),
+        (np.zeros((len(PROMPT), 2), dtype=np.int64), "needs \\[4, K >= 1\\]"),
+        (np.full((len(PROMPT) - 1, 1), 10**6), "token ids must be in"),
+    ],
+)
+def test_target_prompt_logprobs_that_cannot_be_answered_are_user_errors(rollout, ids, message):
+    tc, _ = rollout
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    target = types.TensorData.from_numpy(np.asarray(ids, dtype=np.int64))
+    with pytest.raises((tinker.BadRequestError, tinker.RequestFailedError), match=message):
+        sampler.sample(
+            types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=1), target_prompt_logprobs=target
+        ).result()
