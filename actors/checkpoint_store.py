@@ -30,7 +30,7 @@ import fsspec
 from actors import ids
 from configs.errors import NotFoundError, ServerError, UserError
 
-SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
+SEGMENTS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 MARKER = "checkpoint.json"
 DURABLE = ".durable"  # {tenant}/{run}/.durable/: the newest snapshot taken after an optim_step
 DURABLE_SAMPLERS = ".durable-samplers"  # {tenant}/{run}/.durable-samplers/: its snapshot samplers' weights
@@ -70,7 +70,8 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     parts = path[len("tinker://") :].split("/")
     if len(parts) != 3 or not all(parts) or parts[1] not in SEGMENTS:
         raise UserError(
-            f"checkpoint paths look like tinker://<run>/(weights|sampler_weights)/<name>, got {path!r:.200}"
+            "checkpoint paths look like tinker://<run>/(weights|sampler_weights|external_weights)/<name>, "
+            f"got {path!r:.200}"
         )
     ids.check_id(parts[0], "the training run id of a checkpoint path")
     ids.check_name(parts[2])
@@ -166,6 +167,24 @@ class CheckpointStore:
                 with self.fs.open(path, "rb") as f:
                     found[filename] = f.read()
         return found
+
+    def file_names(self, tenant: str, run_id: str, segment: str, name: str) -> list[str]:
+        """The files of a published checkpoint (its marker aside), sorted."""
+        self.record(tenant, run_id, segment, name)
+        folder = self.folder(tenant, run_id, segment, name)
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)]
+        return sorted(n for n in names if n != MARKER)
+
+    def read_file(self, tenant: str, run_id: str, segment: str, name: str, filename: str) -> bytes:
+        """One file of a published checkpoint (never its marker, never outside its folder)."""
+        if filename == MARKER:
+            raise NotFoundError(f"no file {filename!r} in {tinker_path(run_id, segment, name)}")
+        path = posixpath.join(self.folder(tenant, run_id, segment, name), ids.check_name(filename, "file name"))
+        self.record(tenant, run_id, segment, name)
+        if not self.fs.exists(path):
+            raise NotFoundError(f"no file {filename!r} in {tinker_path(run_id, segment, name)}")
+        with self.fs.open(path, "rb") as f:
+            return f.read()
 
     def delete(self, tenant: str, run_id: str, segment: str, name: str) -> None:
         """Unpublish (marker first), then delete the files."""

@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 
 from actors import ids
+from actors.age_files import encrypt_files, parse_recipients
 from actors.backend import Backend
 from actors.checkpoint_store import CheckpointRecord, CheckpointStore, parse_tinker_path, utc_now
 from actors.metadata.registry import Registry
 from actors.metadata.tables import Checkpoint
+from actors.metadata.tables import utc_now as utc_now_dt
 from actors.work import CreateModelWork, LoraSpec, ModelInfo, SamplerInfo
 from configs.errors import LimitExceededError, ThinkerError, UserError
 
@@ -59,12 +62,33 @@ class Checkpointing:
             raise
         return info
 
-    def save(self, tenant: str, model_id: str, segment: str, name: str) -> str:
-        """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights")."""
+    def save(self, tenant: str, model_id: str, segment: str, name: str, ttl_s: float | None = None) -> str:
+        """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights"),
+        gone after `ttl_s` seconds when given; its tinker:// path."""
+        return self._save(tenant, model_id, segment, name, ttl_s).tinker_path
+
+    def save_external(self, tenant: str, model_id: str, name: str, ttl_s: float | None, recipients: tuple) -> dict:
+        """save_weights_external: a PEFT folder to download, every file age-encrypted to `recipients`
+        (stored as <file>.age) when given. {"path", "size_bytes"}."""
+        record = self._save(tenant, model_id, "external_weights", name, ttl_s, recipients)
+        return {"path": record.tinker_path, "size_bytes": record.size_bytes}
+
+    def _save(
+        self,
+        tenant: str,
+        model_id: str,
+        segment: str,
+        name: str,
+        ttl_s: float | None,
+        recipients: tuple[str, ...] = (),
+    ) -> CheckpointRecord:
         ids.check_name(name)
         info = self._backend.get_info(model_id)
         training = segment == "weights"
+        parsed = parse_recipients(list(recipients)) if recipients else []
         files = self._backend.save_state(model_id, with_optimizer=training)
+        if parsed:
+            files = encrypt_files(files, parsed)
         record = CheckpointRecord(
             training_run_id=model_id,
             segment=segment,
@@ -85,9 +109,11 @@ class Checkpointing:
             size_bytes=record.size_bytes,
             has_optimizer=training,
             user_metadata=dict(info.user_metadata),
+            expires_at=utc_now_dt() + timedelta(seconds=ttl_s) if ttl_s is not None else None,
+            encrypted=bool(parsed),
         )
         self._registry.add_checkpoint(tenant, row)
-        return record.tinker_path
+        return record
 
     def load(self, tenant: str, model_id: str, path: str, optimizer: bool) -> str:
         self._record(tenant, path)
@@ -109,7 +135,11 @@ class Checkpointing:
         return self._backend.create_sampler(info, self._files(tenant, model_path))
 
     def _record(self, tenant: str, path: str) -> CheckpointRecord:
-        record = self._store.record(tenant, *parse_tinker_path(path))
+        run_id, segment, name = parse_tinker_path(path)
+        if segment == "external_weights":
+            raise UserError(f"{path} is an export for download (external_weights); load a weights/ checkpoint")
+        self._registry.checkpoint(tenant, run_id, segment, name)  # unknown, foreign or expired: 404
+        record = self._store.record(tenant, run_id, segment, name)
         if record.base_model != self._base_model:
             raise UserError(f"{path} was trained on {record.base_model!r}, not {self._base_model!r}")
         return record

@@ -161,18 +161,33 @@ class ModelActor:
         return result
 
     @tracked
-    async def save_weights(self, model_id: str, seq_id: int | None, name: str, tenant: str) -> str:
-        return await self._scheduler.ordered(
-            model_id, seq_id, partial(self._checkpoints.save, tenant, model_id, "weights", name)
-        )
+    async def save_weights(
+        self, model_id: str, seq_id: int | None, name: str, tenant: str, ttl_s: float | None = None
+    ) -> str:
+        fn = partial(self._checkpoints.save, tenant, model_id, "weights", name, ttl_s)
+        return await self._scheduler.ordered(model_id, seq_id, fn)
+
+    @tracked
+    async def save_weights_external(
+        self, model_id: str, seq_id: int | None, name: str, tenant: str, ttl_s: float | None, recipients: tuple
+    ) -> dict:
+        """A PEFT folder to download (age-encrypted to `recipients` when given): {"path", "size_bytes"}."""
+        fn = partial(self._checkpoints.save_external, tenant, model_id, name, ttl_s, tuple(recipients))
+        return await self._scheduler.ordered(model_id, seq_id, fn)
 
     @tracked
     async def save_weights_for_sampler(
-        self, model_id: str, seq_id: int | None, name: str | None, sampler_id: str | None, tenant: str
+        self,
+        model_id: str,
+        seq_id: int | None,
+        name: str | None,
+        sampler_id: str | None,
+        tenant: str,
+        ttl_s: float | None = None,
     ) -> str:
         """Named: a PEFT folder in storage (returns its path). Else: a snapshot sampler (returns its id)."""
         if name is not None:
-            fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name)
+            fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name, ttl_s)
         else:
             fn = partial(self._snapshot_sampler, model_id, sampler_id)
         return await self._ordered(model_id, seq_id, fn)

@@ -3,17 +3,30 @@
 - Listings read the metadata database: each tenant sees its own runs and checkpoints only, and
   another tenant's run or checkpoint answers 404 like an unknown one.
 - A delete removes the database record first (nothing lists it any more), then the files.
+- A checkpoint with a TTL disappears when it expires: listings and loads skip it at once, and its
+  files go at the next sweep (a listing or TTL change sweeps, at most every 5 s per replica).
+- External checkpoints (save_weights_external) are downloaded through signed links
+  (`external_weights_urls`), fetched with a plain GET and no API key.
 """
 
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
 
 from actors import ids
 from actors.checkpoint_store import SEGMENTS, CheckpointStore, parse_tinker_path, tinker_path
 from actors.metadata.tables import Checkpoint, TrainingRun
 from actors.work import LoraSpec
-from configs.errors import UserError
+from configs.errors import NotFoundError, UserError
 from deployments import wire
+from deployments.signed_urls import LINK_LIFETIME_S, UrlSigner
 from deployments.tenancy import Tenancy, Tenant
+
+DOWNLOAD_PREFIX = "/api/v1/checkpoint_files/"
+SWEEP_EVERY_S = 5.0
 
 
 def checkpoint_wire(row: Checkpoint) -> wire.Checkpoint:
@@ -25,6 +38,7 @@ def checkpoint_wire(row: Checkpoint) -> wire.Checkpoint:
         tinker_path=tinker_path(row.training_run_id, row.segment, row.name),
         size_bytes=row.size_bytes,
         user_metadata=metadata,
+        expires_at=row.expires_at.isoformat() if row.expires_at is not None else None,
     )
 
 
@@ -49,12 +63,18 @@ class CheckpointRoutes:
         self._tenancy = tenancy
         self._registry = tenancy.registry
         self._store = store
+        self._signer = UrlSigner(tenancy.database)
+        self._next_sweep = 0.0
 
     def routes(self) -> list[tuple[str, str, Any]]:
+        external = "/api/v1/training_runs/{run_id}/checkpoints/external_weights/{name}/external_weights_urls"
         return [
             ("GET", "/api/v1/training_runs", self.list_training_runs),
             ("GET", "/api/v1/training_runs/{run_id}", self.get_training_run),
             ("GET", "/api/v1/training_runs/{run_id}/checkpoints", self.list_checkpoints),
+            ("GET", external, self.external_weights_urls),
+            ("GET", DOWNLOAD_PREFIX + "{token}", self.download),
+            ("PUT", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", self.set_ttl),
             ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", self.delete_checkpoint),
             ("GET", "/api/v1/checkpoints", self.list_user_checkpoints),
             ("POST", "/api/v1/weights_info", self.weights_info),
@@ -72,6 +92,7 @@ class CheckpointRoutes:
         return (await self._run_wire(tenant, run)).model_dump(exclude_none=True)
 
     async def list_checkpoints(self, run_id: str, tenant: Tenant) -> dict:
+        await self._sweep_now_and_then()
         await self._tenancy.run(self._registry.run, tenant, ids.check_id(run_id, "training run id"))
         rows, _ = await self._tenancy.run(self._registry.checkpoints, tenant, run_id)
         rows.reverse()  # oldest first, as the listing always was
@@ -80,11 +101,54 @@ class CheckpointRoutes:
         )
 
     async def delete_checkpoint(self, run_id: str, checkpoint_id: str, tenant: Tenant) -> dict:
-        segment, _, name = checkpoint_id.partition("/")
-        run_id, segment, name = parse_tinker_path(tinker_path(run_id, segment, name))
+        run_id, segment, name = _checkpoint(run_id, checkpoint_id)
         await self._tenancy.run(self._registry.delete_checkpoint, tenant, run_id, segment, name)
         await self._tenancy.run(self._store.delete, tenant, run_id, segment, name)
         return {}
+
+    async def set_ttl(self, run_id: str, checkpoint_id: str, body: wire.CheckpointTtlRequest, tenant: Tenant) -> dict:
+        """PUT .../ttl: expire `ttl_seconds` from now (3600 s to 10 years), or never (null)."""
+        run_id, segment, name = _checkpoint(run_id, checkpoint_id)
+        at = datetime.now(UTC) + timedelta(seconds=body.ttl_seconds) if body.ttl_seconds is not None else None
+        await self._tenancy.run(self._registry.set_checkpoint_expiry, tenant, run_id, segment, name, at)
+        await self._sweep_now_and_then()
+        return {}
+
+    async def external_weights_urls(self, run_id: str, name: str, request: Request, tenant: Tenant) -> dict:
+        """One signed, expiring link per file of an external checkpoint (plain GET, no API key)."""
+        run_id, segment, name = parse_tinker_path(tinker_path(run_id, "external_weights", name))
+        row = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
+        files = await self._tenancy.run(self._store.file_names, tenant, run_id, segment, name)
+        expires = time.time() + LINK_LIFETIME_S
+        if row.expires_at is not None:
+            expires = min(expires, row.expires_at.timestamp())
+        base = str(request.base_url).rstrip("/")
+        urls = {}
+        for filename in files:
+            claims = {"t": tenant, "r": run_id, "s": segment, "n": name, "f": filename}
+            urls[filename] = f"{base}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
+        at = datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")
+        return wire.ExternalWeightsUrlsResponse(urls=urls, expires=at).model_dump()
+
+    async def download(self, token: str) -> Response:
+        """A signed link's file (no API key: the link is the authorisation)."""
+        claims = await self._tenancy.run(self._signer.verify, token)
+        try:
+            where = (claims["t"], claims["r"], claims["s"], claims["n"])
+            await self._tenancy.run(self._registry.checkpoint, *where)  # deleted or expired since: gone
+            data = await self._tenancy.run(self._store.read_file, *where, claims["f"])
+        except (KeyError, TypeError):
+            raise NotFoundError("unknown or expired download link") from None
+        disposition = f'attachment; filename="{claims["f"]}"'
+        return Response(data, media_type="application/octet-stream", headers={"content-disposition": disposition})
+
+    async def _sweep_now_and_then(self) -> None:
+        """Delete the files of checkpoints that expired (their records go first)."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        for where in await self._tenancy.run(self._registry.take_expired_checkpoints):
+            await self._tenancy.run(self._store.delete, *where)
 
     async def list_user_checkpoints(self, tenant: Tenant, limit: int = 100, offset: int = 0) -> dict:
         limit, offset = _page(limit, offset)
@@ -107,6 +171,11 @@ class CheckpointRoutes:
     async def _run_wire(self, tenant: str, run: TrainingRun) -> wire.TrainingRun:
         rows, _ = await self._tenancy.run(self._registry.checkpoints, tenant, run.id)
         return run_wire(run, rows)
+
+
+def _checkpoint(run_id: str, checkpoint_id: str) -> tuple[str, str, str]:
+    segment, _, name = checkpoint_id.partition("/")
+    return parse_tinker_path(tinker_path(run_id, segment, name))
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:

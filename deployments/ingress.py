@@ -23,7 +23,7 @@ from deployments.errors import error_response
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
 from deployments.simple_routes import SimpleRoutes
-from deployments.tenancy import PUBLIC_PATHS, Tenancy, Tenant
+from deployments.tenancy import PUBLIC_PATHS, PUBLIC_PREFIXES, Tenancy, Tenant
 from deployments.tinker_routes import TinkerRoutes
 
 REPLICA_HEADER = "x-thinker-replica"  # which ingress replica answered (debugging, tests)
@@ -86,7 +86,8 @@ class Admission:
             length = request.headers.get("content-length", "")
             if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > self._max_bytes):
                 raise RequestTooLargeError(f"request body of {length} bytes exceeds {self._max_bytes}")
-            if _route_path(request) not in PUBLIC_PATHS:
+            path = _route_path(request)
+            if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
                 tenant = await self._tenancy.authenticate(request.headers.get("x-api-key"))
                 scope.setdefault("state", {})["tenant"] = tenant
         except ThinkerError as exc:

@@ -27,6 +27,7 @@ from configs.schema import ThinkerConfig
 logger = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
+PUBLIC_PREFIXES = ("/api/v1/checkpoint_files/",)  # signed download links: the link is the authorisation
 T = TypeVar("T")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from actors import ids
+from actors.age_files import parse_recipients
 from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.futures import LoggedCall
 from actors.metadata.sequences import SampledSequences
@@ -42,6 +43,7 @@ def encode_result(kind: str, value: Any, meta: dict[str, Any]) -> Response:
         "create_model": lambda: wire.CreateModelResponse(model_id=value.model_id),
         "unload_model": lambda: wire.UnloadModelResponse(model_id=value),
         "save_weights": lambda: wire.SaveWeightsResponse(path=value),
+        "save_weights_external": lambda: wire.SaveWeightsExternalResponse(**value),
         "save_weights_for_sampler": lambda: (
             wire.SaveWeightsForSamplerResponse(path=value)
             if value.startswith("tinker://")
@@ -82,6 +84,7 @@ class TinkerRoutes:
             ("POST", "/api/v1/unload_model", self.unload_model),
             ("POST", "/api/v1/optim_step", self.optim_step),
             ("POST", "/api/v1/save_weights", self.save_weights),
+            ("POST", "/api/v1/save_weights_external", self.save_weights_external),
             ("POST", "/api/v1/save_weights_for_sampler", self.save_weights_for_sampler),
             ("POST", "/api/v1/load_weights", self.load_weights),
             ("POST", "/api/v1/create_sampling_session", self.create_sampling_session),
@@ -191,8 +194,21 @@ class TinkerRoutes:
             ids.check_name(name)
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights", exc)
-        args = (body.model_id, body.seq_id, name, tenant)
+        args = (body.model_id, body.seq_id, name, tenant, body.ttl_seconds)
         return await self._submit("save_weights", tenant, body.model_id, base, "save_weights", *args)
+
+    async def save_weights_external(self, body: wire.SaveWeightsExternalRequest, tenant: Tenant) -> dict:
+        """A PEFT folder to download (cookbook `weights.download`), ordered with the model's requests."""
+        base = await self._models.base_of_model(tenant, body.model_id)
+        recipients = tuple(body.age_encryption_recipients or ())
+        try:
+            ids.check_name(body.path)
+            parse_recipients(list(recipients))  # a bad key fails here, before the model's turn
+        except UserError as exc:
+            handle = self._models.base(base)
+            return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_external", exc)
+        args = (body.model_id, body.seq_id, body.path, tenant, body.ttl_seconds, recipients)
+        return await self._submit("save_weights_external", tenant, body.model_id, base, "save_weights_external", *args)
 
     async def save_weights_for_sampler(self, body: wire.SaveWeightsForSamplerRequest, tenant: Tenant) -> dict:
         base = await self._models.base_of_model(tenant, body.model_id)
@@ -213,7 +229,7 @@ class TinkerRoutes:
                 )
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
-        args = (body.model_id, body.seq_id, body.path, sampler_id, tenant)
+        args = (body.model_id, body.seq_id, body.path, sampler_id, tenant, body.ttl_seconds)
         return await self._submit(
             "save_weights_for_sampler", tenant, body.model_id, base, "save_weights_for_sampler", *args
         )

@@ -26,6 +26,8 @@ class WireIn(BaseModel):
 
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # what torch's generators take
 SeqId = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a 64-bit column in the request log
+# A checkpoint's time to live: one hour to ten years (Tinker's bounds); None = never expires.
+TtlSeconds = Annotated[int, Field(ge=3600, le=10 * 366 * 24 * 3600)]
 
 
 class WireOut(BaseModel):
@@ -238,6 +240,7 @@ class SaveWeightsRequest(WireIn):
     model_id: str
     path: str | None = None
     seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class SaveWeightsForSamplerRequest(WireIn):
@@ -245,6 +248,19 @@ class SaveWeightsForSamplerRequest(WireIn):
     path: str | None = None
     seq_id: SeqId | None = None
     sampling_session_seq_id: int | None = None
+    ttl_seconds: TtlSeconds | None = None
+
+
+class SaveWeightsExternalRequest(WireIn):
+    model_id: str
+    path: str
+    seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[str] | None = Field(None, max_length=10)
+
+
+class CheckpointTtlRequest(WireIn):
+    ttl_seconds: TtlSeconds | None = None
 
 
 class LoadWeightsRequest(WireIn):
@@ -428,6 +444,17 @@ class SaveWeightsResponse(WireOut):
     path: str
 
 
+class SaveWeightsExternalResponse(WireOut):
+    type: Literal["save_weights_external"] = "save_weights_external"
+    path: str
+    size_bytes: int | None = None
+
+
+class ExternalWeightsUrlsResponse(WireOut):
+    urls: dict[str, str]
+    expires: str
+
+
 class SaveWeightsForSamplerResponse(WireOut):
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
     path: str | None = None
@@ -448,12 +475,13 @@ class Cursor(WireOut):
 
 class Checkpoint(WireOut):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: Literal["training", "sampler", "external"]
     time: str
     tinker_path: str
     size_bytes: int
     public: bool = False
     user_metadata: dict[str, str] | None = None
+    expires_at: str | None = None
 
 
 class TrainingRun(WireOut):

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -207,7 +207,7 @@ class Registry:
         """Record (or replace, for a save under the same name) a checkpoint whose files are in place."""
         row.tenant_id = tenant
         with self._db.transaction() as session:
-            old = _checkpoint_row(session, row.training_run_id, row.segment, row.name)
+            old = _checkpoint_row(session, row.training_run_id, row.segment, row.name, live_only=False)
             if old is not None:
                 session.delete(old)
                 session.flush()
@@ -226,7 +226,7 @@ class Registry:
 
     def checkpoints(self, tenant: str, run_id: str | None = None, offset: int = 0, limit: int = 1000):
         """The tenant's checkpoints (of one run, or all), newest first, and how many there are."""
-        query = select(Checkpoint).where(Checkpoint.tenant_id == tenant)
+        query = select(Checkpoint).where(Checkpoint.tenant_id == tenant, _unexpired())
         if run_id is not None:
             query = query.where(Checkpoint.training_run_id == run_id)
         with self._db.transaction() as session:
@@ -239,6 +239,23 @@ class Registry:
         with self._db.transaction() as session:
             row = _checkpoint_row(session, run_id, segment, name)
             session.delete(_owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}"))
+
+    def set_checkpoint_expiry(
+        self, tenant: str, run_id: str, segment: str, name: str, expires_at: datetime | None
+    ) -> None:
+        with self._db.transaction() as session:
+            row = _checkpoint_row(session, run_id, segment, name)
+            _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}").expires_at = expires_at
+
+    def take_expired_checkpoints(self, limit: int = 100) -> list[tuple[str, str, str, str]]:
+        """Remove up to `limit` expired checkpoints' records; (tenant, run, segment, name) of each,
+        for their files to go next."""
+        query = select(Checkpoint).where(Checkpoint.expires_at <= utc_now()).limit(limit)
+        with self._db.transaction() as session:
+            rows = list(session.scalars(query))
+            for row in rows:
+                session.delete(row)
+            return [(r.tenant_id, r.training_run_id, r.segment, r.name) for r in rows]
 
     # ---- usage ----------------------------------------------------------------------------------
 
@@ -276,11 +293,18 @@ class Registry:
         return usage
 
 
-def _checkpoint_row(session, run_id: str, segment: str, name: str) -> Checkpoint | None:
+def _checkpoint_row(session, run_id: str, segment: str, name: str, live_only: bool = True) -> Checkpoint | None:
+    """The checkpoint's record; an expired one reads as absent unless `live_only` is off."""
     query = select(Checkpoint).where(
         Checkpoint.training_run_id == run_id, Checkpoint.segment == segment, Checkpoint.name == name
     )
+    if live_only:
+        query = query.where(_unexpired())
     return session.scalars(query).one_or_none()
+
+
+def _unexpired():
+    return or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > utc_now())
 
 
 def _owned(row, tenant: str, missing: str):

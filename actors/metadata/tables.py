@@ -133,7 +133,7 @@ class Checkpoint(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
     training_run_id: Mapped[str] = mapped_column(ID, index=True)
-    segment: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights
+    segment: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights | external_weights
     name: Mapped[str] = mapped_column(ID)
     base_model: Mapped[str] = mapped_column(String(256))
     lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -141,6 +141,8 @@ class Checkpoint(Base):
     has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # gone (unlisted, unloadable) after this
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)  # files stored as age ciphertext (<file>.age)
 
 
 class Usage(Base):
@@ -199,3 +201,13 @@ class SampledSequenceRecord(Base):
     tokens: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian token ids
     logprobs: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, one per token
     last_used_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class ServerSecret(Base):
+    """Secrets every replica shares (e.g. the key that signs download URLs), made on first use."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)

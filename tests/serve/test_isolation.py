@@ -54,6 +54,7 @@ def alice(tiny_url):
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     state_path = tc.save_state("alice-state").result().path
     sampler_path = tc.save_weights_for_sampler("alice-sampler").result().path
+    tc.save_weights_external("alice-export").result()
     model_id = tc.model_id
     session_id = model_id.split(":")[0]
     body = {"session_id": session_id, "sampling_session_seq_id": 50, "model_path": sampler_path}
@@ -115,6 +116,14 @@ def test_every_route_that_takes_an_id_answers_404_for_another_tenants(tiny_url, 
         ("GET", f"/api/v1/training_runs/{run}", {}),
         ("GET", f"/api/v1/training_runs/{run}/checkpoints", {}),
         ("DELETE", f"/api/v1/training_runs/{run}/checkpoints/weights/{name}", {}),
+        ("DELETE", f"/api/v1/training_runs/{run}/checkpoints/external_weights/alice-export", {}),
+        ("PUT", f"/api/v1/training_runs/{run}/checkpoints/weights/{name}/ttl", {"json": {"ttl_seconds": 3600}}),
+        (
+            "GET",
+            f"/api/v1/training_runs/{run}/checkpoints/external_weights/alice-export/external_weights_urls",
+            {},
+        ),
+        ("POST", "/api/v1/save_weights_external", {"json": {"model_id": model, "path": "stolen"}}),
         ("POST", "/api/v1/weights_info", {"json": {"tinker_path": alice["state_path"]}}),
         ("POST", "/optim_step", {"json": {"model_id": "alice-adapter"}}),
         ("DELETE", "/adapters/alice-adapter", {}),

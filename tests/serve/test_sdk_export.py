@@ -1,0 +1,111 @@
+"""Checkpoint export as the cookbook's `weights.download` does it, through the official SDK:
+save_weights_external (age-encrypted), external_weights_urls fetched with plain GETs, PUT ttl,
+DELETE; and TTLs enforced (an expired checkpoint is unlisted, unloadable and its files go)."""
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pyrage
+import pytest
+import requests
+import tinker
+from safetensors.numpy import load
+from tinker import types
+
+from tests.conftest import database_file
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture(scope="module")
+def service(tiny_url):
+    client = tinker.ServiceClient(base_url=tiny_url)
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def trained(service):
+    tc = service.create_lora_training_client(base_model="tiny-a", rank=4, seed=4).result()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3, 4]), loss_fn_inputs={"target_tokens": [2, 3, 4, 5]}
+    )
+    tc.forward_backward([datum], "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    return tc
+
+
+def download(urls: dict[str, str]) -> dict[str, bytes]:
+    files = {}
+    for name, url in urls.items():
+        assert ".." not in name and not name.startswith("/")
+        response = requests.get(url, timeout=30)  # no API key: the link carries its own authorisation
+        assert response.status_code == 200, response.text
+        files[name] = response.content
+    return files
+
+
+def test_the_cookbook_download_flow_gives_an_encrypted_peft_folder(service, trained):
+    identity = pyrage.x25519.Identity.generate()
+    rest = service.create_rest_client()
+    encrypted = trained.save_weights_external("download", 3600, [str(identity.to_public())]).result()
+    plain = trained.save_weights_external("plain").result()
+    assert encrypted.path == f"tinker://{trained.model_id}/external_weights/download"
+    urls = rest.get_external_weights_urls(encrypted.path).result()
+    rest.set_checkpoint_ttl_from_tinker_path(encrypted.path, 3600).result()
+    assert urls.expires is not None and set(urls.urls) == {"adapter_config.json.age", "adapter_model.safetensors.age"}
+    files = {name[: -len(".age")]: pyrage.decrypt(data, [identity]) for name, data in download(urls.urls).items()}
+    assert files == download(rest.get_external_weights_urls(plain.path).result().urls)  # the same weights
+    config = json.loads(files["adapter_config.json"])
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    tensors = load(files["adapter_model.safetensors"])
+    assert any(k.startswith("base_model.model.") and k.endswith(".lora_A.weight") for k in tensors)
+    assert all(np.isfinite(t).all() for t in tensors.values())
+
+    listed = {c.checkpoint_id: c for c in rest.list_checkpoints(trained.model_id).result().checkpoints}
+    assert listed["external_weights/download"].checkpoint_type == "external"
+    assert listed["external_weights/download"].expires_at is not None
+    rest.delete_checkpoint_from_tinker_path(encrypted.path).result()
+    assert all(requests.get(url, timeout=30).status_code == 404 for url in urls.urls.values())
+
+
+def test_links_cannot_be_forged_and_exports_cannot_be_loaded(service, trained, tiny_url):
+    rest = service.create_rest_client()
+    path = trained.save_weights_external("signed").result().path
+    url = next(iter(rest.get_external_weights_urls(path).result().urls.values()))
+    token = url.rsplit("/", 1)[1]
+    body, mac = token.split(".")
+    forged = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + mac
+    for bad in (url.replace(token, forged), url.replace(token, token[:-3]), url + "x"):
+        assert requests.get(bad, timeout=30).status_code == 404
+    with pytest.raises(tinker.BadRequestError, match="external_weights"):
+        service.create_sampling_client(model_path=path).result()
+
+
+def test_bad_exports_fail_as_user_errors(trained):
+    with pytest.raises(tinker.RequestFailedError, match="age recipient"):
+        trained.save_weights_external("bad-key", age_encryption_recipients=["age1notakey"]).result()
+    with pytest.raises((tinker.BadRequestError, tinker.UnprocessableEntityError)):
+        trained.save_weights_external("too-short", ttl_seconds=60).result()
+
+
+def test_an_expired_checkpoint_is_gone(service, trained, checkpoint_root):
+    rest = service.create_rest_client()
+    path = trained.save_weights_for_sampler("short-lived", ttl_seconds=3600).result().path
+    service.create_sampling_client(model_path=path).result()  # loadable while it lives
+    with sqlite3.connect(database_file(checkpoint_root).removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE checkpoints SET expires_at = '2000-01-01 00:00:00.000000' WHERE name = 'short-lived'")
+    listed = [c.checkpoint_id for c in rest.list_checkpoints(trained.model_id).result().checkpoints]
+    assert "sampler_weights/short-lived" not in listed
+    with pytest.raises(tinker.NotFoundError):
+        service.create_sampling_client(model_path=path).result()
+    with pytest.raises(tinker.NotFoundError):
+        rest.set_checkpoint_ttl_from_tinker_path(path, None).result()
+    deadline = time.time() + 30
+    while list(Path(checkpoint_root).glob(f"*/{trained.model_id}/sampler_weights/short-lived")):
+        assert time.time() < deadline, "the expired checkpoint's files were never swept"
+        rest.list_checkpoints(trained.model_id).result()  # a listing sweeps (at most every few seconds)
+        time.sleep(1)
