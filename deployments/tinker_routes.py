@@ -235,6 +235,8 @@ class TinkerRoutes:
         )
 
     async def load_weights(self, body: wire.LoadWeightsRequest, tenant: Tenant) -> dict:
+        if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
+            raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
         run_id, segment, name = parse_tinker_path(body.path)
         checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
         if body.model_id is not None:  # into an existing training model (load_state)

@@ -272,6 +272,7 @@ class LoadWeightsRequest(WireIn):
     user_metadata: dict[str, Any] | None = None
     path: str
     optimizer: bool = False
+    optimizer_config: OptimizerConfig | None = None  # create-via-load: AdamW only (Dimuon is refused)
 
 
 class WeightsInfoRequest(WireIn):

@@ -77,6 +77,15 @@ def test_malformed_input_gets_4xx_json_and_the_server_keeps_serving(url):
     assert_user_error(post(url, "forward_backward", data=b"x" * 5000, headers=PROTO), 413)
     body = {"session_id": "s", "model_seq_id": 0, "base_model": "fake", "optimizer_config": {"type": "dimuon"}}
     assert_user_error(post(url, "create_model", json=body), 400)
+    load = {
+        "session_id": "s",
+        "model_seq_id": 1,
+        "path": "tinker://r/weights/x",
+        "optimizer_config": {"type": "dimuon"},
+    }
+    response = post(url, "load_weights", json=load)  # never silently trained with AdamW
+    assert_user_error(response, 400)
+    assert "dimuon" in response.json()["error"]
     assert requests.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}
 
 

@@ -109,3 +109,19 @@ def test_an_expired_checkpoint_is_gone(service, trained, checkpoint_root):
         assert time.time() < deadline, "the expired checkpoint's files were never swept"
         rest.list_checkpoints(trained.model_id).result()  # a listing sweeps (at most every few seconds)
         time.sleep(1)
+
+
+def test_the_cookbooks_own_download_of_a_training_checkpoint(service, trained, tiny_url, checkpoint_root, tmp_path):
+    """tinker_cookbook.weights.download, unmodified: it loads the checkpoint into a new training run,
+    exports it age-encrypted to a key of its own, fetches the signed links, renews the TTL,
+    decrypts, deletes the export and finishes its session. The adapter is the saved one."""
+    from tinker_cookbook import weights
+
+    state = trained.save_state("for-download").result().path
+    out = weights.download(tinker_path=state, output_dir=str(tmp_path / "adapter"), base_url=tiny_url)
+    got = load((Path(out) / "adapter_model.safetensors").read_bytes())
+    (saved,) = Path(checkpoint_root).glob(f"*/{trained.model_id}/weights/for-download/adapter_model.safetensors")
+    expected = load(saved.read_bytes())
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+    assert json.loads((Path(out) / "adapter_config.json").read_text())["r"] == 4
+    assert not list(Path(checkpoint_root).glob("*/*/external_weights/download"))  # the export was deleted
