@@ -9,6 +9,8 @@
   (`external_weights_urls`), fetched with a plain GET and no API key.
 """
 
+import io
+import tarfile
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +28,7 @@ from deployments.signed_urls import LINK_LIFETIME_S, UrlSigner
 from deployments.tenancy import Tenancy, Tenant
 
 DOWNLOAD_PREFIX = "/api/v1/checkpoint_files/"
+ARCHIVE = ".archive.tar"  # a link's file name for the whole adapter as one tar (SDK 0.25 / 0.30)
 SWEEP_EVERY_S = 5.0
 
 
@@ -75,6 +78,7 @@ class CheckpointRoutes:
             ("GET", external, self.external_weights_urls),
             ("GET", DOWNLOAD_PREFIX + "{token}", self.download),
             ("PUT", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", self.set_ttl),
+            ("GET", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive", self.archive),
             ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", self.delete_checkpoint),
             ("GET", "/api/v1/checkpoints", self.list_user_checkpoints),
             ("POST", "/api/v1/weights_info", self.weights_info),
@@ -91,10 +95,11 @@ class CheckpointRoutes:
         run = await self._tenancy.run(self._registry.run, tenant, ids.check_id(run_id, "training run id"))
         return (await self._run_wire(tenant, run)).model_dump(exclude_none=True)
 
-    async def list_checkpoints(self, run_id: str, tenant: Tenant) -> dict:
+    async def list_checkpoints(self, run_id: str, tenant: Tenant, request: Request) -> dict:
         await self._sweep_now_and_then()
         await self._tenancy.run(self._registry.run, tenant, ids.check_id(run_id, "training run id"))
         rows, _ = await self._tenancy.run(self._registry.checkpoints, tenant, run_id)
+        rows = _for_client(rows, request)
         rows.reverse()  # oldest first, as the listing always was
         return wire.CheckpointsListResponse(checkpoints=[checkpoint_wire(r) for r in rows]).model_dump(
             exclude_none=True
@@ -130,17 +135,45 @@ class CheckpointRoutes:
         at = datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")
         return wire.ExternalWeightsUrlsResponse(urls=urls, expires=at).model_dump()
 
+    async def archive(self, run_id: str, checkpoint_id: str, tenant: Tenant, request: Request) -> dict:
+        """SDK 0.25 / 0.30 `get_checkpoint_archive_url`: a signed link to a tar of the PEFT adapter
+        (adapter_config.json, adapter_model.safetensors) and an empty `checkpoint_complete`."""
+        run_id, segment, name = _checkpoint(run_id, checkpoint_id)
+        row = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
+        if row.encrypted:
+            raise UserError(f"{tinker_path(run_id, segment, name)} is age-encrypted; use external_weights_urls")
+        expires = time.time() + LINK_LIFETIME_S
+        if row.expires_at is not None:
+            expires = min(expires, row.expires_at.timestamp())
+        claims = {"t": tenant, "r": run_id, "s": segment, "n": name, "f": ARCHIVE}
+        url = f"{str(request.base_url).rstrip('/')}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
+        return {"url": url, "expires": datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")}
+
     async def download(self, token: str) -> Response:
         """A signed link's file (no API key: the link is the authorisation)."""
         claims = await self._tenancy.run(self._signer.verify, token)
         try:
             where = (claims["t"], claims["r"], claims["s"], claims["n"])
             await self._tenancy.run(self._registry.checkpoint, *where)  # deleted or expired since: gone
-            data = await self._tenancy.run(self._store.read_file, *where, claims["f"])
+            if claims["f"] == ARCHIVE:
+                data = await self._tenancy.run(self._archive_bytes, *where)
+            else:
+                data = await self._tenancy.run(self._store.read_file, *where, claims["f"])
         except (KeyError, TypeError):
             raise NotFoundError("unknown or expired download link") from None
         disposition = f'attachment; filename="{claims["f"]}"'
         return Response(data, media_type="application/octet-stream", headers={"content-disposition": disposition})
+
+    def _archive_bytes(self, tenant: str, run_id: str, segment: str, name: str) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for filename in ("adapter_config.json", "adapter_model.safetensors"):
+                data = self._store.read_file(tenant, run_id, segment, name, filename)
+                info = tarfile.TarInfo(filename)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            tar.addfile(tarfile.TarInfo("checkpoint_complete"), io.BytesIO(b""))
+        return buffer.getvalue()
 
     async def _sweep_now_and_then(self) -> None:
         """Delete the files of checkpoints that expired (their records go first)."""
@@ -150,9 +183,10 @@ class CheckpointRoutes:
         for where in await self._tenancy.run(self._registry.take_expired_checkpoints):
             await self._tenancy.run(self._store.delete, *where)
 
-    async def list_user_checkpoints(self, tenant: Tenant, limit: int = 100, offset: int = 0) -> dict:
+    async def list_user_checkpoints(self, tenant: Tenant, request: Request, limit: int = 100, offset: int = 0) -> dict:
         limit, offset = _page(limit, offset)
         rows, total = await self._tenancy.run(self._registry.checkpoints, tenant, None, offset, limit)
+        rows = _for_client(rows, request)
         cursor = wire.Cursor(offset=offset, limit=limit, total_count=total)
         listed = [checkpoint_wire(r) for r in rows]
         return wire.CheckpointsListResponse(checkpoints=listed, cursor=cursor).model_dump(exclude_none=True)
@@ -171,6 +205,26 @@ class CheckpointRoutes:
     async def _run_wire(self, tenant: str, run: TrainingRun) -> wire.TrainingRun:
         rows, _ = await self._tenancy.run(self._registry.checkpoints, tenant, run.id)
         return run_wire(run, rows)
+
+
+def sdk_version(request: Request) -> tuple[int, ...] | None:
+    """The calling SDK's version, from X-Stainless-Package-Version or its User-Agent (all send both)."""
+    text = request.headers.get("x-stainless-package-version") or ""
+    if not text:
+        agent = request.headers.get("user-agent", "")
+        text = agent.rsplit(" ", 1)[-1] if agent.startswith(("AsyncTinker/", "Tinker/")) else ""
+    try:
+        return tuple(int(part) for part in text.split(".")[:3])
+    except ValueError:
+        return None
+
+
+def _for_client(rows: list[Checkpoint], request: Request) -> list[Checkpoint]:
+    """SDKs before 0.30 accept only training and sampler checkpoints: a listing hides the rest from them."""
+    version = sdk_version(request)
+    if version is not None and version < (0, 30):
+        return [row for row in rows if row.segment != "external_weights"]
+    return rows
 
 
 def _checkpoint(run_id: str, checkpoint_id: str) -> tuple[str, str, str]:
