@@ -22,6 +22,7 @@ from deployments.checkpoint_routes import CheckpointRoutes
 from deployments.errors import error_response
 from deployments.futures import Futures
 from deployments.model_handles import ModelHandles
+from deployments.session_routes import SessionRoutes
 from deployments.simple_routes import SimpleRoutes
 from deployments.tenancy import PUBLIC_PATHS, PUBLIC_PREFIXES, Tenancy, Tenant
 from deployments.tinker_routes import TinkerRoutes
@@ -150,7 +151,13 @@ class Ingress:
         simple = SimpleRoutes(handles, futures, self._tenancy, config)
         forward_backward = ForwardBackwardByContentType(tinker, simple, config.max_request_bytes)
         store = CheckpointStore(config.checkpoint_root)
-        self._groups = [tinker, forward_backward, CheckpointRoutes(self._tenancy, store), simple]
+        self._groups = [
+            tinker,
+            forward_backward,
+            CheckpointRoutes(self._tenancy, store),
+            SessionRoutes(self._tenancy),
+            simple,
+        ]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         replica_id = serve.get_replica_context().replica_id.unique_id

@@ -27,6 +27,7 @@ from deployments import wire, wire_proto
 from deployments.futures import Futures, deployment_call
 from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
+from deployments.session_routes import FinishRequest
 from deployments.tenancy import Tenancy, Tenant
 
 PROTOBUF = "application/x-protobuf"
@@ -103,8 +104,9 @@ class TinkerRoutes:
 
     async def create_session(self, body: wire.CreateSessionRequest, tenant: Tenant) -> dict:
         self._limits.check_metadata("tags and user_metadata", [body.tags, body.user_metadata])
+        registry, metadata = self._registry, body.user_metadata or {}
         session_id = await self._tenancy.run(
-            self._registry.create_session, tenant, body.sdk_version, body.tags, body.user_metadata or {}
+            registry.create_session, tenant, body.sdk_version, body.tags, metadata, body.project_id, body.display_name
         )
         return wire.CreateSessionResponse(session_id=session_id).model_dump()
 
@@ -115,10 +117,11 @@ class TinkerRoutes:
     async def telemetry(self) -> dict:
         return wire.TelemetryResponse().model_dump()
 
-    async def finish_session(self, session_id: str, tenant: Tenant) -> dict:
+    async def finish_session(self, session_id: str, tenant: Tenant, body: FinishRequest | None = None) -> dict:
         """The client is done: its training models and samplers are unloaded everywhere."""
         ids.check_id(session_id, "session_id")
-        await self._tenancy.run(self._registry.finish_session, tenant, session_id)
+        reason, detail = (body.reason_type(), body.detail) if body is not None else (None, None)
+        await self._tenancy.run(self._registry.finish_session, tenant, session_id, reason, detail)
         await asyncio.gather(*(h.release_session.remote(session_id) for h in self._models.all()))
         for run_id in await self._tenancy.run(self._registry.live_runs, tenant, session_id):
             await self._tenancy.run(self._registry.unload_run, run_id)

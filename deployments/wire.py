@@ -43,6 +43,8 @@ class CreateSessionRequest(WireIn):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] | None = None
     sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
 
 
 class SessionRequest(WireIn):

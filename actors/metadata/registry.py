@@ -32,15 +32,23 @@ class Registry:
     # ---- sessions -------------------------------------------------------------------------------
 
     def create_session(
-        self, tenant: str, sdk_version: str | None, tags: Sequence[str], user_metadata: dict[str, Any]
+        self,
+        tenant: str,
+        sdk_version: str | None,
+        tags: Sequence[str],
+        user_metadata: dict[str, Any],
+        project_id: str | None = None,
+        display_name: str | None = None,
     ) -> str:
         session_id = ids.new_session_id()
         row = Session(
             id=session_id,
             tenant_id=tenant,
-            sdk_version=(sdk_version or "")[:64].encode("utf-8", "replace").decode() or None,  # lone surrogates
+            sdk_version=_clean(sdk_version, 64),
             tags={"tags": list(tags)},
             user_metadata=dict(user_metadata),
+            project_id=_clean(project_id, 128),
+            display_name=_clean(display_name, 256),
         )
         with self._db.transaction() as session:
             session.add(row)
@@ -50,10 +58,53 @@ class Registry:
         with self._db.transaction() as session:
             return _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
 
-    def finish_session(self, tenant: str, session_id: str) -> None:
+    def finish_session(
+        self, tenant: str, session_id: str, reason: str | None = None, detail: str | None = None
+    ) -> None:
+        """The client finished; the first reason given stays."""
         with self._db.transaction() as session:
             row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
             row.finished_at = row.finished_at or utc_now()
+            if row.finish_reason is None and reason is not None:
+                row.finish_reason, row.finish_detail = reason, _clean(detail, 1024)
+
+    def sessions(self, tenant: str, offset: int = 0, limit: int = 20) -> list[Session]:
+        """The tenant's sessions, newest first."""
+        query = select(Session).where(Session.tenant_id == tenant)
+        query = query.order_by(Session.created_at.desc(), Session.id.desc()).offset(offset).limit(limit)
+        with self._db.transaction() as session:
+            return list(session.scalars(query))
+
+    def search_sessions(self, tenant: str, query) -> list[Session]:
+        """The tenant's sessions that `query` (a SQLAlchemy select of Session, filtered) names."""
+        with self._db.transaction() as session:
+            return list(session.scalars(query.where(Session.tenant_id == tenant)))
+
+    def session_contents(self, tenant: str, session_id: str) -> tuple[Session, list[str], list[str]]:
+        """A session, its training runs' ids and its samplers' ids."""
+        with self._db.transaction() as session:
+            row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+            runs = session.scalars(select(TrainingRun.id).where(TrainingRun.session_id == session_id))
+            samplers = session.scalars(select(Sampler.id).where(Sampler.session_id == session_id))
+            return row, sorted(runs), sorted(samplers)
+
+    def checkpoint_totals(self, tenant: str, session_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """session id -> (live checkpoints, their bytes) over the session's runs."""
+        query = (
+            select(TrainingRun.session_id, func.count(Checkpoint.id), func.coalesce(func.sum(Checkpoint.size_bytes), 0))
+            .join(TrainingRun, TrainingRun.id == Checkpoint.training_run_id)
+            .where(Checkpoint.tenant_id == tenant, TrainingRun.session_id.in_(session_ids), _unexpired())
+            .group_by(TrainingRun.session_id)
+        )
+        with self._db.transaction() as session:
+            return {sid: (int(n), int(size)) for sid, n, size in session.execute(query)}
+
+    def set_session_project(self, tenant: str, session_id: str, project_id: str) -> None:
+        with self._db.transaction() as session:
+            row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+            if row.project_id not in (None, project_id):
+                raise UserError(f"session {session_id!r} is in project {row.project_id!r}; it cannot be moved out")
+            row.project_id = _clean(project_id, 128)
 
     # ---- training runs --------------------------------------------------------------------------
 
@@ -291,6 +342,11 @@ class Registry:
         usage.update({kind: int(amount) for kind, amount in totals})
         usage["checkpoint_bytes"] = int(stored or 0)
         return usage
+
+
+def _clean(text: str | None, length: int) -> str | None:
+    """A client's free text for a column: cut to length, lone surrogates replaced; None if empty."""
+    return (text or "")[:length].encode("utf-8", "replace").decode() or None
 
 
 def _checkpoint_row(session, run_id: str, segment: str, name: str, live_only: bool = True) -> Checkpoint | None:

@@ -90,6 +90,10 @@ class Session(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    project_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    display_name: Mapped[str | None] = mapped_column(String(256), default=None)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)  # success | errored | interrupted
+    finish_detail: Mapped[str | None] = mapped_column(String(1024), default=None)
 
 
 class TrainingRun(Base):
