@@ -18,6 +18,7 @@ from actors.checkpoint_store import CheckpointStore
 from actors.metadata.futures import FutureRecords
 from configs.errors import RequestTooLargeError, ThinkerError, UserError
 from configs.schema import ThinkerConfig
+from deployments.account_routes import AccountRoutes
 from deployments.checkpoint_routes import CheckpointRoutes
 from deployments.errors import error_response
 from deployments.futures import Futures
@@ -156,6 +157,7 @@ class Ingress:
             forward_backward,
             CheckpointRoutes(self._tenancy, store),
             SessionRoutes(self._tenancy),
+            AccountRoutes(self._tenancy),
             simple,
         ]
 

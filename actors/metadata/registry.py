@@ -343,6 +343,31 @@ class Registry:
         usage["checkpoint_bytes"] = int(stored or 0)
         return usage
 
+    def usage_buckets(self, tenant: str, start: datetime, end: datetime) -> list[Usage]:
+        """The tenant's hourly usage rows with start <= bucket_start < end."""
+        query = (
+            select(Usage)
+            .where(Usage.tenant_id == tenant, Usage.bucket_start >= start, Usage.bucket_start < end)
+            .order_by(Usage.bucket_start, Usage.id)
+        )
+        with self._db.transaction() as session:
+            return list(session.scalars(query))
+
+    def session_metadata(self, tenant: str, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        query = select(Session.id, Session.user_metadata).where(
+            Session.tenant_id == tenant, Session.id.in_(session_ids)
+        )
+        with self._db.transaction() as session:
+            return {sid: dict(metadata or {}) for sid, metadata in session.execute(query)}
+
+    def checkpoint_events(self, tenant: str, start: datetime | None, end: datetime | None) -> list[Checkpoint]:
+        """The tenant's live checkpoints saved in [start, end) (all when None), oldest first."""
+        query = select(Checkpoint).where(Checkpoint.tenant_id == tenant, _unexpired())
+        if start is not None:
+            query = query.where(Checkpoint.created_at >= start, Checkpoint.created_at < end)
+        with self._db.transaction() as session:
+            return list(session.scalars(query.order_by(Checkpoint.created_at, Checkpoint.id)))
+
 
 def _clean(text: str | None, length: int) -> str | None:
     """A client's free text for a column: cut to length, lone surrogates replaced; None if empty."""

@@ -102,6 +102,21 @@ class Tenants:
                 row.revoked_at = utc_now()
             return _record(row)
 
+    def key_record(self, key: str) -> KeyRecord:
+        """The record of a key that authenticates (issued, or seen in open mode)."""
+        self.authenticate(key)
+        with self._db.transaction() as session:
+            row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest(key))).one()
+            return _record(row)
+
+    def revoke_key(self, key: str) -> KeyRecord:
+        """Revoke the key itself (`tinker auth logout`): it authenticates no more, in either mode."""
+        record = self.key_record(key)
+        with self._db.transaction() as session:
+            row = session.get(ApiKey, record.id)
+            row.revoked_at = row.revoked_at or utc_now()
+            return _record(row)
+
     def _open_tenant(self, key: str, hashed: str) -> str:
         tenant_id = open_tenant_id(key)
         self._ensure_tenant(tenant_id, "key")
