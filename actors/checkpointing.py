@@ -138,11 +138,16 @@ class Checkpointing:
         run_id, segment, name = parse_tinker_path(path)
         if segment == "external_weights":
             raise UserError(f"{path} is an export for download (external_weights); load a weights/ checkpoint")
-        self._registry.checkpoint(tenant, run_id, segment, name)  # unknown, foreign or expired: 404
-        record = self._store.record(tenant, run_id, segment, name)
+        owner = self._owner(tenant, path)
+        record = self._store.record(owner, run_id, segment, name)
         if record.base_model != self._base_model:
             raise UserError(f"{path} was trained on {record.base_model!r}, not {self._base_model!r}")
         return record
 
+    def _owner(self, tenant: str, path: str) -> str:
+        """Whose storage holds a checkpoint `tenant` may load: its own, or a published one's owner
+        (unknown, another tenant's unpublished, or expired: 404)."""
+        return self._registry.readable_checkpoint(tenant, *parse_tinker_path(path)).tenant_id
+
     def _files(self, tenant: str, path: str) -> dict[str, bytes]:
-        return self._store.read_files(tenant, *parse_tinker_path(path), ADAPTER_FILES)
+        return self._store.read_files(self._owner(tenant, path), *parse_tinker_path(path), ADAPTER_FILES)

@@ -42,6 +42,7 @@ def checkpoint_wire(row: Checkpoint) -> wire.Checkpoint:
         size_bytes=row.size_bytes,
         user_metadata=metadata,
         expires_at=row.expires_at.isoformat() if row.expires_at is not None else None,
+        public=bool(row.public),
     )
 
 
@@ -79,6 +80,8 @@ class CheckpointRoutes:
             ("GET", DOWNLOAD_PREFIX + "{token}", self.download),
             ("PUT", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", self.set_ttl),
             ("GET", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive", self.archive),
+            ("POST", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", self.publish),
+            ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", self.unpublish),
             ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", self.delete_checkpoint),
             ("GET", "/api/v1/checkpoints", self.list_user_checkpoints),
             ("POST", "/api/v1/weights_info", self.weights_info),
@@ -109,6 +112,17 @@ class CheckpointRoutes:
         run_id, segment, name = _checkpoint(run_id, checkpoint_id)
         await self._tenancy.run(self._registry.delete_checkpoint, tenant, run_id, segment, name)
         await self._tenancy.run(self._store.delete, tenant, run_id, segment, name)
+        return {}
+
+    async def publish(self, run_id: str, checkpoint_id: str, tenant: Tenant) -> dict:
+        """Every tenant may load it (and read its weights_info); idempotent; the owner only."""
+        run_id, segment, name = _checkpoint(run_id, checkpoint_id)
+        await self._tenancy.run(self._registry.set_checkpoint_public, tenant, run_id, segment, name, True)
+        return {}
+
+    async def unpublish(self, run_id: str, checkpoint_id: str, tenant: Tenant) -> dict:
+        run_id, segment, name = _checkpoint(run_id, checkpoint_id)
+        await self._tenancy.run(self._registry.set_checkpoint_public, tenant, run_id, segment, name, False)
         return {}
 
     async def set_ttl(self, run_id: str, checkpoint_id: str, body: wire.CheckpointTtlRequest, tenant: Tenant) -> dict:
@@ -192,7 +206,7 @@ class CheckpointRoutes:
         return wire.CheckpointsListResponse(checkpoints=listed, cursor=cursor).model_dump(exclude_none=True)
 
     async def weights_info(self, body: wire.WeightsInfoRequest, tenant: Tenant) -> dict:
-        row = await self._tenancy.run(self._registry.checkpoint, tenant, *parse_tinker_path(body.tinker_path))
+        row = await self._tenancy.run(self._registry.readable_checkpoint, tenant, *parse_tinker_path(body.tinker_path))
         lora = LoraSpec(**row.lora)
         return wire.WeightsInfoResponse(
             base_model=row.base_model,

@@ -241,7 +241,7 @@ class TinkerRoutes:
         if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
             raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
         run_id, segment, name = parse_tinker_path(body.path)
-        checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
+        checkpoint = await self._tenancy.run(self._registry.readable_checkpoint, tenant, run_id, segment, name)
         if body.model_id is not None:  # into an existing training model (load_state)
             base = await self._models.base_of_model(tenant, body.model_id)
             args = (body.model_id, body.seq_id, body.path, body.optimizer, tenant)
@@ -270,7 +270,7 @@ class TinkerRoutes:
         await self._tenancy.run(self._registry.session, tenant, session_id)
         if body.model_path is not None:  # the path wins when both are given
             run_id, segment, name = parse_tinker_path(body.model_path)
-            checkpoint = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
+            checkpoint = await self._tenancy.run(self._registry.readable_checkpoint, tenant, run_id, segment, name)
             base_model = checkpoint.base_model
         elif body.base_model is not None:
             base_model = body.base_model

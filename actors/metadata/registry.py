@@ -291,6 +291,20 @@ class Registry:
             row = _checkpoint_row(session, run_id, segment, name)
             session.delete(_owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}"))
 
+    def readable_checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> Checkpoint:
+        """A checkpoint `tenant` may load: its own, or one its owner published (else unknown)."""
+        with self._db.transaction() as session:
+            row = _checkpoint_row(session, run_id, segment, name)
+            if row is not None and row.public:
+                return row
+            return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
+
+    def set_checkpoint_public(self, tenant: str, run_id: str, segment: str, name: str, public: bool) -> None:
+        """Publish or unpublish (the owner only; idempotent)."""
+        with self._db.transaction() as session:
+            row = _checkpoint_row(session, run_id, segment, name)
+            _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}").public = public
+
     def set_checkpoint_expiry(
         self, tenant: str, run_id: str, segment: str, name: str, expires_at: datetime | None
     ) -> None:

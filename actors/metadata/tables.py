@@ -147,6 +147,7 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)  # gone (unlisted, unloadable) after this
     encrypted: Mapped[bool] = mapped_column(Boolean, default=False)  # files stored as age ciphertext (<file>.age)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)  # published: every tenant may load it
 
 
 class Usage(Base):

@@ -125,3 +125,36 @@ def test_the_cookbooks_own_download_of_a_training_checkpoint(service, trained, t
     assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
     assert json.loads((Path(out) / "adapter_config.json").read_text())["r"] == 4
     assert not list(Path(checkpoint_root).glob("*/*/external_weights/download"))  # the export was deleted
+
+
+def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(service, trained, tiny_url):
+    rest = service.create_rest_client()
+    path = trained.save_weights_for_sampler("shared").result().path
+    bob = tinker.ServiceClient(base_url=tiny_url, api_key="tml-bob-export-test")
+    try:
+        with pytest.raises(tinker.NotFoundError):
+            bob.create_sampling_client(model_path=path).result()
+        rest.publish_checkpoint_from_tinker_path(path).result()
+        rest.publish_checkpoint_from_tinker_path(path).result()  # already public: still a 2xx
+        listed = {c.checkpoint_id: c for c in rest.list_checkpoints(trained.model_id).result().checkpoints}
+        assert listed["sampler_weights/shared"].public
+        sampler = bob.create_sampling_client(model_path=path).result()
+        assert (
+            len(
+                sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
+                .result()
+                .sequences
+            )
+            == 1
+        )
+        assert bob.create_rest_client().get_weights_info_by_tinker_path(path).result().lora_rank == 4
+        bob_rest = bob.create_rest_client()
+        for attempt in (bob_rest.unpublish_checkpoint_from_tinker_path, bob_rest.delete_checkpoint_from_tinker_path):
+            with pytest.raises(tinker.NotFoundError):  # only the owner
+                attempt(path).result()
+        rest.unpublish_checkpoint_from_tinker_path(path).result()
+        rest.unpublish_checkpoint_from_tinker_path(path).result()
+        with pytest.raises(tinker.NotFoundError):
+            bob.create_sampling_client(model_path=path).result()
+    finally:
+        bob.close("success").result()
