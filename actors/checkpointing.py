@@ -62,10 +62,23 @@ class Checkpointing:
             raise
         return info
 
-    def save(self, tenant: str, model_id: str, segment: str, name: str, ttl_s: float | None = None) -> str:
+    def save(
+        self,
+        tenant: str,
+        model_id: str,
+        segment: str,
+        name: str,
+        ttl_s: float | None = None,
+        user_metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> str:
         """save_weights ("weights": adapter + AdamW state) or save_weights_for_sampler ("sampler_weights"),
-        gone after `ttl_s` seconds when given; its tinker:// path."""
-        return self._save(tenant, model_id, segment, name, ttl_s).tinker_path
+        gone after `ttl_s` seconds when given; its tinker:// path. A same-named checkpoint is replaced
+        either way (never a conflict). Its user_metadata: the given one; else, with `overwrite`,
+        none; else the training model's."""
+        if user_metadata is None and overwrite:
+            user_metadata = {}
+        return self._save(tenant, model_id, segment, name, ttl_s, (), user_metadata).tinker_path
 
     def save_external(self, tenant: str, model_id: str, name: str, ttl_s: float | None, recipients: tuple) -> dict:
         """save_weights_external: a PEFT folder to download, every file age-encrypted to `recipients`
@@ -81,9 +94,11 @@ class Checkpointing:
         name: str,
         ttl_s: float | None,
         recipients: tuple[str, ...] = (),
+        user_metadata: dict[str, str] | None = None,
     ) -> CheckpointRecord:
         ids.check_name(name)
         info = self._backend.get_info(model_id)
+        metadata = dict(info.user_metadata) if user_metadata is None else dict(user_metadata)
         training = segment == "weights"
         parsed = parse_recipients(list(recipients)) if recipients else []
         files = self._backend.save_state(model_id, with_optimizer=training)
@@ -97,7 +112,7 @@ class Checkpointing:
             lora=asdict(info.lora),
             time=utc_now(),
             has_optimizer=training,
-            user_metadata=info.user_metadata,
+            user_metadata=metadata,
         )
         record = self._store.write(tenant, record, files)
         row = Checkpoint(
@@ -108,7 +123,7 @@ class Checkpointing:
             lora=record.lora,
             size_bytes=record.size_bytes,
             has_optimizer=training,
-            user_metadata=dict(info.user_metadata),
+            user_metadata=metadata,
             expires_at=utc_now_dt() + timedelta(seconds=ttl_s) if ttl_s is not None else None,
             encrypted=bool(parsed),
         )

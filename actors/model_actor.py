@@ -162,9 +162,16 @@ class ModelActor:
 
     @tracked
     async def save_weights(
-        self, model_id: str, seq_id: int | None, name: str, tenant: str, ttl_s: float | None = None
+        self,
+        model_id: str,
+        seq_id: int | None,
+        name: str,
+        tenant: str,
+        ttl_s: float | None = None,
+        user_metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
     ) -> str:
-        fn = partial(self._checkpoints.save, tenant, model_id, "weights", name, ttl_s)
+        fn = partial(self._checkpoints.save, tenant, model_id, "weights", name, ttl_s, user_metadata, overwrite)
         return await self._scheduler.ordered(model_id, seq_id, fn)
 
     @tracked
@@ -184,10 +191,11 @@ class ModelActor:
         sampler_id: str | None,
         tenant: str,
         ttl_s: float | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> str:
         """Named: a PEFT folder in storage (returns its path). Else: a snapshot sampler (returns its id)."""
         if name is not None:
-            fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name, ttl_s)
+            fn = partial(self._checkpoints.save, tenant, model_id, "sampler_weights", name, ttl_s, user_metadata)
         else:
             fn = partial(self._snapshot_sampler, model_id, sampler_id)
         return await self._ordered(model_id, seq_id, fn)

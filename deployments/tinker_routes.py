@@ -197,7 +197,11 @@ class TinkerRoutes:
             ids.check_name(name)
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights", exc)
-        args = (body.model_id, body.seq_id, name, tenant, body.ttl_seconds)
+        try:
+            self._limits.check_metadata("user_metadata", body.user_metadata)
+        except UserError as exc:
+            return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights", exc)
+        args = (body.model_id, body.seq_id, name, tenant, body.ttl_seconds, body.user_metadata, body.overwrite)
         return await self._submit("save_weights", tenant, body.model_id, base, "save_weights", *args)
 
     async def save_weights_external(self, body: wire.SaveWeightsExternalRequest, tenant: Tenant) -> dict:
@@ -219,6 +223,7 @@ class TinkerRoutes:
         run = await self._tenancy.run(self._registry.run, tenant, body.model_id)
         sampler_id = None
         try:
+            self._limits.check_metadata("user_metadata", body.user_metadata)
             if body.path is not None:
                 ids.check_name(body.path)
             elif body.sampling_session_seq_id is None:
@@ -232,7 +237,7 @@ class TinkerRoutes:
                 )
         except UserError as exc:
             return await self._reject(handle, tenant, body.model_id, body.seq_id, "save_weights_for_sampler", exc)
-        args = (body.model_id, body.seq_id, body.path, sampler_id, tenant, body.ttl_seconds)
+        args = (body.model_id, body.seq_id, body.path, sampler_id, tenant, body.ttl_seconds, body.user_metadata)
         return await self._submit(
             "save_weights_for_sampler", tenant, body.model_id, base, "save_weights_for_sampler", *args
         )

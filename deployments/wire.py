@@ -243,6 +243,8 @@ class SaveWeightsRequest(WireIn):
     path: str | None = None
     seq_id: SeqId | None = None
     ttl_seconds: TtlSeconds | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
 
 
 class SaveWeightsForSamplerRequest(WireIn):
@@ -251,6 +253,7 @@ class SaveWeightsForSamplerRequest(WireIn):
     seq_id: SeqId | None = None
     sampling_session_seq_id: int | None = None
     ttl_seconds: TtlSeconds | None = None
+    user_metadata: dict[str, str] | None = None
 
 
 class SaveWeightsExternalRequest(WireIn):

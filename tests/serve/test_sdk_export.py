@@ -158,3 +158,21 @@ def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(se
             bob.create_sampling_client(model_path=path).result()
     finally:
         bob.close("success").result()
+
+
+def test_per_save_metadata_and_overwrite(service, trained):
+    rest = service.create_rest_client()
+
+    def metadata(checkpoint_id):
+        listed = {c.checkpoint_id: c for c in rest.list_checkpoints(trained.model_id).result().checkpoints}
+        return listed[checkpoint_id].user_metadata
+
+    trained.save_state("meta", user_metadata={"epoch": "1"}).result()
+    assert metadata("weights/meta") == {"epoch": "1"}
+    trained.save_state("meta", overwrite=True, user_metadata={"epoch": "2"}).result()  # replaced whole
+    assert metadata("weights/meta") == {"epoch": "2"}
+    trained.save_state("meta", overwrite=True).result()  # overwrite without metadata: none left
+    assert not metadata("weights/meta")
+    trained.save_state("meta").result()  # the same name again without overwrite: replaced quietly, never a 409
+    trained.save_weights_for_sampler("meta-s", user_metadata={"k": "v"}).result()
+    assert metadata("sampler_weights/meta-s") == {"k": "v"}
