@@ -186,6 +186,15 @@ class CheckpointStore:
         with self.fs.open(path, "rb") as f:
             return f.read()
 
+    def copy(self, owner: str, tenant: str, source: tuple[str, str, str], run_id: str) -> CheckpointRecord:
+        """A published checkpoint's files (of `owner`) as the same segment and name of `tenant`'s run
+        `run_id`; the new record."""
+        src_run, segment, name = source
+        record = self.record(owner, src_run, segment, name)
+        files = {n: self.read_file(owner, src_run, segment, name, n) for n in self.file_names(owner, *source)}
+        copied = CheckpointRecord(**{**asdict(record), "training_run_id": run_id, "time": utc_now()})
+        return self.write(tenant, copied, files)
+
     def delete(self, tenant: str, run_id: str, segment: str, name: str) -> None:
         """Unpublish (marker first), then delete the files."""
         folder = self.folder(tenant, run_id, segment, name)

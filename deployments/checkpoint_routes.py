@@ -9,9 +9,11 @@
   (`external_weights_urls`), fetched with a plain GET and no API key.
 """
 
+import hashlib
 import io
 import tarfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,6 +86,7 @@ class CheckpointRoutes:
             ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", self.unpublish),
             ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", self.delete_checkpoint),
             ("GET", "/api/v1/checkpoints", self.list_user_checkpoints),
+            ("POST", "/api/v1/copy_weights", self.copy_weights),
             ("POST", "/api/v1/weights_info", self.weights_info),
         ]
 
@@ -113,6 +116,43 @@ class CheckpointRoutes:
         await self._tenancy.run(self._registry.delete_checkpoint, tenant, run_id, segment, name)
         await self._tenancy.run(self._store.delete, tenant, run_id, segment, name)
         return {}
+
+    async def copy_weights(self, body: wire.CopyWeightsRequest, tenant: Tenant, request: Request) -> dict:
+        """A checkpoint (the tenant's own or a published one) copied into a new training run of the
+        tenant that cannot be trained; the same segment and name. A retry with the same
+        X-Idempotency-Key (the SDK reuses one per call) returns the same copy."""
+        source = parse_tinker_path(body.source_path)
+        row = await self._tenancy.run(self._registry.readable_checkpoint, tenant, *source)
+        if body.session_id is not None:
+            session_id = ids.check_id(body.session_id, "session_id")
+            await self._tenancy.run(self._registry.session, tenant, session_id)
+            run_id = ids.model_id(session_id, body.model_seq_id or 0)
+        else:
+            key = request.headers.get("x-idempotency-key") or uuid.uuid4().hex
+            run_id = "copy-" + hashlib.sha256(f"{tenant}\n{key}".encode()).hexdigest()[:32]
+        lora, metadata = LoraSpec(**row.lora), dict(row.user_metadata)
+        path = tinker_path(run_id, source[1], source[2])
+        if await self._tenancy.run(self._registry.run_exists, tenant, run_id):  # a retry: what is there
+            await self._tenancy.run(self._registry.checkpoint, tenant, run_id, source[1], source[2])
+            return {"tinker_path": path}
+        await self._tenancy.run(self._registry.add_run, tenant, run_id, None, row.base_model, lora, metadata)
+        await self._tenancy.run(self._registry.unload_run, run_id)  # a copy is never trained
+        record = await self._tenancy.run(self._store.copy, row.tenant_id, tenant, source, run_id)
+        expires = datetime.now(UTC) + timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
+        copied = Checkpoint(
+            training_run_id=run_id,
+            segment=source[1],
+            name=source[2],
+            base_model=row.base_model,
+            lora=dict(row.lora),
+            size_bytes=record.size_bytes,
+            has_optimizer=row.has_optimizer,
+            user_metadata=metadata,
+            expires_at=expires,
+            encrypted=row.encrypted,
+        )
+        await self._tenancy.run(self._registry.add_checkpoint, tenant, copied)
+        return {"tinker_path": path}
 
     async def publish(self, run_id: str, checkpoint_id: str, tenant: Tenant) -> dict:
         """Every tenant may load it (and read its weights_info); idempotent; the owner only."""

@@ -264,6 +264,14 @@ class SaveWeightsExternalRequest(WireIn):
     age_encryption_recipients: list[str] | None = Field(None, max_length=10)
 
 
+class CopyWeightsRequest(WireIn):
+    source_path: str
+    destination_project_id: str | None = None
+    session_id: str | None = None  # SDK 0.30: the copy's run is <session_id>:train:<model_seq_id>
+    model_seq_id: int | None = Field(None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
+
+
 class CheckpointTtlRequest(WireIn):
     ttl_seconds: TtlSeconds | None = None
 

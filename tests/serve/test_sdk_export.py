@@ -3,6 +3,7 @@ save_weights_external (age-encrypted), external_weights_urls fetched with plain 
 DELETE; and TTLs enforced (an expired checkpoint is unlisted, unloadable and its files go)."""
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -176,3 +177,22 @@ def test_per_save_metadata_and_overwrite(service, trained):
     trained.save_state("meta").result()  # the same name again without overwrite: replaced quietly, never a 409
     trained.save_weights_for_sampler("meta-s", user_metadata={"k": "v"}).result()
     assert metadata("sampler_weights/meta-s") == {"k": "v"}
+
+
+def test_copy_weights_makes_a_new_untrainable_run_and_a_retry_returns_the_same_copy(service, trained, tiny_url):
+    rest = service.create_rest_client()
+    source = trained.save_weights_for_sampler("to-copy").result().path
+    copied = rest.copy_weights(source, "proj-x", ttl_seconds=7200).result()
+    run_id, segment, name = copied[len("tinker://") :].split("/")
+    assert (segment, name) == ("sampler_weights", "to-copy") and run_id != trained.model_id
+    (listed,) = rest.list_checkpoints(run_id).result().checkpoints
+    assert listed.expires_at is not None
+    sampler = service.create_sampling_client(model_path=copied).result()
+    assert sampler.sample(types.ModelInput.from_ints([3, 4]), 1, types.SamplingParams(max_tokens=2)).result()
+    key = {"X-API-Key": os.environ["TINKER_API_KEY"], "X-Idempotency-Key": "same-key"}
+    body = {"source_path": source, "destination_project_id": "proj-x"}
+    first = requests.post(f"{tiny_url}/api/v1/copy_weights", json=body, headers=key, timeout=60).json()
+    again = requests.post(f"{tiny_url}/api/v1/copy_weights", json=body, headers=key, timeout=60).json()
+    assert first == again and first["tinker_path"] != copied
+    other = {"X-API-Key": "tml-copy-stranger", "X-Idempotency-Key": "k"}
+    assert requests.post(f"{tiny_url}/api/v1/copy_weights", json=body, headers=other, timeout=60).status_code == 404
