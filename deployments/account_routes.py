@@ -53,7 +53,11 @@ class AccountRoutes:
         return {}
 
     async def usage_events(self, tenant: Tenant, starting_on: datetime, ending_before: datetime) -> dict:
-        start, end = _aware(starting_on), _aware(ending_before)
+        try:
+            start, end = _aware(starting_on), _aware(ending_before)
+            end + timedelta(hours=1)
+        except OverflowError:
+            raise UserError("starting_on / ending_before are out of range") from None
         if start.minute or start.second or start.microsecond or end.minute or end.second or end.microsecond:
             raise UserError("starting_on and ending_before must be whole hours (UTC)")
         if not start < end or end - start > MAX_USAGE_WINDOW or start > datetime.now(UTC):
@@ -88,7 +92,10 @@ class AccountRoutes:
         if event_type not in ("all", "checkpoints"):
             return {"entries": []}  # Thinker has no projects, teams or organizations to audit
         start = datetime(day.year, day.month, day.day, tzinfo=UTC) if day is not None else None
-        end = start + timedelta(days=1) if start is not None else None
+        try:
+            end = start + timedelta(days=1) if start is not None else None
+        except OverflowError:
+            raise UserError("day is out of range") from None
         rows = await self._tenancy.run(self._registry.checkpoint_events, tenant, start, end)
         entries = [
             {

@@ -184,7 +184,7 @@ class CheckpointRoutes:
         base = str(request.base_url).rstrip("/")
         urls = {}
         for filename in files:
-            claims = {"t": tenant, "r": run_id, "s": segment, "n": name, "f": filename}
+            claims = {"r": run_id, "s": segment, "n": name, "f": filename, "c": _stamp(row)}
             urls[filename] = f"{base}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
         at = datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")
         return wire.ExternalWeightsUrlsResponse(urls=urls, expires=at).model_dump()
@@ -199,7 +199,7 @@ class CheckpointRoutes:
         expires = time.time() + LINK_LIFETIME_S
         if row.expires_at is not None:
             expires = min(expires, row.expires_at.timestamp())
-        claims = {"t": tenant, "r": run_id, "s": segment, "n": name, "f": ARCHIVE}
+        claims = {"r": run_id, "s": segment, "n": name, "f": ARCHIVE, "c": _stamp(row)}
         url = f"{str(request.base_url).rstrip('/')}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
         return {"url": url, "expires": datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")}
 
@@ -207,8 +207,10 @@ class CheckpointRoutes:
         """A signed link's file (no API key: the link is the authorisation)."""
         claims = await self._tenancy.run(self._signer.verify, token)
         try:
-            where = (claims["t"], claims["r"], claims["s"], claims["n"])
-            await self._tenancy.run(self._registry.checkpoint, *where)  # deleted or expired since: gone
+            row = await self._tenancy.run(self._registry.find_checkpoint, claims["r"], claims["s"], claims["n"])
+            if row is None or _stamp(row) != claims["c"]:  # deleted, expired, or saved anew since: gone
+                raise NotFoundError("unknown or expired download link")
+            where = (row.tenant_id, claims["r"], claims["s"], claims["n"])
             if claims["f"] == ARCHIVE:
                 data = await self._tenancy.run(self._archive_bytes, *where)
             else:
@@ -235,7 +237,8 @@ class CheckpointRoutes:
             return
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         for where in await self._tenancy.run(self._registry.take_expired_checkpoints):
-            await self._tenancy.run(self._store.delete, *where)
+            if await self._tenancy.run(self._registry.find_checkpoint, *where[1:]) is None:  # not saved anew since
+                await self._tenancy.run(self._store.delete, *where)
 
     async def list_user_checkpoints(self, tenant: Tenant, request: Request, limit: int = 100, offset: int = 0) -> dict:
         limit, offset = _page(limit, offset)
@@ -279,6 +282,11 @@ def _for_client(rows: list[Checkpoint], request: Request) -> list[Checkpoint]:
     if version is not None and version < (0, 30):
         return [row for row in rows if row.segment != "external_weights"]
     return rows
+
+
+def _stamp(row: Checkpoint) -> int:
+    """A link names one save of a checkpoint: a new save under the same name invalidates it."""
+    return int(row.created_at.timestamp() * 1e6)
 
 
 def _checkpoint(run_id: str, checkpoint_id: str) -> tuple[str, str, str]:

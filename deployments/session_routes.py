@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from sqlalchemy import and_, false, or_, select
 
 from actors import ids
@@ -27,20 +27,51 @@ DEFAULT_PROJECT = "default"  # the project of a session created without one (Ses
 MAX_METADATA_SCAN = 10_000  # sessions a user_metadata search looks through (newest first)
 
 
+def _text(value: Any) -> Any:
+    """Lone surrogates (valid JSON, not valid UTF-8) replaced, so no database rejects the text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    return value
+
+
 class SearchCursor(wire.WireIn):
     last_created_at: datetime
-    last_session_id: str
+    last_session_id: str = Field(max_length=256)
+
+    @field_validator("last_created_at")
+    @classmethod
+    def _aware(cls, at: datetime) -> datetime:
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+class SearchOwner(wire.WireIn):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] | None = Field(None, max_length=10)
+
+
+class StatusQuery(wire.WireIn):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = None
 
 
 class SearchRequest(wire.WireIn):
-    session_id: str | None = None
+    session_id: str | None = Field(None, max_length=256)
     project_ids: list[str] | None = Field(None, max_length=100)
-    user_metadata: dict[str, str] = Field(default_factory=dict)
+    user_metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
     display_name: str | None = Field(None, max_length=256)
-    owner: dict[str, Any] = Field(default_factory=lambda: {"type": "own"})
-    statuses: list[dict[str, Any]] | None = Field(None, max_length=10)
+    owner: SearchOwner = Field(default_factory=SearchOwner)
+    statuses: list[StatusQuery] | None = Field(None, max_length=10)
     limit: int = Field(50, ge=1, le=200)
     cursor: SearchCursor | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean_text(cls, values: Any) -> Any:
+        return _text(values)
 
 
 class ProjectRequest(wire.WireIn):
@@ -102,7 +133,8 @@ class SessionRoutes:
         if query is None:
             return {"sessions": [], "next_cursor": None}
         rows = await self._tenancy.run(self._registry.search_sessions, tenant, query)
-        rows = [r for r in rows if all(str(r.user_metadata.get(k)) == v for k, v in body.user_metadata.items())]
+        wanted = body.user_metadata.items()
+        rows = [r for r in rows if all(k in r.user_metadata and str(r.user_metadata[k]) == v for k, v in wanted)]
         page, more = rows[: body.limit], len(rows) > body.limit
         totals = await self._tenancy.run(self._registry.checkpoint_totals, tenant, [r.id for r in page])
         sessions = [_summary(row, totals.get(row.id, (0, 0))) for row in page]
@@ -114,11 +146,8 @@ class SessionRoutes:
 
 def _search_query(body: SearchRequest, tenant: str):
     """The search as SQL, newest first (None: it can match nothing)."""
-    owner = body.owner.get("type")
-    if owner == "user" and tenant not in (body.owner.get("owner_urns") or []):
+    if body.owner.type == "user" and tenant not in (body.owner.owner_urns or []):
         return None
-    if owner not in ("own", "accessible", "user"):
-        raise UserError(f"owner type must be own, accessible or user, got {str(owner)[:40]!r}")
     query = select(Session)
     named = []
     if body.session_id is not None:
@@ -141,17 +170,13 @@ def _search_query(body: SearchRequest, tenant: str):
     return query.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit)
 
 
-def _status_clause(status: dict[str, Any]):
-    kind = status.get("type")
-    if kind == "active":
+def _status_clause(status: StatusQuery):
+    if status.type == "active":
         return Session.finished_at.is_(None)
-    if kind == "client_finished":
-        reasons = status.get("reasons")
+    if status.type == "client_finished":
         finished = Session.finished_at.is_not(None)
-        return and_(finished, Session.finish_reason.in_(list(reasons))) if reasons else finished
-    if kind in ("cancelled", "failed"):
-        return false()  # Thinker never cancels or fails a session on its own
-    raise UserError(f"unknown session status {str(kind)[:40]!r}")
+        return and_(finished, Session.finish_reason.in_(status.reasons)) if status.reasons else finished
+    return false()  # cancelled, failed: Thinker never cancels or fails a session on its own
 
 
 def _summary(row: Session, totals: tuple[int, int]) -> dict:

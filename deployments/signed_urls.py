@@ -40,11 +40,16 @@ class UrlSigner:
         body_part, _, mac_part = token.partition(".")
         try:
             body, mac = _unb64(body_part), _unb64(mac_part)
-            claims = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:
             raise NotFoundError("unknown or expired download link") from None
         expected = hmac.new(self._secret(), body, hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, expected) or not isinstance(claims, dict):
+        if not hmac.compare_digest(mac, expected):  # before parsing anything a stranger sent
+            raise NotFoundError("unknown or expired download link")
+        try:
+            claims = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise NotFoundError("unknown or expired download link") from None
+        if not isinstance(claims, dict):
             raise NotFoundError("unknown or expired download link")
         if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
             raise NotFoundError("unknown or expired download link")

@@ -56,6 +56,8 @@ class SimpleRoutes:
         return self._models.names[0]
 
     async def forward_backward(self, body: wire.ChatForwardBackwardRequest, tenant: Tenant) -> dict:
+        if body.loss_fn == "stable_reinforce":  # its sampler log-probs come from provenance spans, which chat data lack
+            raise UserError("stable_reinforce needs provenance spans: use the Tinker forward_backward (protobuf)")
         self._limits.check_count("conversations", len(body.data), self._config.limits.max_datums, "limits.max_datums")
         self._limits.check_messages(sum(len(conversation) for conversation in body.data))
         inputs = body.inputs_per_conversation()

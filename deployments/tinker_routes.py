@@ -171,7 +171,7 @@ class TinkerRoutes:
             work = await asyncio.to_thread(wire_proto.to_work, msg, False, limits.max_datums, limits.max_topk)
             self._limits.check_forward_backward(work, model)
             if work.loss_fn == "stable_reinforce":  # its sampler log-probs come from this server's records
-                spans = wire_proto.spans_of(msg)
+                spans = await asyncio.to_thread(wire_proto.spans_of, msg)
                 session_id = ids.session_of(msg.model_id)
                 await self._tenancy.run(self._sequences.resolve, tenant, session_id, work.data, spans)
         except UserError as exc:

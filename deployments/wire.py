@@ -208,6 +208,8 @@ def target_prompt_ids(tensor: dict[str, Any], prompt_length: int) -> tuple[np.nd
     if dtype != "int64" or len(shape) != 2 or data.ndim != 1:
         raise UserError(f"target_prompt_logprobs must be int64 of shape [len(prompt) - 1, K], got {dtype} {shape}")
     rows, k = shape
+    if prompt_length < 2:
+        raise UserError("target_prompt_logprobs needs a prompt of at least 2 tokens")
     if rows != prompt_length - 1 or k < 1:
         raise UserError(f"target_prompt_logprobs has shape {shape}; this prompt needs [{prompt_length - 1}, K >= 1]")
     if rows * k > MAX_TARGET_PROMPT_CELLS:

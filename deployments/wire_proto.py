@@ -69,10 +69,15 @@ def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool, max_datums: int,
     )
 
 
+MAX_RUNS = 4096  # provenance runs per datum field
+
+
 def spans_of(msg: pb.ForwardBackwardRequest) -> list[tuple[list[Span], list[Span]] | None]:
     """Each datum's provenance runs (model input, targets); None for a datum without any."""
     out = []
-    for datum in msg.data:
+    for i, datum in enumerate(msg.data):
+        if max(len(datum.model_input_spans), len(datum.loss_fn_input_spans)) > MAX_RUNS:
+            raise LimitExceededError(f"datum {i}: provenance runs per field: over the limit of {MAX_RUNS}")
         if not datum.model_input_spans and not datum.loss_fn_input_spans:
             out.append(None)
             continue

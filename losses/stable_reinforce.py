@@ -7,9 +7,10 @@ time** (`sampler_logprobs`, never the client's), A = the advantage and r = exp(s
     w_t    = min(r_t, ratio_cap)                          # truncated importance weight, detached
     keep_t = mask_low <= r_t <= mask_high                 # tokens too far off-policy get no gradient
     k3_t   = exp(q_t - lp_t) - (q_t - lp_t) - 1           # KL(learner || sampler) estimator, >= 0
-    loss   = -sum_t keep_t * w_t * A_t * lp_t  +  kl_coeff * sum_t k3_t
+    loss   = -sum_t keep_t * w_t * A_t * lp_t  +  kl_coeff * sum_t keep_t * k3_t
 
-Prompt positions (sampled_mask 0) carry nothing (their advantages must be 0). Defaults:
+Prompt positions (sampled_mask 0) carry nothing (their advantages must be 0); masked tokens are out
+of the KL term too (their exp(q - lp) could overflow). Defaults:
 ratio_cap 2.0, mask_low 0.125, mask_high 8.0, kl_coeff 0.0. `sampler_logprobs` and
 `sampled_mask` are filled in by the server from the spans; a client cannot send them.
 """
@@ -31,9 +32,9 @@ def stable_reinforce(logprobs_T: torch.Tensor, inputs, config):
     weight_T = torch.clamp(ratio_T, max=config["ratio_cap"])
     keep_T = ((ratio_T >= config["mask_low"]) & (ratio_T <= config["mask_high"])).to(logprobs_T.dtype) * sampled_T
     policy = -(keep_T * weight_T * inputs["advantages"] * logprobs_T).sum()
-    log_diff_T = sampler_T - logprobs_T
-    kl_T = (torch.exp(log_diff_T) - log_diff_T - 1.0) * sampled_T
-    loss = policy + config["kl_coeff"] * kl_T.sum()
+    log_diff_T = torch.where(keep_T > 0, sampler_T - logprobs_T, torch.zeros_like(logprobs_T))
+    kl_T = (torch.exp(log_diff_T) - log_diff_T - 1.0) * keep_T
+    loss = policy + config["kl_coeff"] * kl_T.sum() if config["kl_coeff"] else policy
     sampled = float(sampled_T.sum())
     metrics = {
         "masked_tokens:sum": float(sampled - keep_T.sum()),

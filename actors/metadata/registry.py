@@ -271,7 +271,8 @@ class Registry:
             return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
 
     def find_checkpoint(self, run_id: str, segment: str, name: str) -> Checkpoint | None:
-        """Any tenant's checkpoint: for the operator's command line only, never for a request."""
+        """Any tenant's live checkpoint: for the operator's command line, the expiry sweep and signed
+        links (whose signature is the authorisation); never to answer a client's lookup by name."""
         with self._db.transaction() as session:
             return _checkpoint_row(session, run_id, segment, name)
 

@@ -28,6 +28,7 @@ from configs.errors import UserError
 KEEP_FOR = timedelta(days=1)
 SERVER_INPUTS = ("sampler_logprobs", "sampled_mask")
 MAX_SPANS = 4096  # runs per datum field
+MAX_SEQUENCES = 4096  # distinct sequence ids one request may name
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class SampledSequences:
                     "loss_fn_input_spans: Datum.with_provenance over sequences sampled with record_stability_info=True)"
                 )
         wanted = {s.sequence_id for pair in spans for runs in pair for s in runs}
+        if len(wanted) > MAX_SEQUENCES:
+            raise UserError(f"the request names {len(wanted)} sampled sequences, over the limit of {MAX_SEQUENCES}")
+        for sequence_id in wanted:
+            if not isinstance(sequence_id, str) or not 0 < len(sequence_id) <= 160:
+                raise UserError("a provenance span's sequence_id must be 1 to 160 characters")
         records = self._load(tenant, session_id, wanted)
         for i, (datum, (input_runs, target_runs)) in enumerate(zip(data, spans)):
             targets = datum.loss_fn_inputs.get("target_tokens")

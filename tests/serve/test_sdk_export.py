@@ -196,3 +196,12 @@ def test_copy_weights_makes_a_new_untrainable_run_and_a_retry_returns_the_same_c
     assert first == again and first["tinker_path"] != copied
     other = {"X-API-Key": "tml-copy-stranger", "X-Idempotency-Key": "k"}
     assert requests.post(f"{tiny_url}/api/v1/copy_weights", json=body, headers=other, timeout=60).status_code == 404
+
+
+def test_a_link_dies_when_its_checkpoint_is_saved_anew(service, trained):
+    rest = service.create_rest_client()
+    path = trained.save_weights_external("resaved").result().path
+    urls = rest.get_external_weights_urls(path).result().urls
+    assert all(requests.get(u, timeout=30).status_code == 200 for u in urls.values())
+    trained.save_weights_external("resaved").result()
+    assert all(requests.get(u, timeout=30).status_code == 404 for u in urls.values())

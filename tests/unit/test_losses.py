@@ -179,16 +179,14 @@ def test_stable_reinforce_matches_hand_computed_values_and_gradient():
     keep = [1.0, 1.0, 1.0, 0.0, 0.0]
     weight = [min(x, 2.0) for x in r]
     policy = -sum(k * w * a * x for k, w, a, x in zip(keep, weight, adv, lp))
-    k3 = [(math.exp(b - a) - (b - a) - 1.0) * m for a, b, m in zip(lp, q, mask)]
+    k3 = [(math.exp(b - a) - (b - a) - 1.0) * k for a, b, k in zip(lp, q, keep)]
     assert out.loss.item() == pytest.approx(policy + 0.1 * sum(k3))
     assert out.metrics == pytest.approx(
         {"masked_tokens:sum": 1.0, "truncated_tokens:sum": 1.0, "kl_sampler:sum": sum(k3), "sampled_tokens:sum": 4.0}
     )
     out.loss.backward()
-    # d/dlp: -keep*w*A (the weight is a constant) + kl_coeff * mask * (1 - exp(q - lp))
-    expected = [
-        -k * w * a + 0.1 * m * (1.0 - math.exp(b - x)) for k, w, a, m, b, x in zip(keep, weight, adv, mask, q, lp)
-    ]
+    # d/dlp: -keep*w*A (the weight is a constant) + kl_coeff * keep * (1 - exp(q - lp))
+    expected = [-k * w * a + 0.1 * k * (1.0 - math.exp(b - x)) for k, w, a, b, x in zip(keep, weight, adv, q, lp)]
     assert logprobs.grad.tolist() == pytest.approx(expected)
 
 
@@ -221,3 +219,18 @@ def test_gspo_with_an_empty_mask_has_ratio_one_not_nan():
     inputs = {"logprobs": [-1.0, -2.0], "advantages": [1.0, 1.0], "sequence_ratio_mask": [0.0, 0.0]}
     out = run("gspo", t([-0.5, -1.0]), {**inputs, "datum_index": [0.0, 0.0]})
     assert out.loss.item() == pytest.approx(-2.0)
+
+
+def test_stable_reinforce_far_off_policy_tokens_cannot_make_nan():
+    """A sampled token the learner finds 200 nats less likely than the sampler did is masked: no
+    overflow of exp(q - lp) into the loss or the gradient, with or without kl_coeff."""
+    for kl in (0.0, 0.5):
+        logprobs = t([-201.0, -1.0], dtype=torch.float32, grad=True)
+        inputs = {"sampler_logprobs": [-1.0, -1.1], "sampled_mask": [1.0, 1.0], "advantages": [1.0, 1.0]}
+        spec = get_loss("stable_reinforce")
+        out = spec(
+            logprobs, {k: t(v, dtype=torch.float32) for k, v in inputs.items()}, spec.resolve_config({"kl_coeff": kl})
+        )
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(logprobs.grad).all()
+        assert out.metrics["masked_tokens:sum"] == 1.0
