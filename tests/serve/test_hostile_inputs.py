@@ -218,6 +218,8 @@ def test_nan_hyperparameters_and_temperatures_fail_only_their_own_request(tiny_u
 def test_schemathesis_over_the_json_routes_finds_no_5xx(tiny_url, bystander):
     spec = requests.get(f"{tiny_url}/openapi.json", timeout=30).json()
     operations = [result.ok() for result in schemathesis.openapi.from_dict(spec).get_all_operations()]
+    # logging out revokes the caller's own key (tested in test_sdk_account): the fuzzer keeps its key
+    operations = [op for op in operations if (op.method.upper(), op.path) != ("DELETE", "/api/v1/auth/apikey/me")]
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
     failures, called = [], set()
 
