@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ class GenRow:
     prompt_logprobs: bool = False
     topk_prompt: int = 0
     target_prompt: np.ndarray | None = None  # int64 [L - 1, K]: ids to score at positions 1..L-1 (-1: none)
+    cancelled: Callable[[], bool] | None = None  # its client gave up on it: stop sampling it
 
 
 @dataclass
@@ -102,6 +104,9 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
     for i, (row, state) in enumerate(zip(rows, states)):
         if state.stop_reason is not None:
             continue
+        if row.cancelled is not None and row.cancelled():  # the row stops; the batch goes on without it
+            state.error, state.stop_reason = UserError(CANCELLED), "error"
+            continue
         if not bool(torch.isfinite(logits_BV[i]).all()):  # the adapter's weights diverged: the user's to fix
             state.error = UserError(
                 "sampling failed: the model's next-token logits are not finite (NaN or inf): this adapter's "
@@ -122,6 +127,7 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
             state.stop_reason = "length"
 
 
+CANCELLED = "this sample was cancelled by its client (cancel_future)"
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
 
 

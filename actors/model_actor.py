@@ -106,6 +106,7 @@ class ModelActor:
         self._unsaved_samplers: dict[str, list[str]] = {}  # model id -> snapshot samplers since its snapshot
         self._remaking: dict[str, asyncio.Task] = {}  # sampler id -> the replay that makes it again
         self._applied: dict[str, list[str]] = {}  # model id -> unsequenced logged requests run since its snapshot
+        self._cancelled: set[str] = set()  # sampling requests whose clients gave up on them (cancel_future)
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -125,6 +126,7 @@ class ModelActor:
             init_compute_thread=backend.init_compute_thread,  # torch's thread settings are per thread
         )
         self._description = self._backend.describe()
+        self._backend.cancelled = self._cancelled.__contains__  # read on the compute thread, each decode step
 
     def __del__(self):
         """Serve calls this when the replica shuts down: free the backend's rank actors and files."""
@@ -266,7 +268,11 @@ class ModelActor:
     @tracked
     async def sample(self, work: SampleWork) -> SampleResult:
         await self._sampler_back(work.sampler_id)
-        result = await self._scheduler.sample(work)
+        work.request_id = CURRENT_REQUEST.get()
+        try:
+            result = await self._scheduler.sample(work)
+        finally:
+            self._cancelled.discard(work.request_id)
         if work.target_prompt_ids is not None:  # answered in the layout it was asked in
             result.target_prompt_layout = work.target_prompt_layout
         request_id = CURRENT_REQUEST.get()
@@ -297,6 +303,15 @@ class ModelActor:
         sample = SampleWork(work.sampler_id, None, prompt, work.num_samples, work.params, tenant=work.tenant)
         result = await self.sample(sample)
         return await self._scheduler.run_now(partial(self._decode, result, len(prompt)))
+
+    async def cancel(self, request_id: str) -> bool:
+        """cancel_future: a running or queued sample stops (its rows leave the batch at the next
+        token) and its future fails with a user error; anything else is left alone."""
+        await self._ready()
+        if not self._outcomes.running(request_id):
+            return False
+        self._cancelled.add(request_id)
+        return True
 
     async def loss_functions(self) -> dict[str, str]:
         from losses import available_losses  # here, not at the top: this module stays torch-free

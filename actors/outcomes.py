@@ -53,6 +53,11 @@ class Outcomes:
         self._settle(request_id, future, value)
         return value
 
+    def running(self, request_id: str) -> bool:
+        """Whether this deployment is running the request now."""
+        entry = self._futures.get(request_id)
+        return entry is not None and not entry[1].done()
+
     async def wait(self, request_id: str, timeout_s: float) -> tuple[str, Any]:
         """("done", value), ("failed", exception), ("pending", None) after timeout_s, or
         ("unknown", when this deployment started) for a request it has not seen (yet)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from actors.generation import GenRow
+from actors.generation import CANCELLED, GenRow
 from actors.work import SampleWork
 from configs.errors import UserError
 
@@ -31,9 +32,16 @@ class SampleLimits:
     eos_ids: frozenset[int]
     can_decode: bool
     device: torch.device
+    cancelled: Callable[[str], bool] | None = None  # request id -> whether its client cancelled it
 
 
 def to_rows(work: SampleWork, key: str, limits: SampleLimits) -> list[GenRow]:
+    cancelled = None
+    if work.request_id is not None and limits.cancelled is not None:
+        request_id, check = work.request_id, limits.cancelled
+        if check(request_id):
+            raise UserError(CANCELLED)
+        cancelled = lambda: check(request_id)  # noqa: E731
     _check_prompt(work.prompt, limits)
     params = work.params
     if not 1 <= work.num_samples <= limits.max_rows:
@@ -66,6 +74,7 @@ def to_rows(work: SampleWork, key: str, limits: SampleLimits) -> list[GenRow]:
             prompt_logprobs=work.prompt_logprobs and i == 0,
             topk_prompt=work.topk_prompt_logprobs if i == 0 else 0,
             target_prompt=work.target_prompt_ids if i == 0 else None,
+            cancelled=cancelled,
         )
         for i in range(work.num_samples)
     ]

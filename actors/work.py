@@ -187,6 +187,7 @@ class SampleWork:
     record_stability: bool = False  # keep prompt, tokens and log-probs per sequence id (stable_reinforce)
     target_prompt_ids: np.ndarray | None = None  # int64 [L - 1, K]: log-probs wanted at positions 1..L-1 (-1: none)
     target_prompt_layout: tuple[np.ndarray, np.ndarray] | None = None  # the request's CSR (crow, col), if sparse
+    request_id: str | None = None  # its future's id (set by the model actor; cancel_future names it)
 
 
 @dataclass

@@ -69,6 +69,11 @@ class Futures:
         await self._expire_now_and_then()
         return request_id
 
+    async def record(self, tenant: str, request_id: str):
+        """The request's record, if `tenant` owns it (else NotFoundError, like an unknown id)."""
+        ids.check_id(request_id, "request_id")
+        return await asyncio.to_thread(self._records.get, tenant, request_id)
+
     async def fail(self, kind: str, tenant: str, error: BaseException) -> str:
         """A new request id, owned by `tenant`, whose future has already failed with `error`."""
         request_id = ids.new_request_id()

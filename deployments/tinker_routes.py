@@ -91,6 +91,7 @@ class TinkerRoutes:
             ("POST", "/api/v1/create_sampling_session", self.create_sampling_session),
             ("GET", "/api/v1/samplers/{sampler_id}", self.get_sampler),
             ("POST", "/api/v1/asample", self.asample),
+            ("POST", "/api/v1/cancel_future", self.cancel_future),
             ("POST", "/api/v1/retrieve_future", self.retrieve_future),
         ]
 
@@ -100,7 +101,8 @@ class TinkerRoutes:
         return wire.ClientConfigResponse().model_dump()
 
     async def dynamic_config(self) -> dict:
-        return {}
+        # cancel_future stops an abandoned sample's generation (its rows leave the batch)
+        return {"sample_cancel_enabled": True, "sample_cancel_max_batch_size": 64}
 
     async def create_session(self, body: wire.CreateSessionRequest, tenant: Tenant) -> dict:
         self._limits.check_metadata("tags and user_metadata", [body.tags, body.user_metadata])
@@ -334,6 +336,14 @@ class TinkerRoutes:
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
 
     # ---- futures -------------------------------------------------------------------------------
+
+    async def cancel_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> dict:
+        """The client gave up on a sample: its generation stops and its future fails (a user error).
+        Other kinds of request, and finished ones, are left alone (any 2xx, as the SDK expects)."""
+        record = await self._futures.record(tenant, body.request_id)  # unknown or another tenant's: 404
+        if record.kind == "sample" and record.status == "pending" and record.base_model is not None:
+            await self._models.base(record.base_model).cancel.remote(body.request_id)
+        return {}
 
     async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> Response:
         done, value, failure, entry = await self._futures.poll(body.request_id, tenant, self._config.long_poll_s)

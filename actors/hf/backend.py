@@ -88,6 +88,11 @@ class HFBackend:
         self.max_seq_len = int(config.max_seq_len or getattr(hf_config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
 
+    @staticmethod
+    def cancelled(request_id: str) -> bool:
+        """Whether a sampling request's client cancelled it (the model actor replaces this)."""
+        return False
+
     def init_compute_thread(self) -> None:
         """torch's intra-op thread count is per thread under OpenMP: Ray sets OMP_NUM_THREADS to the
         actor's CPUs (often 1), and a new thread would run every parallel kernel on one core."""
@@ -323,6 +328,7 @@ class HFBackend:
             eos_ids=self.eos_ids,
             can_decode=self.tokenizer is not None,
             device=self.device,
+            cancelled=self.cancelled,
         )
 
     def _routing_key(self, sampler_id: str) -> str:

@@ -85,6 +85,11 @@ class MegatronBackend:
         self._samplers: dict[str, SamplerInfo] = {}
         self._sampler_files: dict[str, dict[str, bytes]] = {}  # a sampler's weights, when not in a journal
 
+    @staticmethod
+    def cancelled(request_id: str) -> bool:
+        """Whether a sampling request's client cancelled it (the model actor replaces this)."""
+        return False
+
     def init_compute_thread(self) -> None:
         pass  # the compute runs in the rank actors
 
@@ -301,6 +306,7 @@ class MegatronBackend:
             self.eos_ids,
             self.tokenizer is not None,
             _cpu(),
+            self.cancelled,
         )
         rows = to_rows(work, key, limits)
 

@@ -153,7 +153,10 @@ def test_unload_model_and_session_finish(url):
 
 def test_session_routes_answer_what_the_sdk_expects(url):
     assert post(url, "client/config", json={"sdk_version": "0.38.0"}).json()["use_pyqwest_transport"] is False
-    assert post(url, "client/dynamic_config", json={}).json() == {}
+    assert post(url, "client/dynamic_config", json={}).json() == {
+        "sample_cancel_enabled": True,
+        "sample_cancel_max_batch_size": 64,
+    }
     session_id = post(url, "create_session", json={"tags": [], "sdk_version": "t"}).json()["session_id"]
     assert post(url, "session_heartbeat", json={"session_id": session_id}).json() == {"type": "session_heartbeat"}
     assert_user_error(post(url, "session_heartbeat", json={"session_id": "never-made"}), 404)

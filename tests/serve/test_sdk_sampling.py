@@ -118,3 +118,53 @@ def test_unsupported_sampling_option_is_a_user_error(service):
         sampler.sample(
             types.ModelInput.from_ints([5, 6]), 1, types.SamplingParams(max_tokens=2), topk_sample_logprobs=2
         ).result()
+
+
+def test_cancel_future_stops_a_running_sample_and_its_batch_mates_finish(tiny_url):
+    """cancel_future (turned on in dynamic_config): the cancelled sample's rows stop at the next
+    token and its future fails as a user error; the samples batched with it run to the end;
+    another tenant cannot cancel it."""
+    import os
+
+    import requests
+
+    key = {"X-API-Key": os.environ["TINKER_API_KEY"]}
+
+    def post(path, body, headers=key):
+        return requests.post(f"{tiny_url}/api/v1/{path}", json=body, headers=headers, timeout=60)
+
+    session = post("create_session", {"tags": [], "sdk_version": "0.38.0"}).json()["session_id"]
+    sampler = post(
+        "create_sampling_session", {"session_id": session, "sampling_session_seq_id": 0, "base_model": "tiny-a"}
+    )
+    sampler_id = sampler.json()["sampling_session_id"]
+    long = {"max_tokens": 200, "stop": [], "seed": 1}
+    ids = [
+        post(
+            "asample",
+            {
+                "sampling_session_id": sampler_id,
+                "prompt": {"chunks": [{"tokens": [1, 2, 3]}]},
+                "num_samples": 4,
+                "sampling_params": long,
+            },
+        ).json()["request_id"]
+        for _ in range(3)
+    ]
+    assert post("cancel_future", {"request_id": ids[0]}, {"X-API-Key": "tml-not-the-owner"}).status_code == 404
+    assert post("cancel_future", {"request_id": ids[0]}).status_code == 200
+
+    def outcome(request_id):
+        while True:
+            answer = post("retrieve_future", {"request_id": request_id})
+            if answer.status_code != 408:
+                return answer
+
+    cancelled = outcome(ids[0])
+    assert cancelled.status_code == 200 and cancelled.json()["category"] == "user"
+    assert "cancelled" in cancelled.json()["error"]
+    for request_id in ids[1:]:
+        done = outcome(request_id)
+        assert done.status_code == 200 and done.headers["content-type"] == "application/x-protobuf"
+    assert post("cancel_future", {"request_id": ids[1]}).status_code == 200  # finished: left alone
+    assert outcome(ids[1]).headers["content-type"] == "application/x-protobuf"
