@@ -24,8 +24,8 @@ def unwrap(exc: BaseException) -> BaseException:
 def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
     """(HTTP status, {"error", "category"}) for any exception."""
     exc = unwrap(exc)
-    if isinstance(exc, AuthenticationError):
-        return 401, {"error": str(exc), "category": "user"}
+    if isinstance(exc, AuthenticationError):  # `detail` too: the SDK's `tinker auth login` shows that field
+        return 401, {"error": str(exc), "category": "user", "detail": str(exc)}
     if isinstance(exc, NotFoundError):
         return 404, {"error": str(exc), "category": "user"}
     if isinstance(exc, RequestTooLargeError):

@@ -50,5 +50,6 @@ def test_who_am_i_usage_audit_and_logout(tiny_url):
     assert requests.delete(f"{tiny_url}/api/v1/auth/apikey/me", headers={"X-API-Key": KEY}, timeout=30).ok
     after = requests.get(f"{tiny_url}/api/v1/auth/apikey/me", headers={"X-API-Key": KEY}, timeout=30)
     assert after.status_code == 401 and "revoked" in after.json()["error"]
+    assert after.json()["detail"] == after.json()["error"]  # the CLI shows `detail`
     still = requests.get(f"{tiny_url}/api/v1/healthz", headers={"X-API-Key": "tml-another-tenant"}, timeout=30)
     assert still.status_code == 200
