@@ -97,8 +97,15 @@ class CheckpointRoutes:
         cursor = wire.Cursor(offset=offset, limit=limit, total_count=total)
         return wire.TrainingRunsResponse(training_runs=listed, cursor=cursor).model_dump(exclude_none=True)
 
-    async def get_training_run(self, run_id: str, tenant: Tenant) -> dict:
-        run = await self._tenancy.run(self._registry.run, tenant, ids.check_id(run_id, "training run id"))
+    async def get_training_run(self, run_id: str, tenant: Tenant, access_scope: str = "owned") -> dict:
+        """access_scope=accessible also shows another tenant's run that has published checkpoints."""
+        run_id = ids.check_id(run_id, "training run id")
+        if access_scope == "accessible":
+            run, rows = await self._tenancy.run(self._registry.accessible_run, tenant, run_id)
+            return run_wire(run, rows).model_dump(exclude_none=True)
+        if access_scope != "owned":
+            raise UserError("access_scope must be owned or accessible")
+        run = await self._tenancy.run(self._registry.run, tenant, run_id)
         return (await self._run_wire(tenant, run)).model_dump(exclude_none=True)
 
     async def list_checkpoints(self, run_id: str, tenant: Tenant, request: Request) -> dict:

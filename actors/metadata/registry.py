@@ -300,6 +300,19 @@ class Registry:
                 return row
             return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
 
+    def accessible_run(self, tenant: str, run_id: str) -> tuple[TrainingRun, list[Checkpoint]]:
+        """A run `tenant` may see with access_scope=accessible: its own (all checkpoints, newest
+        first), or another tenant's with published checkpoints (those only). Else unknown."""
+        with self._db.transaction() as session:
+            run = session.get(TrainingRun, run_id)
+            if run is not None and run.tenant_id != tenant:
+                query = select(Checkpoint).where(Checkpoint.training_run_id == run_id, Checkpoint.public, _unexpired())
+                public = list(session.scalars(query.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())))
+                if public:
+                    return run, public
+        run = self.run(tenant, run_id)
+        return run, self.checkpoints(tenant, run_id)[0]
+
     def set_checkpoint_public(self, tenant: str, run_id: str, segment: str, name: str, public: bool) -> None:
         """Publish or unpublish (the owner only; idempotent)."""
         with self._db.transaction() as session:

@@ -149,6 +149,10 @@ def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(se
             == 1
         )
         assert bob.create_rest_client().get_weights_info_by_tinker_path(path).result().lora_rank == 4
+        seen = bob.create_rest_client().get_training_run(trained.model_id, access_scope="accessible").result()
+        assert seen.last_sampler_checkpoint.tinker_path == path and seen.last_checkpoint is None  # published only
+        with pytest.raises(tinker.NotFoundError):
+            bob.create_rest_client().get_training_run(trained.model_id).result()  # owned scope: not Bob's
         bob_rest = bob.create_rest_client()
         for attempt in (bob_rest.unpublish_checkpoint_from_tinker_path, bob_rest.delete_checkpoint_from_tinker_path):
             with pytest.raises(tinker.NotFoundError):  # only the owner
