@@ -185,15 +185,8 @@ class CheckpointRoutes:
         run_id, segment, name = parse_tinker_path(tinker_path(run_id, "external_weights", name))
         row = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
         files = await self._tenancy.run(self._store.file_names, tenant, run_id, segment, name)
-        expires = time.time() + LINK_LIFETIME_S
-        if row.expires_at is not None:
-            expires = min(expires, row.expires_at.timestamp())
-        base = str(request.base_url).rstrip("/")
-        urls = {}
-        for filename in files:
-            claims = {"r": run_id, "s": segment, "n": name, "f": filename, "c": _stamp(row)}
-            urls[filename] = f"{base}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
-        at = datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")
+        expires, at = _link_expiry(row)
+        urls = {filename: self._link(request, row, filename, expires) for filename in files}
         return wire.ExternalWeightsUrlsResponse(urls=urls, expires=at).model_dump()
 
     async def archive(self, run_id: str, checkpoint_id: str, tenant: Tenant, request: Request) -> dict:
@@ -203,12 +196,13 @@ class CheckpointRoutes:
         row = await self._tenancy.run(self._registry.checkpoint, tenant, run_id, segment, name)
         if row.encrypted:
             raise UserError(f"{tinker_path(run_id, segment, name)} is age-encrypted; use external_weights_urls")
-        expires = time.time() + LINK_LIFETIME_S
-        if row.expires_at is not None:
-            expires = min(expires, row.expires_at.timestamp())
-        claims = {"r": run_id, "s": segment, "n": name, "f": ARCHIVE, "c": _stamp(row)}
-        url = f"{str(request.base_url).rstrip('/')}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
-        return {"url": url, "expires": datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")}
+        expires, at = _link_expiry(row)
+        return {"url": self._link(request, row, ARCHIVE, expires), "expires": at}
+
+    def _link(self, request: Request, row: Checkpoint, filename: str, expires: float) -> str:
+        """A signed link to one file of the checkpoint `row` (ARCHIVE: all of it as a tar)."""
+        claims = {"r": row.training_run_id, "s": row.segment, "n": row.name, "f": filename, "c": _stamp(row)}
+        return f"{str(request.base_url).rstrip('/')}{DOWNLOAD_PREFIX}{self._signer.sign(claims, expires)}"
 
     async def download(self, token: str) -> Response:
         """A signed link's file (no API key: the link is the authorisation)."""
@@ -289,6 +283,14 @@ def _for_client(rows: list[Checkpoint], request: Request) -> list[Checkpoint]:
     if version is not None and version < (0, 30):
         return [row for row in rows if row.segment != "external_weights"]
     return rows
+
+
+def _link_expiry(row: Checkpoint) -> tuple[float, str]:
+    """When a link expires: in an hour, or with its checkpoint if sooner (and that time, ISO with Z)."""
+    expires = time.time() + LINK_LIFETIME_S
+    if row.expires_at is not None:
+        expires = min(expires, row.expires_at.timestamp())
+    return expires, datetime.fromtimestamp(int(expires), UTC).isoformat().replace("+00:00", "Z")
 
 
 def _stamp(row: Checkpoint) -> int:

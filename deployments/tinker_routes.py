@@ -140,8 +140,7 @@ class TinkerRoutes:
     # ---- training models -----------------------------------------------------------------------
 
     async def create_model(self, body: wire.CreateModelRequest, tenant: Tenant) -> dict:
-        if body.optimizer_config.type != "adamw":
-            raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
+        body.optimizer_config.check()
         self._models.base(body.base_model)  # an unknown base model is a 404 here
         session_id = ids.check_id(body.session_id, "session_id")
         await self._tenancy.run(self._registry.session, tenant, session_id)
@@ -245,8 +244,8 @@ class TinkerRoutes:
         )
 
     async def load_weights(self, body: wire.LoadWeightsRequest, tenant: Tenant) -> dict:
-        if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
-            raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; Thinker trains with AdamW")
+        if body.optimizer_config is not None:
+            body.optimizer_config.check()
         run_id, segment, name = parse_tinker_path(body.path)
         checkpoint = await self._tenancy.run(self._registry.readable_checkpoint, tenant, run_id, segment, name)
         if body.model_id is not None:  # into an existing training model (load_state)

@@ -65,6 +65,11 @@ class LoraConfig(WireIn):
 class OptimizerConfig(WireIn):
     type: str = "adamw"
 
+    def check(self) -> None:
+        """AdamW only: another optimizer (Dimuon) is refused, never silently trained with AdamW."""
+        if self.type != "adamw":
+            raise UserError(f"optimizer {self.type!r} is not supported; Thinker trains with AdamW")
+
 
 class CreateModelRequest(WireIn):
     session_id: str
