@@ -113,17 +113,8 @@ def _candidates(datum: Datum) -> int:
 
 
 def loss_inputs(data: list[Datum], spec: LossSpec, device: torch.device) -> dict[str, torch.Tensor]:
-    """The request's loss inputs (targets aside), concatenated over its datums (and each token's
-    datum as "datum_index" when the loss asks for it)."""
-    inputs = {
-        key: torch.from_numpy(np.concatenate([d.loss_fn_inputs[key] for d in data]).astype(np.float32)).to(device)
-        for key in spec.inputs
-        if key != "target_tokens" and key in data[0].loss_fn_inputs
-    }
-    if spec.needs_datum_index:
-        lengths = [len(d.loss_fn_inputs["target_tokens"]) for d in data]
-        inputs["datum_index"] = torch.repeat_interleave(torch.arange(len(data)), torch.tensor(lengths)).to(device)
-    return inputs
+    """The request's loss inputs as its spec takes them (see `LossSpec.inputs_of`)."""
+    return spec.inputs_of(data, device)
 
 
 def request_logprobs(span: RequestSpan, flat_NK: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from configs.errors import UserError
+from losses.graph_rules import CustomLoss
 
 if TYPE_CHECKING:
     from configs.schema import BaseModelConfig
@@ -105,6 +106,7 @@ class ForwardBackwardWork:
     loss_fn_config: dict[str, float | str] = field(default_factory=dict)
     forward_only: bool = False
     tenant: str = ANONYMOUS
+    custom_loss: CustomLoss | None = None  # loss_fn "custom": the uploaded loss it names
 
 
 @dataclass

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Failure = tuple[int, dict[str, str]]  # (HTTP status, {"error", "category"}), from error_response
 EXPIRY_EVERY_S = 60.0
+COMPLETIONS_POLL_S = 0.25  # retrieve_futures looks for new completions at least this often
 # A request recorded this long before its deployment (re)started that the deployment does not know
 # was lost (it was not in the request log); a younger one may still be on its way there.
 LOST_AFTER = timedelta(seconds=2)
@@ -57,12 +58,15 @@ class Futures:
         base_model: str,
         call: Callable[..., Any],
         logged: LoggedCall | None = None,
+        sampling_target: str | None = None,
         **meta: Any,
     ) -> str:
         """Record a new request of `tenant` (with `logged`: in its training model's request log, to be
-        run again if the deployment restarts), then start `call(request_id=...)`; its id, at once."""
+        run again if the deployment restarts; with `sampling_target`: listed for retrieve_futures),
+        then start `call(request_id=...)`; its id, at once."""
         request_id = ids.new_request_id()
-        await asyncio.to_thread(self._records.add, request_id, tenant, kind, base_model, meta, logged)
+        args = (request_id, tenant, kind, base_model, meta, logged, sampling_target)
+        await asyncio.to_thread(self._records.add, *args)
         task = asyncio.get_running_loop().create_task(self._deliver(request_id, call(request_id=request_id)))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
@@ -78,6 +82,13 @@ class Futures:
         """A new request id, owned by `tenant`, whose future has already failed with `error`."""
         request_id = ids.new_request_id()
         await asyncio.to_thread(self._records.add_failed, request_id, tenant, kind, error)
+        return request_id
+
+    async def settled(self, kind: str, tenant: str, outcome: Any) -> str:
+        """A new request id, owned by `tenant`, whose future already holds `outcome` (a value or an
+        exception): for work the ingress does itself, answered through the same future protocol."""
+        request_id = ids.new_request_id()
+        await asyncio.to_thread(self._records.add_settled, request_id, tenant, kind, outcome)
         return request_id
 
     async def poll(
@@ -105,6 +116,18 @@ class Futures:
         if state in ("pending", "unknown"):
             return False, None, None, entry
         return _settled(outcome, entry)
+
+    async def completions(self, tenant: str, target: str, after: int, timeout_s: float) -> list[tuple[int, str, str]]:
+        """The target's sample completions after cursor `after` (retrieve_futures), waiting up to
+        `timeout_s` for the first one; [] when none came."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.02
+        while True:
+            found = await asyncio.to_thread(self._records.completions, tenant, target, after)
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, COMPLETIONS_POLL_S)
 
     async def _deliver(self, request_id: str, response: Any) -> None:
         """Await the deployment call only to log a call that could not run (its record stays

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from actors import ids
 from actors.age_files import parse_recipients
 from actors.checkpoint_store import parse_tinker_path
+from actors.metadata.custom_losses import CustomLosses
 from actors.metadata.futures import LoggedCall
 from actors.metadata.sequences import SampledSequences
 from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
@@ -29,8 +30,11 @@ from deployments.limits import Limits
 from deployments.model_handles import ModelHandles
 from deployments.session_routes import FinishRequest
 from deployments.tenancy import Tenancy, Tenant
+from losses.graph_rules import CUSTOM
 
 PROTOBUF = "application/x-protobuf"
+CLONE_STRIDE = 1_000_000_000  # a sampling client clone numbers its samples from clone * 1e9
+RETRIEVE_FUTURES_WAIT_S = 25.0  # the longest retrieve_futures long-poll (the SDK reads for 45 s)
 
 
 def encode_result(kind: str, value: Any, meta: dict[str, Any]) -> Response:
@@ -51,6 +55,7 @@ def encode_result(kind: str, value: Any, meta: dict[str, Any]) -> Response:
             else wire.SaveWeightsForSamplerResponse(sampling_session_id=value)
         ),
         "load_weights": lambda: wire.LoadWeightsResponse(path=meta["path"], model_id=meta["loaded"]),
+        "create_custom_loss": lambda: wire.CreateCustomLossResponse(loss_id=value),
     }
     if kind not in bodies:
         raise ValueError(f"no encoding for future kind {kind!r}")
@@ -66,6 +71,7 @@ class TinkerRoutes:
         self._config = config
         self._limits = Limits(config.limits)
         self._sequences = SampledSequences(tenancy.database)
+        self._custom_losses = CustomLosses(tenancy.database)
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -84,6 +90,7 @@ class TinkerRoutes:
             ("POST", "/get_info", self.get_info),
             ("POST", "/api/v1/unload_model", self.unload_model),
             ("POST", "/api/v1/optim_step", self.optim_step),
+            ("POST", "/api/v1/create_custom_loss", self.create_custom_loss),
             ("POST", "/api/v1/save_weights", self.save_weights),
             ("POST", "/api/v1/save_weights_external", self.save_weights_external),
             ("POST", "/api/v1/save_weights_for_sampler", self.save_weights_for_sampler),
@@ -93,6 +100,8 @@ class TinkerRoutes:
             ("POST", "/api/v1/asample", self.asample),
             ("POST", "/api/v1/cancel_future", self.cancel_future),
             ("POST", "/api/v1/retrieve_future", self.retrieve_future),
+            ("POST", "/api/v1/retrieve_futures", self.retrieve_futures),
+            ("POST", "/api/v1/join_sampling_session", self.join_sampling_session),
         ]
 
     # ---- sessions and service ------------------------------------------------------------------
@@ -171,14 +180,30 @@ class TinkerRoutes:
         try:
             work = await asyncio.to_thread(wire_proto.to_work, msg, False, limits.max_datums, limits.max_topk)
             self._limits.check_forward_backward(work, model)
+            session_id = ids.session_of(msg.model_id)
             if work.loss_fn == "stable_reinforce":  # its sampler log-probs come from this server's records
                 spans = await asyncio.to_thread(wire_proto.spans_of, msg)
-                session_id = ids.session_of(msg.model_id)
                 await self._tenancy.run(self._sequences.resolve, tenant, session_id, work.data, spans)
+            elif work.loss_fn == CUSTOM:  # the uploaded loss travels with the request (and its log entry)
+                loss_id = work.loss_fn_config.pop("loss_id", None)
+                work.custom_loss = await self._tenancy.run(self._custom_losses.get, tenant, session_id, loss_id)
         except UserError as exc:
             return await self._reject(handle, tenant, msg.model_id, msg.seq_id or None, "forward_backward", exc)
         work.tenant = tenant
         return await self._submit("forward_backward", tenant, msg.model_id, base, "forward_backward", work)
+
+    async def create_custom_loss(self, body: wire.CreateCustomLossRequest, tenant: Tenant) -> dict:
+        """The SDK's traced loss graph, checked against the allow-list and kept for the session's
+        forward_backward(loss_fn="custom"); a future of {loss_id}, failed (user) if the graph is refused."""
+        session_id = ids.check_id(body.session_id, "session_id")
+        await self._tenancy.run(self._registry.session, tenant, session_id)
+        args = (tenant, session_id, body.custom_loss_seq_id, body.name, body.inputs, body.graph)
+        try:
+            outcome = await self._tenancy.run(self._custom_losses.create, *args)
+        except UserError as exc:
+            outcome = exc
+        request_id = await self._futures.settled("create_custom_loss", tenant, outcome)
+        return wire.UntypedAPIFuture(request_id=request_id).model_dump(exclude_none=True)
 
     async def optim_step(self, body: wire.OptimStepRequest, tenant: Tenant) -> dict:
         base = await self._models.base_of_model(tenant, body.model_id)
@@ -330,7 +355,8 @@ class TinkerRoutes:
         )
         call = partial(deployment_call, handle, "sample", work)
         logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None
-        request_id = await self._futures.submit("sample", tenant, base, call, logged, last_n=last_n)
+        target = _sampling_target(sampler_id, body.seq_id) if body.sampling_session_id is not None else None
+        request_id = await self._futures.submit("sample", tenant, base, call, logged, target, last_n=last_n)
         ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
 
@@ -343,6 +369,28 @@ class TinkerRoutes:
         if record.kind == "sample" and record.status == "pending" and record.base_model is not None:
             await self._models.base(record.base_model).cancel.remote(body.request_id)
         return {}
+
+    async def retrieve_futures(self, body: wire.RetrieveFuturesRequest, tenant: Tenant) -> dict:
+        """The sampling client's completions after its cursor (finished or failed samples of one
+        clone), long-polled; the payloads are then fetched with retrieve_future. Results the client
+        reports as retrieved stay until their futures expire, like every other result."""
+        sampler_id = ids.check_id(body.target.sampling_session_id, "sampling_session_id")
+        await self._tenancy.run(self._registry.sampler, tenant, sampler_id)  # another tenant's: 404
+        wait = RETRIEVE_FUTURES_WAIT_S if body.timeout is None else min(body.timeout, RETRIEVE_FUTURES_WAIT_S)
+        target = _sampling_target(sampler_id, body.target.cloned_sampler_id * CLONE_STRIDE)
+        found = await self._futures.completions(tenant, target, body.prev_cursor, wait)
+        completions = [
+            wire.FutureCompletion(state="finished" if status == "done" else "failed", request_id=request_id)
+            for _, request_id, status in found
+        ]
+        cursor = found[-1][0] if found else body.prev_cursor
+        return wire.RetrieveFuturesResponse(completions=completions, cursor=cursor).model_dump()
+
+    async def join_sampling_session(self, body: wire.JoinSamplingSessionRequest, tenant: Tenant) -> dict:
+        """A sampling client rebuilt elsewhere (unpickled, from a handle) gets its own clone number."""
+        sampler_id = ids.check_id(body.sampling_session_id, "sampling_session_id")
+        counter = await self._tenancy.run(self._registry.join_sampler, tenant, sampler_id)
+        return wire.JoinSamplingSessionResponse(client_counter=counter).model_dump()
 
     async def retrieve_future(self, body: wire.RetrieveFutureRequest, tenant: Tenant) -> Response:
         done, value, failure, entry = await self._futures.poll(body.request_id, tenant, self._config.long_poll_s)
@@ -372,6 +420,11 @@ class TinkerRoutes:
             await handle.skip.remote(model_id, seq_id)
         request_id = await self._futures.fail(kind, tenant, exc)
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
+
+
+def _sampling_target(sampler_id: str, seq_id: int | None) -> str:
+    """Which retrieve_futures poller reports a sample: its sampling session and clone (seq_id // 1e9)."""
+    return f"{sampler_id}#{(seq_id or 0) // CLONE_STRIDE}"
 
 
 def _seq_of(args: tuple) -> int | None:

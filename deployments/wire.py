@@ -279,6 +279,16 @@ class CopyWeightsRequest(WireIn):
     ttl_seconds: TtlSeconds | None = None
 
 
+class CreateCustomLossRequest(WireIn):
+    """The graph is checked against the allow-list (losses.graph_rules) and fails the future if bad."""
+
+    session_id: str
+    custom_loss_seq_id: int = Field(ge=0, le=2**53)
+    name: Any
+    inputs: Any
+    graph: Any
+
+
 class CheckpointTtlRequest(WireIn):
     ttl_seconds: TtlSeconds | None = None
 
@@ -302,6 +312,23 @@ class WeightsInfoRequest(WireIn):
 class RetrieveFutureRequest(WireIn):
     request_id: str
     allow_metadata_only: bool = False
+
+
+class SamplingSessionTarget(WireIn):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: str
+    cloned_sampler_id: int = Field(ge=0, le=10**9)  # a sample's seq_id // 1e9
+
+
+class RetrieveFuturesRequest(WireIn):
+    target: SamplingSessionTarget
+    prev_cursor: int = Field(0, ge=0)
+    timeout: float | None = Field(None, ge=0)  # None: long-poll; 0: answer at once
+    retrieved_request_ids: list[str] = Field(default_factory=list, max_length=100_000)
+
+
+class JoinSamplingSessionRequest(WireIn):
+    sampling_session_id: str
 
 
 # ---- the simple JSON routes' requests (the original server's shapes) -------------------------
@@ -359,6 +386,9 @@ class ClientConfigResponse(WireOut):
     use_pyqwest_transport: bool = False
     parallel_fwdbwd_chunks: bool = True
     proto_compress_fwdbwd: bool = False
+    custom_loss_server_side: bool = True  # create_custom_loss uploads the graph; it runs in our pass
+    sample_use_retrieve_futures: bool = True  # one retrieve_futures long-poll per sampling client
+    sample_join_sampling_session: bool = True  # a rebuilt sampling client asks for its clone number
 
 
 class CreateSessionResponse(WireOut):
@@ -480,6 +510,26 @@ class SaveWeightsForSamplerResponse(WireOut):
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
     path: str | None = None
     sampling_session_id: str | None = None
+
+
+class FutureCompletion(WireOut):
+    state: Literal["finished", "failed"]
+    request_id: str
+
+
+class RetrieveFuturesResponse(WireOut):
+    completions: list[FutureCompletion]
+    cursor: int
+
+
+class JoinSamplingSessionResponse(WireOut):
+    type: Literal["join_sampling_session"] = "join_sampling_session"
+    client_counter: int
+
+
+class CreateCustomLossResponse(WireOut):
+    type: Literal["create_custom_loss"] = "create_custom_loss"
+    loss_id: str
 
 
 class LoadWeightsResponse(WireOut):

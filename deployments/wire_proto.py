@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from actors.metadata.sequences import Span
 from actors.work import Datum, ForwardBackwardResult, ForwardBackwardWork, SampleResult
 from configs.errors import LimitExceededError, UserError
+from losses.graph_rules import CUSTOM
 
 
 def _load_schema() -> ModuleType:
@@ -62,7 +63,7 @@ def to_work(msg: pb.ForwardBackwardRequest, forward_only: bool, max_datums: int,
     return ForwardBackwardWork(
         model_id=msg.model_id,
         seq_id=msg.seq_id or None,
-        data=[_datum(d, i, max_topk) for i, d in enumerate(msg.data)],
+        data=[_datum(d, i, max_topk, msg.loss_fn == CUSTOM) for i, d in enumerate(msg.data)],
         loss_fn=msg.loss_fn,
         loss_fn_config=_loss_config(msg),
         forward_only=forward_only or msg.forward_only,
@@ -104,7 +105,9 @@ def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
     return config
 
 
-def _datum(msg: pb.Datum, index: int, max_topk: int) -> Datum:
+def _datum(msg: pb.Datum, index: int, max_topk: int, any_shape: bool = False) -> Datum:
+    """With `any_shape` (a custom loss's inputs, other than its targets), an input may have any shape
+    of rank <= 2 and at most tokens x max_topk values."""
     pieces = []
     for chunk in msg.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -118,15 +121,21 @@ def _datum(msg: pb.Datum, index: int, max_topk: int) -> Datum:
     inputs = {}
     for name, tensor in msg.loss_fn_inputs.items():
         try:
-            inputs[name] = tensor_to_numpy(tensor, max_shape=(len(tokens), max_topk))
+            if any_shape and name != "target_tokens":
+                inputs[name] = tensor_to_numpy(tensor, max_values=max(len(tokens), 1) * max_topk)
+            else:
+                inputs[name] = tensor_to_numpy(tensor, max_shape=(len(tokens), max_topk))
         except ValueError as exc:
             raise UserError(f"datum {index}: loss_fn_inputs[{str(name)[:64]!r}]: {exc}") from None
     return Datum(tokens=tokens, loss_fn_inputs=inputs)
 
 
-def tensor_to_numpy(msg: pb.Tensor, max_shape: tuple[int, int] | None = None) -> np.ndarray:
+def tensor_to_numpy(
+    msg: pb.Tensor, max_shape: tuple[int, int] | None = None, max_values: int | None = None
+) -> np.ndarray:
     """Dense or CSR tensor -> numpy (int64 for integer dtypes, float32 otherwise). With
-    `max_shape` (rows, columns), a declared shape other than [rows] or [rows, <= columns] is refused."""
+    `max_shape` (rows, columns), a declared shape other than [rows] or [rows, <= columns] is refused;
+    with `max_values`, a shape of rank > 2 or more values than that."""
     dtype = _NUMPY_DTYPES.get(msg.dtype)
     if dtype is None:
         raise ValueError(f"unsupported dtype {msg.dtype}")
@@ -135,6 +144,11 @@ def tensor_to_numpy(msg: pb.Tensor, max_shape: tuple[int, int] | None = None) ->
         rows, columns = max_shape
         if shape[0] != rows or len(shape) > 2 or (len(shape) == 2 and not 1 <= shape[1] <= columns):
             raise ValueError(f"shape {list(shape)[:4]} must be [{rows}] or [{rows}, K] with 1 <= K <= {columns}")
+    if max_values is not None:
+        if len(shape) > 2 or min(shape, default=0) < 0 or int(np.prod(shape, dtype=object)) > max_values:
+            raise ValueError(f"shape {list(shape)[:4]} must have rank <= 2 and at most {max_values} values")
+        if not shape and len(msg.dense) > max_values * 8:
+            raise ValueError(f"more than {max_values} values")
     if msg.HasField("sparse_csr"):
         array = _densify(msg.sparse_csr, dtype, shape)
     else:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from configs.errors import UserError
 from losses import cispo, cross_entropy, dro, gspo, importance_sampling, ppo, stable_reinforce
+from losses.graph_rules import CUSTOM, CustomLoss
 from losses.spec import LossFn, LossSpec
 
 BUILTIN_LOSSES: dict[str, LossSpec] = {
@@ -36,6 +37,18 @@ def get_loss(name: str) -> LossSpec:
     return spec
 
 
+def loss_spec(loss_fn: str, custom: CustomLoss | None = None) -> LossSpec:
+    """The spec a training request names: a registered loss, or `custom` with the uploaded loss
+    the request carries (see `losses.custom_graph`)."""
+    if loss_fn != CUSTOM:
+        return get_loss(loss_fn)
+    if custom is None:
+        raise UserError("loss_fn custom needs the loss_id of a loss made with create_custom_loss")
+    from losses.custom_graph import graph_loss
+
+    return graph_loss(custom.key, custom.name, custom.inputs, custom.graph)
+
+
 def available_losses() -> dict[str, str]:
     """name -> description, built-ins first."""
     return {name: spec.description for name, spec in {**BUILTIN_LOSSES, **_custom_losses}.items()}
@@ -55,7 +68,7 @@ def register_custom_loss(
     The loss must be a sum over tokens, like the built-ins. Re-registering a custom name
     replaces it; built-in names cannot be replaced.
     """
-    if name in BUILTIN_LOSSES:
+    if name in BUILTIN_LOSSES or name == CUSTOM:
         raise UserError(f"{name!r} is a built-in loss and cannot be replaced")
     if "target_tokens" not in required_inputs:
         raise UserError("a custom loss needs target_tokens among its required inputs")

@@ -102,6 +102,19 @@ class LossSpec:
         elif array.ndim != 1:
             raise UserError(f"{where}: loss_fn_inputs[{key!r}] must be 1-D, got {list(array.shape)}")
 
+    def inputs_of(self, data: list, device: torch.device) -> dict[str, torch.Tensor]:
+        """A request's loss inputs (targets aside), concatenated over its datums (`actors.work.Datum`),
+        and each token's datum as "datum_index" when the loss asks for it."""
+        inputs = {
+            key: torch.from_numpy(np.concatenate([d.loss_fn_inputs[key] for d in data]).astype(np.float32)).to(device)
+            for key in self.inputs
+            if key != "target_tokens" and key in data[0].loss_fn_inputs
+        }
+        if self.needs_datum_index:
+            lengths = [len(d.loss_fn_inputs["target_tokens"]) for d in data]
+            inputs["datum_index"] = torch.repeat_interleave(torch.arange(len(data)), torch.tensor(lengths)).to(device)
+        return inputs
+
     def __call__(
         self, logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
     ) -> LossOutput:

@@ -45,7 +45,7 @@ from actors.work import (
 )
 from configs.errors import ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
-from losses import get_loss
+from losses import loss_spec
 
 
 def pick_device(config: BaseModelConfig) -> torch.device:
@@ -161,7 +161,7 @@ class HFBackend:
 
     def _checked(self, work: ForwardBackwardWork):
         self.adapters.info(work.model_id)
-        spec = get_loss(work.loss_fn)
+        spec = loss_spec(work.loss_fn, work.custom_loss)
         config = spec.resolve_config(work.loss_fn_config)
         validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
         return spec, config
@@ -185,16 +185,17 @@ class HFBackend:
                     outcomes[i] = ServerError(f"loss {work.loss_fn!r} failed: {type(exc).__name__}: {exc}")
                     continue
                 if not work.forward_only:
-                    total = out.loss if total is None else total + out.loss
                     trained.add(work.model_id)
+                    if out.loss.requires_grad:  # a custom loss may not depend on the log-probs: gradient 0
+                        total = out.loss if total is None else total + out.loss
                 outcomes[i] = ForwardBackwardResult(
                     loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
                     metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
                 )
             if total is not None:
                 total.backward()
-                for model_id in trained:
-                    self.adapters.get(model_id).has_grad = True
+            for model_id in trained:
+                self.adapters.get(model_id).has_grad = True
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))

@@ -46,9 +46,9 @@ from actors.work import (
     SamplerInfo,
     SampleWork,
 )
-from configs.errors import NotFoundError, ServerError, ThinkerError, UserError
+from configs.errors import NotFoundError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
-from losses import get_loss
+from losses import loss_spec
 
 logger = logging.getLogger(__name__)
 JOURNAL_STEPS = 8  # optim_steps a training model's journal holds before a new restore point is taken
@@ -125,7 +125,7 @@ class MegatronBackend:
 
     def check_forward_backward(self, work: ForwardBackwardWork) -> None:
         self.get_info(work.model_id)
-        spec = get_loss(work.loss_fn)
+        spec = loss_spec(work.loss_fn, work.custom_loss)
         spec.resolve_config(work.loss_fn_config)
         validate_data(work.data, spec, self.vocab_size, self.max_seq_len, self.config.max_batch_tokens)
 
@@ -150,12 +150,12 @@ class MegatronBackend:
             return outcomes
         batch = [works[i] for i in ready]
         for i, merged in zip(ready, self._recovering(self._forward_backward, batch)):
-            outcomes[i] = ServerError(merged) if isinstance(merged, str) else merged
-            if not isinstance(merged, str) and not works[i].forward_only:
+            outcomes[i] = merged
+            if not isinstance(merged, Exception) and not works[i].forward_only:
                 self._journal[works[i].model_id].append(("forward_backward", works[i]))
         return outcomes
 
-    def _forward_backward(self, batch: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | str]:
+    def _forward_backward(self, batch: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
         """One pass over the group: per request its merged result (or a loss's error message)."""
         dp = self.config.megatron.data_parallel
         bounds = [np.linspace(0, len(w.data), dp + 1).astype(int) for w in batch]

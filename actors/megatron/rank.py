@@ -28,12 +28,12 @@ from actors.megatron import cpu as megatron_cpu
 from actors.megatron.model import all_pieces
 from actors.passes import merge_results
 from actors.work import AdamParams, ForwardBackwardResult, ForwardBackwardWork, LoraSpec
-from configs.errors import UserError
+from configs.errors import ServerError, UserError
 
 
-def merge_reports(parts: list) -> ForwardBackwardResult | str:
+def merge_reports(parts: list) -> ForwardBackwardResult | Exception:
     """One request's parts (micro-batches, data-parallel replicas), merged; or its first error."""
-    errors = [p for p in parts if isinstance(p, str)]
+    errors = [p for p in parts if isinstance(p, Exception)]
     return errors[0] if errors else merge_results(parts)
 
 
@@ -155,9 +155,9 @@ class MegatronRank:
         On reporting ranks: per request a ForwardBackwardResult, or an error message when its loss
         raised (that request alone fails; the others' gradients stand).
         """
-        from losses import get_loss
+        from losses import loss_spec
 
-        specs = [get_loss(w.loss_fn) for w in works]
+        specs = [loss_spec(w.loss_fn, w.custom_loss) for w in works]
         configs = [spec.resolve_config(w.loss_fn_config) for spec, w in zip(specs, works)]
         trained = sorted({w.model_id for w in works if not w.forward_only and self._adapters[w.model_id]["trainable"]})
         rows = [(r, datum) for r, (w, (a, b)) in enumerate(zip(works, slices)) for datum in w.data[a:b]]
@@ -194,10 +194,13 @@ class MegatronRank:
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(data, spec, device), configs[r])
-                except Exception as exc:  # a loss that breaks fails its own request; the pipeline goes on
-                    reports.append((r, f"loss {work.loss_fn!r} failed: {type(exc).__name__}: {exc}"))
+                except UserError as exc:  # e.g. a custom loss's own mistake: that request fails alone
+                    reports.append((r, exc))
                     continue
-                if not work.forward_only:
+                except Exception as exc:  # a loss that breaks fails its own request; the pipeline goes on
+                    reports.append((r, ServerError(f"loss {work.loss_fn!r} failed: {type(exc).__name__}: {exc}")))
+                    continue
+                if not work.forward_only and out.loss.requires_grad:
                     total = total + out.loss
                 reports.append(
                     (

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 
 from actors.metadata.database import Database
-from actors.metadata.tables import Request, TrainingRun, utc_now
+from actors.metadata.tables import Counter, Request, TrainingRun, utc_now
 from configs.errors import NotFoundError
 
 MAX_STORED_OUTCOME = 64 * 1024 * 1024
@@ -38,7 +38,8 @@ class LoggedCall:
     args: tuple
 
 
-REPLAYED_ONLY_WHILE_PENDING = frozenset({"sample"})  # their payloads go when they finish
+REPLAYED_ONLY_WHILE_PENDING = frozenset({"sample"})
+COMPLETIONS = "completions"  # the Counter that orders sample completions  # their payloads go when they finish
 
 
 class FutureRecords:
@@ -54,9 +55,13 @@ class FutureRecords:
         base_model: str | None,
         meta: dict[str, Any],
         logged: LoggedCall | None = None,
+        sampling_target: str | None = None,
     ) -> None:
-        """Record a request; with `logged`, also as an entry of its training model's request log."""
+        """Record a request; with `logged`, also as an entry of its training model's request log; with
+        `sampling_target` (a sample's "<sampler id>#<clone>"), its completion is listed for
+        retrieve_futures."""
         row = Request(id=request_id, tenant_id=tenant, kind=kind, base_model=base_model, meta=dict(meta))
+        row.sampling_target = sampling_target
         if logged is not None:
             row.model_id, row.seq_id, row.verb = logged.model_id, logged.seq_id, logged.verb
             row.payload = pickle.dumps(logged.args, protocol=pickle.HIGHEST_PROTOCOL)
@@ -118,7 +123,12 @@ class FutureRecords:
 
     def add_failed(self, request_id: str, tenant: str, kind: str, error: BaseException) -> None:
         """A request that failed before any deployment saw it (its future is already settled)."""
-        row = Request(id=request_id, tenant_id=tenant, kind=kind, status="failed", outcome=pickle.dumps(error))
+        self.add_settled(request_id, tenant, kind, error)
+
+    def add_settled(self, request_id: str, tenant: str, kind: str, outcome: Any) -> None:
+        """A request the ingress settled itself (a value, or an exception): no deployment runs it."""
+        status = "failed" if isinstance(outcome, BaseException) else "done"
+        row = Request(id=request_id, tenant_id=tenant, kind=kind, status=status, outcome=pickle.dumps(outcome))
         row.finished_at = utc_now()
         with self._db.transaction() as session:
             session.add(row)
@@ -133,11 +143,25 @@ class FutureRecords:
                 return False
             row.status = "failed" if isinstance(outcome, BaseException) else "done"
             row.finished_at = utc_now()
+            if row.sampling_target is not None and row.completion_seq is None:  # row lock: commit order
+                take = update(Counter).where(Counter.name == COMPLETIONS).values(value=Counter.value + 1)
+                row.completion_seq = session.execute(take.returning(Counter.value)).scalar_one()
             if row.verb in REPLAYED_ONLY_WHILE_PENDING:
                 row.payload = None
             if len(blob) <= MAX_STORED_OUTCOME:
                 row.outcome = blob
             return len(blob) <= MAX_STORED_OUTCOME
+
+    def completions(self, tenant: str, target: str, after: int, limit: int = 1000) -> list[tuple[int, str, str]]:
+        """(completion seq, request id, status) of the target's finished samples after `after`, in order."""
+        query = (
+            select(Request.completion_seq, Request.id, Request.status)
+            .where(Request.sampling_target == target, Request.completion_seq > after, Request.tenant_id == tenant)
+            .order_by(Request.completion_seq)
+            .limit(limit)
+        )
+        with self._db.transaction() as session:
+            return [tuple(r) for r in session.execute(query)]
 
     def get(self, tenant: str, request_id: str) -> Request:
         """The record, if `tenant` owns it and it has not expired (else as unknown as any other id)."""

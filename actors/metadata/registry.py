@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +23,8 @@ from actors.metadata.database import Database
 from actors.metadata.tables import Checkpoint, Sampler, Session, TrainingRun, Usage, utc_now
 from actors.work import LoraSpec
 from configs.errors import NotFoundError, UserError
+
+MAX_CLONES = 10**9 - 1  # a clone numbers its samples' seq_ids from clone * 1e9
 
 
 class Registry:
@@ -225,6 +227,16 @@ class Registry:
                 session.add(row)
         except IntegrityError:
             self.sampler(tenant, sampler_id)  # a retry of the same tenant's; anyone else's is unknown to them
+
+    def join_sampler(self, tenant: str, sampler_id: str) -> int:
+        """The next clone number of the tenant's sampling session (the original client is 0)."""
+        self.sampler(tenant, sampler_id)
+        take = update(Sampler).where(Sampler.id == sampler_id, Sampler.clones < MAX_CLONES)
+        with self._db.transaction() as session:
+            counter = session.execute(take.values(clones=Sampler.clones + 1).returning(Sampler.clones)).scalar()
+        if counter is None:
+            raise UserError(f"sampling session {sampler_id!r} has handed out all {MAX_CLONES} clone numbers")
+        return counter
 
     def sampler(self, tenant: str, sampler_id: str) -> Sampler:
         with self._db.transaction() as session:

@@ -128,6 +128,7 @@ class Sampler(Base):
     source_model_id: Mapped[str | None] = mapped_column(ID, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    clones: Mapped[int] = mapped_column(Integer, default=0)  # join_sampling_session counters handed out
 
 
 class Checkpoint(Base):
@@ -173,7 +174,10 @@ class Request(Base):
     finished its outcome, so any ingress replica can answer it after the one that took it is gone."""
 
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_created", "created_at"),)
+    __table_args__ = (
+        Index("ix_requests_created", "created_at"),
+        Index("ix_requests_completions", "sampling_target", "completion_seq"),
+    )
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"), index=True)
@@ -189,6 +193,10 @@ class Request(Base):
     seq_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
     verb: Mapped[str | None] = mapped_column(String(64), default=None)  # the model actor's method
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # its pickled arguments
+    # retrieve_futures: a sample's "<sampler id>#<clone>", and once finished its place in the order of
+    # completions (Counter "completions", taken in the finishing transaction: commit order)
+    sampling_target: Mapped[str | None] = mapped_column(String(160), default=None)
+    completion_seq: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class SampledSequenceRecord(Base):
@@ -216,3 +224,28 @@ class ServerSecret(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class CustomLossRecord(Base):
+    """A loss uploaded with `create_custom_loss`: its traced graph as the client sent it (checked
+    against `losses.graph_rules` before it was stored), usable by its session's training requests."""
+
+    __tablename__ = "custom_losses"
+    __table_args__ = (UniqueConstraint("session_id", "seq_id", name="uq_custom_losses_session_seq"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)  # the loss_id: "<session>:loss:<seq>"
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.id"))
+    session_id: Mapped[str] = mapped_column(ID)
+    seq_id: Mapped[int] = mapped_column(BigInteger)  # custom_loss_seq_id
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of name, inputs and graph
+    upload: Mapped[dict[str, Any]] = mapped_column()  # {"name", "inputs", "graph"}
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class Counter(Base):
+    """A named counter whose row lock orders what takes from it (e.g. sample completions)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -47,7 +47,7 @@ def test_migrating_again_or_from_many_threads_at_once_is_harmless(database_url):
     databases[0].migrate()
     assert errors == []
     with databases[0].engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010"
 
 
 def test_open_mode_gives_each_key_its_own_tenant(db):
