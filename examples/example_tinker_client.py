@@ -1,5 +1,8 @@
 """The official tinker SDK's async API against Thinker: train a few steps, then sample.
 
+Every call returns an APIFuture at once; `await` it (or call `.result()` in sync code). The
+`*_async` methods are deprecated in the SDK, so this example does not use them.
+
 TINKER_API_KEY=tml-local python examples/example_tinker_client.py [--base-url ...]
 """
 
@@ -28,10 +31,10 @@ def supervised_datum(tokenizer, question: str, answer: str) -> types.Datum:
 
 async def main(base_url: str, steps: int = 5, learning_rate: float = 5e-4) -> dict:
     service = tinker.ServiceClient(base_url=base_url)
-    capabilities = await service.get_server_capabilities_async()
+    capabilities = await tinker.RestClient(base_url=base_url).get_server_capabilities()
     base_model = capabilities.supported_models[0].model_name
     print(f"base model: {base_model}")
-    training = await service.create_lora_training_client_async(base_model=base_model, rank=16, seed=0)
+    training = await service.create_lora_training_client(base_model=base_model, rank=16, seed=0)
     tokenizer = training.get_tokenizer()
     data = [supervised_datum(tokenizer, "Name a primary color.", "Blue.")]
 
@@ -49,7 +52,7 @@ async def main(base_url: str, steps: int = 5, learning_rate: float = 5e-4) -> di
         [{"role": "user", "content": "Name a primary color."}], tokenize=False, add_generation_prompt=True
     )
     model_input = types.ModelInput.from_ints(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    response = await sampler.sample_async(
+    response = await sampler.sample(
         model_input, num_samples=2, sampling_params=types.SamplingParams(max_tokens=12, temperature=0.7, seed=1)
     )
     texts = [tokenizer.decode(s.tokens) for s in response.sequences]

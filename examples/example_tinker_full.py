@@ -96,7 +96,7 @@ def main(base_url: str, serve_config: str | None = None, checkpoint_root: str | 
     print(f"   eval loss {report['eval_loss']:.3f} -> {report['trained_loss']:.3f}")
 
     print("== RL losses on sampled replies")
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     rl_data = rl_batch(sampler, tokenizer)
     configs = {"ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, "dro": {"beta": 0.05}}
     report["rl_losses"] = {}
@@ -116,9 +116,18 @@ def main(base_url: str, serve_config: str | None = None, checkpoint_root: str | 
     report["custom_loss"] = custom.metrics["loss:sum"]
     training.optim_step(adam).result()
 
-    print("== checkpoints: save, load (with and without optimizer), resume")
+    print("== a per-datum custom loss run server-side (create_custom_loss: one forward+backward)")
+
+    def weighted_nll(logprobs, weights):
+        return -(logprobs * weights).sum(), {"custom/weighted_tokens:sum": (weights != 0).float().sum()}
+
+    loss = service.create_custom_loss(weighted_nll, {"logprobs": 1, "weights": 1}).result()
+    server_side = training.forward_backward_custom(data, loss).result()
+    report["server_side_custom_loss"] = server_side.metrics["loss:sum"]
+    training.optim_step(adam).result()
+
+    print("== checkpoints: save, then resume as a new training client (with and without the optimizer)")
     state_path = training.save_state("example-state").result().path
-    training.load_state_with_optimizer(state_path).result()
     resumed = service.create_training_client_from_state_with_optimizer(state_path).result()
     weights_only = service.create_training_client_from_state(state_path).result()
     report["resumed_loss"] = resumed.forward(data, "cross_entropy").result().metrics["loss:sum"]
@@ -126,7 +135,7 @@ def main(base_url: str, serve_config: str | None = None, checkpoint_root: str | 
 
     print("== sampling from a saved checkpoint, compute_logprobs")
     sampler_path = training.save_weights_for_sampler("example-sampler").result().path
-    saved_sampler = service.create_sampling_client(model_path=sampler_path)
+    saved_sampler = service.create_sampling_client(model_path=sampler_path).result()
     prompt = types.ModelInput.from_ints(chat_ids(tokenizer, QUESTIONS[0][0]))
     result = saved_sampler.sample(
         prompt,

@@ -77,7 +77,7 @@ def main(config: Config) -> list[float]:
     mean_rewards = []
     progress = tqdm(range(config.steps), desc="rl", unit="step")
     for step in progress:
-        sampler = training.save_weights_and_get_sampling_client()
+        sampler = training.save_weights_and_get_sampling_client().result()
         batch = [question(rng) for _ in range(config.questions_per_step)]
         prompts = [prompt_ids(tokenizer, text) for text, _ in batch]
         futures = [

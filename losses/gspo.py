@@ -7,6 +7,10 @@ log-probs (`logprobs`), A the advantages and sg a stop-gradient:
     s_t   = exp(log_s + lp_t - sg(lp_t))          # its value, with the gradient of the token's own lp
     loss  = -sum_t min(s_t * A_t, clip(s_t, lo, hi) * A_t)
 
+Without `sequence_ratio_mask` (tinker-cookbook's `rl.train` sends none; its `recipes/rl_loop.py`
+does), M is the tokens that carry a sampler log-prob or an advantage: by the cookbook's convention
+prompt positions carry neither.
+
 Default thresholds are PPO's absolute bounds 0.8 / 1.2 (as `ppo` and `cispo`); the GSPO paper used
 a much tighter band (about 1 - 3e-4 / 1 + 4e-4): set clip_low_threshold / clip_high_threshold.
 """
@@ -20,7 +24,10 @@ from losses.spec import LossSpec
 
 
 def gspo(logprobs_T: torch.Tensor, inputs, config):
-    mask_T = (inputs["sequence_ratio_mask"] != 0).to(logprobs_T.dtype)
+    if "sequence_ratio_mask" in inputs:
+        mask_T = (inputs["sequence_ratio_mask"] != 0).to(logprobs_T.dtype)
+    else:
+        mask_T = ((inputs["logprobs"] != 0) | (inputs["advantages"] != 0)).to(logprobs_T.dtype)
     datum_T = inputs["datum_index"].long()
     datums = int(datum_T.max()) + 1 if datum_T.numel() else 0
     diff_T = (logprobs_T.detach() - inputs["logprobs"]) * mask_T
@@ -42,7 +49,8 @@ SPEC = LossSpec(
     name="gspo",
     description="Group Sequence Policy Optimization (token-level): PPO clipping of a per-sequence ratio",
     fn=gspo,
-    required_inputs=("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
+    required_inputs=("target_tokens", "logprobs", "advantages"),
+    optional_inputs=("sequence_ratio_mask",),
     config_defaults=CLIP_DEFAULTS,
     needs_datum_index=True,
 )

@@ -29,6 +29,7 @@ def test_example_tinker_full(tiny_url, tiny_config, tmp_path):
     report = example_tinker_full.main(tiny_url, str(config_file))
     assert report["trained_loss"] < report["eval_loss"]
     assert set(report["rl_losses"]) == {"importance_sampling", "ppo", "cispo", "dro"}
+    assert report["server_side_custom_loss"] > 0  # a weighted NLL
     assert {"weights/example-state", "sampler_weights/example-sampler"} <= set(report["checkpoints"])
     assert report["export"].returncode == 0, report["export"].stderr
     assert (tmp_path.parent / report["export_dir"] / "model.safetensors").exists()

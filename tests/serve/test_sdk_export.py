@@ -49,9 +49,9 @@ def download(urls: dict[str, str]) -> dict[str, bytes]:
     return files
 
 
-def test_the_cookbook_download_flow_gives_an_encrypted_peft_folder(service, trained):
+def test_the_cookbook_download_flow_gives_an_encrypted_peft_folder(service, trained, tiny_url):
     identity = pyrage.x25519.Identity.generate()
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=tiny_url)
     encrypted = trained.save_weights_external("download", 3600, [str(identity.to_public())]).result()
     plain = trained.save_weights_external("plain").result()
     assert encrypted.path == f"tinker://{trained.model_id}/external_weights/download"
@@ -74,7 +74,7 @@ def test_the_cookbook_download_flow_gives_an_encrypted_peft_folder(service, trai
 
 
 def test_links_cannot_be_forged_and_exports_cannot_be_loaded(service, trained, tiny_url):
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=tiny_url)
     path = trained.save_weights_external("signed").result().path
     url = next(iter(rest.get_external_weights_urls(path).result().urls.values()))
     token = url.rsplit("/", 1)[1]
@@ -93,8 +93,8 @@ def test_bad_exports_fail_as_user_errors(trained):
         trained.save_weights_external("too-short", ttl_seconds=60).result()
 
 
-def test_an_expired_checkpoint_is_gone(service, trained, checkpoint_root):
-    rest = service.create_rest_client()
+def test_an_expired_checkpoint_is_gone(service, trained, checkpoint_root, tiny_url):
+    rest = tinker.RestClient(base_url=tiny_url)
     path = trained.save_weights_for_sampler("short-lived", ttl_seconds=3600).result().path
     service.create_sampling_client(model_path=path).result()  # loadable while it lives
     with sqlite3.connect(database_file(checkpoint_root).removeprefix("sqlite:///")) as db:
@@ -129,7 +129,7 @@ def test_the_cookbooks_own_download_of_a_training_checkpoint(service, trained, t
 
 
 def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(service, trained, tiny_url):
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=tiny_url)
     path = trained.save_weights_for_sampler("shared").result().path
     bob = tinker.ServiceClient(base_url=tiny_url, api_key="tml-bob-export-test")
     try:
@@ -140,20 +140,14 @@ def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(se
         listed = {c.checkpoint_id: c for c in rest.list_checkpoints(trained.model_id).result().checkpoints}
         assert listed["sampler_weights/shared"].public
         sampler = bob.create_sampling_client(model_path=path).result()
-        assert (
-            len(
-                sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
-                .result()
-                .sequences
-            )
-            == 1
-        )
-        assert bob.create_rest_client().get_weights_info_by_tinker_path(path).result().lora_rank == 4
-        seen = bob.create_rest_client().get_training_run(trained.model_id, access_scope="accessible").result()
+        sampled = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+        assert len(sampled.sequences) == 1
+        bob_rest = tinker.RestClient(base_url=tiny_url, api_key="tml-bob-export-test")
+        assert bob_rest.get_weights_info_by_tinker_path(path).result().lora_rank == 4
+        seen = bob_rest.get_training_run(trained.model_id, access_scope="accessible").result()
         assert seen.last_sampler_checkpoint.tinker_path == path and seen.last_checkpoint is None  # published only
         with pytest.raises(tinker.NotFoundError):
-            bob.create_rest_client().get_training_run(trained.model_id).result()  # owned scope: not Bob's
-        bob_rest = bob.create_rest_client()
+            bob_rest.get_training_run(trained.model_id).result()  # owned scope: not Bob's
         for attempt in (bob_rest.unpublish_checkpoint_from_tinker_path, bob_rest.delete_checkpoint_from_tinker_path):
             with pytest.raises(tinker.NotFoundError):  # only the owner
                 attempt(path).result()
@@ -165,8 +159,8 @@ def test_a_published_checkpoint_is_loadable_by_every_tenant_until_unpublished(se
         bob.close("success").result()
 
 
-def test_per_save_metadata_and_overwrite(service, trained):
-    rest = service.create_rest_client()
+def test_per_save_metadata_and_overwrite(service, trained, tiny_url):
+    rest = tinker.RestClient(base_url=tiny_url)
 
     def metadata(checkpoint_id):
         listed = {c.checkpoint_id: c for c in rest.list_checkpoints(trained.model_id).result().checkpoints}
@@ -184,7 +178,7 @@ def test_per_save_metadata_and_overwrite(service, trained):
 
 
 def test_copy_weights_makes_a_new_untrainable_run_and_a_retry_returns_the_same_copy(service, trained, tiny_url):
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=tiny_url)
     source = trained.save_weights_for_sampler("to-copy").result().path
     copied = rest.copy_weights(source, "proj-x", ttl_seconds=7200).result()
     run_id, segment, name = copied[len("tinker://") :].split("/")
@@ -202,8 +196,8 @@ def test_copy_weights_makes_a_new_untrainable_run_and_a_retry_returns_the_same_c
     assert requests.post(f"{tiny_url}/api/v1/copy_weights", json=body, headers=other, timeout=60).status_code == 404
 
 
-def test_a_link_dies_when_its_checkpoint_is_saved_anew(service, trained):
-    rest = service.create_rest_client()
+def test_a_link_dies_when_its_checkpoint_is_saved_anew(service, trained, tiny_url):
+    rest = tinker.RestClient(base_url=tiny_url)
     path = trained.save_weights_external("resaved").result().path
     urls = rest.get_external_weights_urls(path).result().urls
     assert all(requests.get(u, timeout=30).status_code == 200 for u in urls.values())

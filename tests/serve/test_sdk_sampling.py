@@ -30,7 +30,7 @@ def trained(service):
         tc.forward_backward([datum], "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=5e-3))
     tc.forward([datum], "cross_entropy").result()
-    return tc, tokenizer, tc.save_weights_and_get_sampling_client()
+    return tc, tokenizer, tc.save_weights_and_get_sampling_client().result()
 
 
 def chat_prompt(tokenizer, content="ping") -> types.ModelInput:
@@ -52,7 +52,7 @@ def test_snapshot_sampler_reproduces_what_was_trained(trained):
 def test_snapshot_is_frozen_while_training_goes_on(trained, service):
     _, tokenizer, _ = trained
     tc = service.create_lora_training_client(base_model="tiny-a", rank=4, seed=1).result()
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     before = sampler.compute_logprobs(chat_prompt(tokenizer)).result()
     tc.forward_backward(
         [types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3, 4]})],
@@ -83,7 +83,7 @@ def test_sampling_parameters_and_stop_reasons(trained):
 
 def test_compute_logprobs_equal_the_training_forward(trained):
     tc, tokenizer, _ = trained
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = chat_prompt(tokenizer)
     logprobs = sampler.compute_logprobs(prompt).result()
     assert logprobs[0] is None and len(logprobs) == prompt.length
@@ -107,13 +107,13 @@ def test_topk_prompt_logprobs(trained):
 
 
 def test_base_model_sampler_and_sampler_info(service, tiny_url):
-    sampler = service.create_sampling_client(base_model="tiny-b")
+    sampler = service.create_sampling_client(base_model="tiny-b").result()
     result = sampler.sample(types.ModelInput.from_ints([5, 6, 7]), 2, types.SamplingParams(max_tokens=3)).result()
     assert len(result.sequences) == 2 and all(len(s.tokens) <= 3 for s in result.sequences)
 
 
 def test_unsupported_sampling_option_is_a_user_error(service):
-    sampler = service.create_sampling_client(base_model="tiny-a")
+    sampler = service.create_sampling_client(base_model="tiny-a").result()
     with pytest.raises(tinker.BadRequestError, match="topk_sample_logprobs"):
         sampler.sample(
             types.ModelInput.from_ints([5, 6]), 1, types.SamplingParams(max_tokens=2), topk_sample_logprobs=2

@@ -17,7 +17,7 @@ def test_sessions_are_listed_found_and_searched_as_the_sdk_expects(tiny_url):
     sampler = tc.save_weights_and_get_sampling_client().result()
     other_tc = second.create_lora_training_client(base_model="tiny-a", rank=4).result()
     first_id, second_id = tc.model_id.split(":")[0], other_tc.model_id.split(":")[0]
-    rest = first.create_rest_client()
+    rest = tinker.RestClient(base_url=tiny_url)
 
     listed = rest.list_sessions(limit=1000).result().sessions
     assert {first_id, second_id} <= set(listed)

@@ -215,6 +215,14 @@ def test_gspo_uses_one_sequence_ratio_per_datum_with_each_tokens_own_gradient():
     assert logprobs.grad.tolist() == pytest.approx([-x * a for x, a in zip(s, adv)])
 
 
+def test_gspo_without_a_mask_takes_the_tokens_with_a_sampler_logprob_or_advantage():
+    """What tinker-cookbook's rl.train sends: no sequence_ratio_mask, prompt positions at 0 / 0."""
+    lp, q, adv = [-0.5, -1.0, -2.0], [0.0, -1.0, -2.2], [0.0, 1.0, 1.0]
+    explicit = {"logprobs": q, "advantages": adv, "sequence_ratio_mask": [0.0, 1.0, 1.0], "datum_index": [0.0] * 3}
+    implicit = {k: v for k, v in explicit.items() if k != "sequence_ratio_mask"}
+    assert run("gspo", t(lp), implicit).loss.item() == pytest.approx(run("gspo", t(lp), explicit).loss.item())
+
+
 def test_gspo_with_an_empty_mask_has_ratio_one_not_nan():
     inputs = {"logprobs": [-1.0, -2.0], "advantages": [1.0, 1.0], "sequence_ratio_mask": [0.0, 0.0]}
     out = run("gspo", t([-0.5, -1.0]), {**inputs, "datum_index": [0.0, 0.0]})
