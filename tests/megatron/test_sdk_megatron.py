@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import ray
 import tinker
+from ray import serve
 from tinker import types
 
 from configs.schema import BaseModelConfig, ThinkerConfig
@@ -29,7 +30,8 @@ def url(serve_instance, checkpoint_root):
         for name, extra in BASES.items()
     ]
     config = ThinkerConfig(models=models, checkpoint_root=checkpoint_root, database_url=database_file(checkpoint_root))
-    return run_app(serve_instance, build_thinker_app(config), "megatron")
+    yield run_app(serve_instance, build_thinker_app(config), "megatron")
+    serve.delete("megatron")  # its ranks' CPUs go back to the other test apps
 
 
 def batch(step: int) -> list[types.Datum]:

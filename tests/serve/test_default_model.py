@@ -2,6 +2,7 @@
 
 import pytest
 import tinker
+from ray import serve
 from tinker import types
 
 from configs.schema import DEFAULT_MODEL_NAME, BaseModelConfig, ThinkerConfig
@@ -25,7 +26,8 @@ def url(serve_instance, default_model_dir, checkpoint_root):
         checkpoint_root=checkpoint_root,
         database_url=database_file(checkpoint_root),
     )
-    return run_app(serve_instance, build_thinker_app(config), "default")
+    yield run_app(serve_instance, build_thinker_app(config), "default")
+    serve.delete("default")  # its CPU goes back to the other test apps
 
 
 def test_loss_falls_by_more_than_20_percent_in_10_steps(url):
