@@ -23,6 +23,7 @@ from typing import Any
 
 from actors import ids
 from actors.metadata.futures import FutureRecords, LoggedCall, outcome_of
+from actors.metadata.tables import utc_now
 from configs.errors import ServerError
 from deployments.errors import error_response, unwrap
 
@@ -119,15 +120,40 @@ class Futures:
 
     async def completions(self, tenant: str, target: str, after: int, timeout_s: float) -> list[tuple[int, str, str]]:
         """The target's sample completions after cursor `after` (retrieve_futures), waiting up to
-        `timeout_s` for the first one; [] when none came."""
+        `timeout_s` for the first one; [] when none came. A wait that ends empty first settles the
+        target's samples that no deployment will finish (`settle_lost`), so a poller never waits on
+        a lost sample for ever."""
         deadline = time.monotonic() + timeout_s
         pause = 0.02
         while True:
             found = await asyncio.to_thread(self._records.completions, tenant, target, after)
-            if found or time.monotonic() >= deadline:
+            if found:
                 return found
+            if time.monotonic() >= deadline:
+                if await self.settle_lost(tenant, target):
+                    return await asyncio.to_thread(self._records.completions, tenant, target, after)
+                return []
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
             pause = min(pause * 2, COMPLETIONS_POLL_S)
+
+    async def settle_lost(self, tenant: str, target: str) -> int:
+        """Write the outcome of the target's older pending samples whose deployment has it but whose
+        record does not (a write that failed), or fail those it lost in a restart; how many."""
+        before = utc_now() - LOST_AFTER
+        settled = 0
+        for row in await asyncio.to_thread(self._records.pending_samples, tenant, target, before):
+            try:
+                state, outcome = await self._deployments(row.base_model).wait_result.remote(row.id, 0)
+            except Exception as exc:  # the deployment is restarting: its work comes back from the request log
+                logger.warning("retrieve_futures: the deployment of %s did not answer: %s", row.base_model, unwrap(exc))
+                return settled
+            if state == "unknown" and row.created_at < outcome - LOST_AFTER:
+                outcome = ServerError("this request was lost when its model deployment restarted; submit it again")
+            elif state not in ("done", "failed"):
+                continue
+            await asyncio.to_thread(self._records.finish, row.id, outcome)
+            settled += 1
+        return settled
 
     async def _deliver(self, request_id: str, response: Any) -> None:
         """Await the deployment call only to log a call that could not run (its record stays

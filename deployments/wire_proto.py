@@ -147,7 +147,7 @@ def tensor_to_numpy(
     if max_values is not None:
         if len(shape) > 2 or min(shape, default=0) < 0 or int(np.prod(shape, dtype=object)) > max_values:
             raise ValueError(f"shape {list(shape)[:4]} must have rank <= 2 and at most {max_values} values")
-        if not shape and len(msg.dense) > max_values * 8:
+        if not shape and len(msg.dense) > max_values * dtype.itemsize:
             raise ValueError(f"more than {max_values} values")
     if msg.HasField("sparse_csr"):
         array = _densify(msg.sparse_csr, dtype, shape)

@@ -2,14 +2,21 @@
 in the same pass as every other loss of the batch.
 
 - Binding: each allow-listed name maps to its callable here, resolved once at import from this
-  module's own list; a graph can only name entries of that table.
+  module's own list; a graph can only name entries of that table. The few allowed functions that
+  take `out` or `inplace` positionally are bound through wrappers that never pass them.
 - Per datum d: `(loss_d, metrics_d) = graph(lp_d, *inputs_d)`, with lp_d the learner log-probs of
   the datum's targets ([T] or [T, K]) and each input as stored (rank 0 a 0-d tensor; int64 or
   float32). Loss = sum of loss_d; metrics are summed, `:mean` keys divided by the datum count.
-- Sizes: before a node runs for real it runs on meta tensors (shapes only, no memory); a value over
-  `MAX_VALUE_ELEMENTS`, or a request whose values together pass `MAX_REQUEST_ELEMENTS`, fails that
-  request before the allocation. Ops whose size depends on values (boolean masks) run for real and
-  are measured after; each returns at most its input's size. Python integers stay within 64 bits.
+- Isolation: the graph runs on the CPU on its own copies (lp_d copied off the pass's shared
+  log-probs, with the gradient flowing back through the copy), whatever device the pass is on: a
+  bad index can never trip a device-side assert, and no write can reach a batch-mate's values.
+  Every device a graph names is the CPU.
+- Sizes: before a node runs for real it runs on meta tensors (shapes only, no memory); a value (or
+  the broadcast of an op's inputs) over `MAX_VALUE_ELEMENTS`, or a request whose values together
+  pass `MAX_REQUEST_ELEMENTS`, fails that request before the allocation. Value-dependent sizes are
+  bounded first: `masked_select` by its broadcast size, `nonzero` by numel x ndim, and a boolean
+  index becomes its `nonzero()` tuple. Python operators take numbers only (indexing a shape aside)
+  and integers stay within 64 bits. A request's graph runs at most `MAX_SECONDS` in all.
 - Any failure is the request's own user error, naming the datum and the node.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional  # noqa: F401  (bound by name below)
+import torch.nn.functional as F
 
 from configs.errors import UserError
 from losses import graph_rules as rules
@@ -32,7 +40,9 @@ from losses.spec import LossOutput, LossSpec
 
 MAX_VALUE_ELEMENTS = 1 << 24  # one intermediate value: 16M elements (64 MiB of float32)
 MAX_REQUEST_ELEMENTS = 1 << 27  # every intermediate of one request together (512 MiB of float32)
+MAX_SECONDS = 20.0  # one request's graph, every datum together
 CACHE_SIZE = 256
+CPU = torch.device("cpu")
 
 
 def _resolve(qualified: str) -> Any:
@@ -43,7 +53,26 @@ def _resolve(qualified: str) -> Any:
     return obj
 
 
-_FUNCTIONS = {name: getattr if name == "getattr" else _resolve(name) for name in rules.FUNCTIONS}
+def _normalize(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: A002  (out is never passed on)
+    return F.normalize(input, p, dim, eps)
+
+
+def _relu(input, inplace=False):  # noqa: A002
+    return F.relu(input)
+
+
+def _silu(input, inplace=False):  # noqa: A002
+    return F.silu(input)
+
+
+_NEVER_IN_PLACE = {
+    "torch.nn.functional.normalize": _normalize,
+    "torch.nn.functional.relu": _relu,
+    "torch.nn.functional.silu": _silu,
+}
+_FUNCTIONS = {
+    name: getattr if name == "getattr" else _NEVER_IN_PLACE.get(name) or _resolve(name) for name in rules.FUNCTIONS
+}
 _METHODS = {name: getattr(torch.Tensor, name) for name in rules.METHODS}
 _CONSTANTS = {
     "dtype": {name: getattr(torch, name) for name in rules.DTYPES},
@@ -55,6 +84,7 @@ _CONSTANTS = {
 @dataclass
 class _Budget:
     left: int = MAX_REQUEST_ELEMENTS
+    deadline: float = field(default_factory=lambda: time.monotonic() + MAX_SECONDS)
 
 
 class CompiledLoss:
@@ -63,11 +93,12 @@ class CompiledLoss:
 
     def __call__(self, values: list[torch.Tensor], budget: _Budget, datum: int) -> tuple[torch.Tensor, dict]:
         env = {name: value for (name, _), value in zip(self.program.inputs, values)}
-        device = values[0].device
         for node in self.program.nodes:
             where = f"custom loss {self.program.name!r}, datum {datum}, node {node.name!r} ({node.target})"
+            if time.monotonic() > budget.deadline:
+                raise UserError(f"{where}: the request's graph ran longer than {MAX_SECONDS:.0f} s")
             try:
-                env[node.name] = _run(node, env, device, budget)
+                env[node.name] = _run(node, env, budget)
             except UserError as exc:
                 raise UserError(f"{where}: {exc}") from None
             except Exception as exc:  # the graph's own mistake: this request fails, nothing else
@@ -77,11 +108,13 @@ class CompiledLoss:
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
             shown = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise UserError(f"custom loss {name!r}, datum {datum}: the loss must be a floating scalar, got {shown}")
+        if loss.device != CPU:
+            raise UserError(f"custom loss {name!r}, datum {datum}: the loss must stay on the loss's own device")
         metrics = {}
         for key, metric in self.program.metrics.items():
             value = env[metric.node] if isinstance(metric, rules.Ref) else metric
             if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
+                if value.numel() != 1 or value.device != CPU:
                     raise UserError(f"custom loss {name!r}, datum {datum}: metric {key!r} must be a scalar")
                 value = value.detach().float().item()
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -90,28 +123,37 @@ class CompiledLoss:
         return loss, metrics
 
 
-def _run(node: rules.Node, env: dict, device: torch.device, budget: _Budget) -> Any:
+def _run(node: rules.Node, env: dict, budget: _Budget) -> Any:
     fn = _FUNCTIONS[node.target] if node.op == "call_function" else _METHODS[node.target]
-    args = _bind(node.args, env, device)
-    kwargs = {key: _bind(value, env, device) for key, value in node.kwargs.items()}
-    if node.op == "call_method" and not isinstance(args[0], torch.Tensor):
-        raise UserError(f"method {node.target!r} called on a {type(args[0]).__name__}, not a tensor")
-    tensors = _has_tensor(args) or _has_tensor(kwargs)
-    python_only = node.target.startswith(("operator.", "math.")) and not tensors
-    if python_only:
+    args = _bind(node.args, env)
+    kwargs = {key: _bind(value, env) for key, value in node.kwargs.items()}
+    if "device" in kwargs:
+        kwargs["device"] = CPU
+    if node.op == "call_method":
+        if not isinstance(args[0], torch.Tensor):
+            raise UserError(f"method {node.target!r} called on a {type(args[0]).__name__}, not a tensor")
+        if node.target == "to":  # .to("cuda"), .to("meta"): every device is the CPU here
+            args = tuple(CPU if isinstance(a, (str, torch.device)) else a for a in args)
+    if node.target.startswith(("operator.", "math.")):
         _check_python_args(node.target, args)
-    measured = python_only or node.target == "getattr"
-    if not measured:
-        try:
-            with torch.device("meta"), torch.no_grad():
-                _charge(fn(*_meta(args), **_meta(kwargs)), budget)
-            measured = True
-        except UserError:
-            raise
-        except Exception:
-            if node.target not in rules.DATA_DEPENDENT and (node.op, node.target) != ("call_method", "nonzero"):
-                raise
-    with torch.device(device):
+    if node.target == "operator.getitem" and isinstance(args[0], torch.Tensor):
+        args = (args[0], _mask_free_index(args[1], budget))
+    if node.target in rules.MASKED_SELECT:
+        _charge_shape(_broadcast(args, kwargs), budget)
+        measured = True
+    elif node.target in rules.NONZERO:
+        _charge_shape((args[0].numel(), max(args[0].ndim, 1)), budget)
+        measured = True
+    elif node.target == "getattr" or not (_has_tensor(args) or _has_tensor(kwargs) or node.target.startswith("torch")):
+        measured = True  # plain Python values: bounded by _check_python_args
+    else:
+        hidden = _broadcast(args, kwargs)  # what elementwise work over the inputs spans
+        if hidden is not None and math.prod(hidden) > MAX_VALUE_ELEMENTS:
+            raise UserError(f"its inputs broadcast to {math.prod(hidden)} elements, over {MAX_VALUE_ELEMENTS}")
+        with torch.device("meta"), torch.no_grad():
+            _charge(fn(*_meta(args), **_meta(kwargs)), budget)
+        measured = True
+    with torch.device(CPU):
         value = fn(*args, **kwargs)
     if not measured:
         _charge(value, budget)
@@ -120,20 +162,57 @@ def _run(node: rules.Node, env: dict, device: torch.device, budget: _Budget) -> 
     return value
 
 
-def _bind(value: Any, env: dict, device: torch.device) -> Any:
+def _bind(value: Any, env: dict) -> Any:
     if isinstance(value, rules.Ref):
         return env[value.node]
     if isinstance(value, rules.Constant):
-        return device if value.kind == "device" else _CONSTANTS[value.kind][value.name]
+        return CPU if value.kind == "device" else _CONSTANTS[value.kind][value.name]
     if isinstance(value, list):
-        return [_bind(v, env, device) for v in value]
+        return [_bind(v, env) for v in value]
     if isinstance(value, tuple):
-        return tuple(_bind(v, env, device) for v in value)
+        return tuple(_bind(v, env) for v in value)
     if isinstance(value, dict):
-        return {k: _bind(v, env, device) for k, v in value.items()}
+        return {k: _bind(v, env) for k, v in value.items()}
     if isinstance(value, slice):
-        return slice(_bind(value.start, env, device), _bind(value.stop, env, device), _bind(value.step, env, device))
+        return slice(_bind(value.start, env), _bind(value.stop, env), _bind(value.step, env))
     return value
+
+
+def _mask_free_index(index: Any, budget: _Budget) -> Any:
+    """A tensor index with every boolean mask replaced by its nonzero() tuple (the same selection),
+    so the indexing's size follows from shapes; each nonzero is bounded before it runs."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if not any(isinstance(p, torch.Tensor) and p.dtype in (torch.bool, torch.uint8) for p in parts):
+        return index
+    out: list = []
+    for part in parts:
+        if isinstance(part, torch.Tensor) and part.dtype in (torch.bool, torch.uint8):
+            _charge_shape((part.numel(), max(part.ndim, 1)), budget)
+            out.extend(part.bool().nonzero(as_tuple=True) if part.ndim else [part.bool().nonzero()[:, 0]])
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _broadcast(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The broadcast shape of an op's tensor arguments (None when they do not broadcast together)."""
+    shapes = [t.shape for t in _tensors(args) + _tensors(list(kwargs.values()))]
+    if len(shapes) < 2:
+        return None
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return None
+
+
+def _tensors(values: Any) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            found.extend(_tensors(value))
+    return found
 
 
 def _meta(value: Any) -> Any:
@@ -165,27 +244,34 @@ def _has_tensor(value: Any) -> bool:
 def _charge(value: Any, budget: _Budget) -> None:
     """Count a value's elements against the request's budget; too large is a UserError."""
     if isinstance(value, torch.Tensor):
-        n = value.numel()
-        if n > MAX_VALUE_ELEMENTS:
-            raise UserError(f"a value of {n} elements is over the limit of {MAX_VALUE_ELEMENTS}")
-        budget.left -= n
-        if budget.left < 0:
-            raise UserError(f"the request's values together pass the limit of {MAX_REQUEST_ELEMENTS} elements")
+        _charge_shape(tuple(value.shape), budget)
     elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
         for v in value:
             _charge(v, budget)
 
 
+def _charge_shape(shape: tuple[int, ...] | None, budget: _Budget) -> None:
+    n = math.prod(shape) if shape else 1
+    if n > MAX_VALUE_ELEMENTS:
+        raise UserError(f"a value of {n} elements is over the limit of {MAX_VALUE_ELEMENTS}")
+    budget.left -= n
+    if budget.left < 0:
+        raise UserError(f"the request's values together pass the limit of {MAX_REQUEST_ELEMENTS} elements")
+
+
 def _check_python_args(target: str, args: tuple) -> None:
-    """Operators and math on plain Python values: numbers only (indexing a shape aside), so no
-    operator can build a huge string, list or integer."""
+    """Operators take tensors or numbers (and indexing a shape or tuple), so no operator can build
+    a huge string, list or integer; math takes numbers."""
     if target == "operator.getitem":
         container, index = args
+        if isinstance(container, torch.Tensor):
+            return
         if not isinstance(container, (tuple, list, torch.Size)) or not isinstance(index, (int, slice)):
             raise UserError("indexing is only for tensors, shapes and tuples, with an integer or a slice")
         return
+    allowed = (int, float, bool) if target.startswith("math.") else (int, float, bool, torch.Tensor)
     for arg in args:
-        if not isinstance(arg, (int, float, bool)):
+        if not isinstance(arg, allowed):
             raise UserError(f"{target} takes tensors or numbers, not a {type(arg).__name__}")
     if target == "operator.pow" and all(isinstance(a, int) for a in args):
         base, exponent = args
@@ -236,26 +322,29 @@ class GraphLossSpec(LossSpec):
                 raise UserError(f"{where}: loss_fn_inputs[{key!r}] contains NaN or infinity")
 
     def inputs_of(self, data: list, device: torch.device) -> dict[str, Any]:
+        """Per datum, the declared inputs as CPU tensors of their own (the graph runs on the CPU)."""
         per_datum = []
         for datum in data:
             tensors = []
             for key, rank in self.program.inputs[1:]:
                 array = datum.loss_fn_inputs[key]
                 tensors.append(torch.tensor(array.reshape(()) if rank == 0 else array))  # a copy, dtype kept
-            per_datum.append([t.to(device) for t in tensors])
+            per_datum.append(tensors)
         return {"datums": per_datum, "lengths": [datum.num_scored for datum in data]}
 
     def __call__(self, logprobs: torch.Tensor, inputs: Mapping[str, Any], config: Mapping[str, float]) -> LossOutput:
         assert self.compiled is not None
         budget, total, sums = _Budget(), None, {}
-        pieces = torch.split(logprobs, inputs["lengths"])
+        # its own CPU copy of the pass's log-probs: the gradient flows back through the copy
+        pieces = torch.split(logprobs.to(CPU, copy=True), inputs["lengths"])
         for d, (lp, values) in enumerate(zip(pieces, inputs["datums"])):
             loss, metrics = self.compiled([lp, *values], budget, d)
             total = loss if total is None else total + loss
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         count = len(pieces)
-        return LossOutput(total, {k: v / count if k.endswith(":mean") else v for k, v in sums.items()})
+        metrics = {k: v / count if k.endswith(":mean") else v for k, v in sums.items()}
+        return LossOutput(total.to(logprobs.device), metrics)
 
 
 _cache: OrderedDict[str, GraphLossSpec] = OrderedDict()

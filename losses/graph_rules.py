@@ -8,7 +8,8 @@ callable. This module is torch-free, so the ingress checks an upload before stor
 - Functions: elementwise math, reductions, comparisons, shape ops and tensor creation from the
   `torch`, `torch.nn.functional`, `torch.special`, `math` and `operator` modules. Never: in-place
   ops, `operator.setitem`, random sampling, uninitialised memory (`empty*`), anything that
-  leaves torch (`item`, `numpy`, `tolist`), autograd hooks, I/O, or `out=` arguments.
+  leaves torch (`item`, `numpy`, `tolist`), autograd hooks, I/O, or `out=` arguments; nor matrix
+  products (`matmul`, `einsum`, `outer`), whose cost grows faster than their inputs.
 - Sizes are bounded when the graph runs (`custom_graph`): every value is first computed on
   shape-only meta tensors, so a node that would allocate too much fails before it allocates.
 """
@@ -35,10 +36,10 @@ LOSS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 _TORCH = """
 abs absolute add all amax amin any arange argmax argmin atan2 cat ceil clamp clamp_max clamp_min clip
-concat cos cumprod cumsum diff div divide dot einsum eq exp exp2 expm1 flatten flip floor fmod full
+concat cos count_nonzero cumprod cumsum diff div divide dot eq exp exp2 expm1 flatten flip floor fmod full
 full_like gather ge gt hypot index_select isfinite isinf isnan le lerp log log10 log1p log2 log_softmax
-logaddexp logical_and logical_not logical_or logical_xor logsumexp lt masked_fill masked_select matmul
-max maximum mean min minimum mul multiply nan_to_num ne neg negative nonzero ones ones_like outer pow
+logaddexp logical_and logical_not logical_or logical_xor logsumexp lt masked_fill masked_select max
+maximum mean min minimum mul multiply nan_to_num nanmean nansum ne neg negative nonzero ones ones_like pow
 prod reciprocal relu remainder reshape round rsqrt sigmoid sign sin softmax sort sqrt square squeeze
 stack std sub subtract sum t take_along_dim tanh tensor topk transpose tril triu true_divide trunc
 unsqueeze var where xlogy zeros zeros_like
@@ -50,7 +51,7 @@ log_softmax logsigmoid mse_loss nll_loss normalize relu sigmoid silu smooth_l1_l
 _NN_C = "gelu log_sigmoid softplus silu"  # what torch.nn.functional's C-implemented functions trace to
 _SPECIAL = "entr expit log1p logit logsumexp xlogy"
 _MATH = "ceil exp fabs floor isfinite isinf isnan log log1p log2 log10 sqrt tanh"
-_OPERATOR = "abs add and_ eq floordiv ge getitem gt invert le lt matmul mod mul ne neg or_ pos pow sub truediv xor"
+_OPERATOR = "abs add and_ eq floordiv ge getitem gt invert le lt mod mul ne neg or_ pos pow sub truediv xor"
 
 FUNCTIONS: frozenset[str] = frozenset(
     [f"torch.{n}" for n in _TORCH.split()]
@@ -65,26 +66,30 @@ FUNCTIONS: frozenset[str] = frozenset(
 METHODS: frozenset[str] = frozenset(
     """
     abs add all amax amin any argmax argmin bfloat16 bool ceil chunk clamp clamp_max clamp_min clip clone
-    contiguous cos cumprod cumsum detach diff dim div double eq exp expand expand_as expm1 flatten flip
-    float floor gather ge gt half index_select int isfinite isinf isnan le lerp log log10 log1p log2
-    log_softmax logical_and logical_not logical_or logsumexp long lt masked_fill masked_select matmul max
-    maximum mean min minimum mul narrow ne neg new_full new_ones new_tensor new_zeros nonzero norm numel
+    contiguous cos count_nonzero cumprod cumsum detach diff dim div double eq exp expand expand_as expm1
+    flatten flip float floor gather ge gt half index_select int isfinite isinf isnan le lerp log log10
+    log1p log2 log_softmax logaddexp logical_and logical_not logical_or logsumexp long lt masked_fill
+    masked_select max maximum mean min minimum mul nanmean nansum narrow ne neg new_full new_ones
+    new_tensor new_zeros nonzero norm numel
     permute pow prod reciprocal relu repeat reshape reshape_as round rsqrt select sigmoid sign sin size
     softmax sort split sqrt square squeeze std sub sum t tanh tile to topk transpose trunc type_as unbind
     unflatten unsqueeze var view view_as where xlogy
     """.split()
 )
 
-ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "T", "mT"})
+# `values` / `indices`: the fields of what max, min, sort and topk return
+ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "T", "mT", "values", "indices"})
 DTYPES = frozenset(
     "float32 float float64 double float16 half bfloat16 int64 long int32 int int16 int8 uint8 bool".split()
 )
 LAYOUTS = frozenset({"strided"})
 MEMORY_FORMATS = frozenset({"contiguous_format", "preserve_format"})
 
-# Ops whose result size depends on values, so their meta run cannot say it; each returns at most
-# as many elements as its input holds, so it runs for real and is measured after.
-DATA_DEPENDENT = frozenset({"operator.getitem", "torch.masked_select", "torch.nonzero", "masked_select", "nonzero"})
+# Ops whose result size depends on values, so a meta run cannot give it: custom_graph bounds each
+# before it runs (masked_select by its broadcast size, nonzero by numel x ndim; a boolean index is
+# turned into its nonzero() tuple first, after which indexing is shape-determined).
+MASKED_SELECT = frozenset({"torch.masked_select", "masked_select"})
+NONZERO = frozenset({"torch.nonzero", "nonzero"})
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,10 @@ class HFBackend:
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(work.data, spec, self.device), config)
+                    result = ForwardBackwardResult(
+                        loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
+                        metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+                    )
                 except ThinkerError as exc:
                     outcomes[i] = exc
                     continue
@@ -188,10 +192,7 @@ class HFBackend:
                     trained.add(work.model_id)
                     if out.loss.requires_grad:  # a custom loss may not depend on the log-probs: gradient 0
                         total = out.loss if total is None else total + out.loss
-                outcomes[i] = ForwardBackwardResult(
-                    loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
-                    metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-                )
+                outcomes[i] = result
             if total is not None:
                 total.backward()
             for model_id in trained:

@@ -194,6 +194,10 @@ class MegatronRank:
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(data, spec, device), configs[r])
+                    result = ForwardBackwardResult(
+                        loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
+                        metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+                    )
                 except UserError as exc:  # e.g. a custom loss's own mistake: that request fails alone
                     reports.append((r, exc))
                     continue
@@ -202,15 +206,7 @@ class MegatronRank:
                     continue
                 if not work.forward_only and out.loss.requires_grad:
                     total = total + out.loss
-                reports.append(
-                    (
-                        r,
-                        ForwardBackwardResult(
-                            loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
-                            metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-                        ),
-                    )
-                )
+                reports.append((r, result))
             # Losses are sums over datums; the schedule divides each micro-batch's loss by their count.
             return total * len(batches), reports
 

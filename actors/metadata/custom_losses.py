@@ -23,6 +23,7 @@ from configs.errors import UserError
 from losses.graph_rules import CustomLoss, check_program
 
 MAX_PER_SESSION = 256
+MAX_UPLOAD_BYTES = 1 << 20  # a loss's name, inputs and graph as JSON (each training request carries it)
 
 
 class CustomLosses:
@@ -32,7 +33,10 @@ class CustomLosses:
     def create(self, tenant: str, session_id: str, seq_id: int, name: Any, inputs: Any, graph: Any) -> str:
         check_program(name, inputs, graph)
         upload = {"name": name, "inputs": inputs, "graph": graph}
-        digest = hashlib.sha256(json.dumps(upload, sort_keys=True).encode()).hexdigest()
+        text = json.dumps(upload, sort_keys=True)
+        if len(text) > MAX_UPLOAD_BYTES:
+            raise UserError(f"a custom loss upload is {len(text)} bytes of JSON, over the limit of {MAX_UPLOAD_BYTES}")
+        digest = hashlib.sha256(text.encode()).hexdigest()
         loss_id = ids.check_id(f"{session_id}:loss:{seq_id}", "loss_id")
         try:
             return self._store(tenant, session_id, seq_id, loss_id, digest, upload)

@@ -37,6 +37,7 @@ class Database:
         self.url: URL = make_url(url)
         self.engine = _engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(thinker_read_only=True), expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -46,6 +47,13 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits at the end of the block (or rolls back on an exception)."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: on SQLite it does not take the write lock (`transaction` does),
+        so frequent polls do not queue behind, or hold up, writers."""
+        with self._readers.begin() as session:
             yield session
 
     def migrate(self) -> None:
@@ -105,6 +113,7 @@ def _engine(url: URL) -> Engine:
         # NOTE: IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
         # writes fails at once with "database is locked" when another process wrote in between,
         # instead of waiting out the busy timeout.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get("thinker_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine

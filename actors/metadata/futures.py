@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from actors.metadata.database import Database
 from actors.metadata.tables import Counter, Request, TrainingRun, utc_now
@@ -38,8 +39,7 @@ class LoggedCall:
     args: tuple
 
 
-REPLAYED_ONLY_WHILE_PENDING = frozenset({"sample"})
-COMPLETIONS = "completions"  # the Counter that orders sample completions  # their payloads go when they finish
+REPLAYED_ONLY_WHILE_PENDING = frozenset({"sample"})  # their payloads go when they finish
 
 
 class FutureRecords:
@@ -135,22 +135,35 @@ class FutureRecords:
 
     def finish(self, request_id: str, outcome: Any) -> bool:
         """Store the outcome (a value, or the exception the work raised); False if it was too large
-        to store (or the record is gone)."""
+        to store (or the record is gone). A sample with a retrieve_futures target takes the next
+        number of that target's counter, last, so completions are numbered in commit order."""
         blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         with self._db.transaction() as session:
-            row = session.get(Request, request_id)
+            row = session.get(Request, request_id, with_for_update=True)
             if row is None:
                 return False
             row.status = "failed" if isinstance(outcome, BaseException) else "done"
             row.finished_at = utc_now()
-            if row.sampling_target is not None and row.completion_seq is None:  # row lock: commit order
-                take = update(Counter).where(Counter.name == COMPLETIONS).values(value=Counter.value + 1)
-                row.completion_seq = session.execute(take.returning(Counter.value)).scalar_one()
             if row.verb in REPLAYED_ONLY_WHILE_PENDING:
                 row.payload = None
             if len(blob) <= MAX_STORED_OUTCOME:
                 row.outcome = blob
+            if row.sampling_target is not None and row.completion_seq is None:
+                session.flush()  # the outcome goes out before the counter's row lock is taken
+                row.completion_seq = _take(session, row.sampling_target)
             return len(blob) <= MAX_STORED_OUTCOME
+
+    def pending_samples(self, tenant: str, target: str, before: datetime, limit: int = 64) -> list[Request]:
+        """The target's samples still pending that were submitted before `before`, oldest first."""
+        query = (
+            select(Request)
+            .where(Request.sampling_target == target, Request.status == "pending", Request.tenant_id == tenant)
+            .where(Request.created_at < before)
+            .order_by(Request.created_at)
+            .limit(limit)
+        )
+        with self._db.reading() as session:
+            return list(session.scalars(query))
 
     def completions(self, tenant: str, target: str, after: int, limit: int = 1000) -> list[tuple[int, str, str]]:
         """(completion seq, request id, status) of the target's finished samples after `after`, in order."""
@@ -160,7 +173,7 @@ class FutureRecords:
             .order_by(Request.completion_seq)
             .limit(limit)
         )
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return [tuple(r) for r in session.execute(query)]
 
     def get(self, tenant: str, request_id: str) -> Request:
@@ -175,6 +188,20 @@ class FutureRecords:
         with self._db.transaction() as session:
             old = (Request.created_at < utc_now() - self._ttl) & Request.payload.is_(None)
             return session.execute(delete(Request).where(old)).rowcount
+
+
+def _take(session, name: str) -> int:
+    """The next number of counter `name` (1 for a new one), under its row lock until commit."""
+    take = update(Counter).where(Counter.name == name).values(value=Counter.value + 1).returning(Counter.value)
+    value = session.execute(take).scalar()
+    if value is not None:
+        return value
+    try:
+        with session.begin_nested():
+            session.add(Counter(name=name, value=1))
+        return 1
+    except IntegrityError:  # another transaction made it first: take from it
+        return session.execute(take).scalar_one()
 
 
 def outcome_of(row: Request) -> tuple[bool, Any]:

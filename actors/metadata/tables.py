@@ -193,8 +193,8 @@ class Request(Base):
     seq_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
     verb: Mapped[str | None] = mapped_column(String(64), default=None)  # the model actor's method
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # its pickled arguments
-    # retrieve_futures: a sample's "<sampler id>#<clone>", and once finished its place in the order of
-    # completions (Counter "completions", taken in the finishing transaction: commit order)
+    # retrieve_futures: a sample's "<sampler id>#<clone>", and once finished its place in that target's
+    # order of completions (its Counter, taken last in the finishing transaction: commit order)
     sampling_target: Mapped[str | None] = mapped_column(String(160), default=None)
     completion_seq: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
@@ -243,9 +243,10 @@ class CustomLossRecord(Base):
 
 
 class Counter(Base):
-    """A named counter whose row lock orders what takes from it (e.g. sample completions)."""
+    """A named counter whose row lock orders what takes from it (e.g. one sampling client's
+    completions: the counter is named after its target)."""
 
     __tablename__ = "counters"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(192), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -187,13 +187,91 @@ def run_node(node, key):
         call("torch.zeros", 4096, 4096, 16),
         call("new_ones", {"ref": "logprobs"}, [10**6, 10**6], op="call_method"),
         call("expand", {"ref": "logprobs"}, 10**9, 4, op="call_method"),
-        call("torch.outer", {"ref": "logprobs"}, {"ref": "logprobs"}),
+        call("torch.full", [50_000_000], 1.0, device="cpu"),  # a device string is the CPU, checked on meta first
+        call("new_zeros", {"ref": "logprobs"}, [10**6], op="call_method", device="meta"),
     ],
 )
 def test_a_node_too_large_fails_before_it_allocates(node, monkeypatch):
     monkeypatch.setattr(custom_graph, "MAX_VALUE_ELEMENTS", 10)
     with pytest.raises(UserError, match="over the limit"):
         run_node(node, repr(node))
+
+
+def run_nodes(nodes, key, logprobs=None):
+    """Insert `nodes` before the output; the graph's loss stays logprobs.sum()."""
+    inputs, graph = simple_graph()
+    graph = copy.deepcopy(graph)
+    graph["nodes"][1:1] = nodes
+    spec = loss_spec("custom", CustomLoss("loss-1", key, "f", inputs, graph))
+    datum = Datum(tokens=np.zeros(4, np.int64), loss_fn_inputs={"target_tokens": np.zeros(4, np.int64)})
+    logprobs = torch.zeros(4) if logprobs is None else logprobs
+    return spec(logprobs, spec.inputs_of([datum], torch.device("cpu")), {})
+
+
+def named(node, name):
+    return dict(node, name=name)
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        [  # mse_loss broadcasts [4, 1] against [1, 4] inside, before its output is known
+            named(call("unsqueeze", {"ref": "logprobs"}, 1, op="call_method"), "col"),
+            named(call("unsqueeze", {"ref": "logprobs"}, 0, op="call_method"), "row"),
+            named(call("torch.nn.functional.mse_loss", {"ref": "col"}, {"ref": "row"}, reduction="sum"), "x"),
+        ],
+        [  # a boolean index next to an integer one broadcasts their nonzero tuples
+            named(call("operator.gt", {"ref": "logprobs"}, -1.0), "mask"),
+            named(call("torch.zeros", [8, 1], dtype={"dtype": "int64"}), "idx"),
+            named(call("unsqueeze", {"ref": "logprobs"}, 1, op="call_method"), "col"),
+            named(call("operator.getitem", {"ref": "col"}, {"tuple": [{"ref": "mask"}, {"ref": "idx"}]}), "x"),
+        ],
+        [  # nonzero's result is bounded by numel x ndim before it runs
+            named(call("new_ones", {"ref": "logprobs"}, [3, 3], op="call_method"), "ones"),
+            named(call("torch.nonzero", {"ref": "ones"}), "x"),
+        ],
+        [  # masked_select broadcasts its input and mask
+            named(call("unsqueeze", {"ref": "logprobs"}, 1, op="call_method"), "col"),
+            named(call("unsqueeze", {"ref": "logprobs"}, 0, op="call_method"), "row"),
+            named(call("operator.gt", {"ref": "row"}, -1.0), "mask"),
+            named(call("torch.masked_select", {"ref": "col"}, {"ref": "mask"}), "x"),
+        ],
+    ],
+    ids=["broadcast-inside-a-loss", "mask-and-integer-index", "nonzero", "masked-select"],
+)
+def test_hidden_broadcasts_are_bounded_before_they_run(nodes, monkeypatch):
+    monkeypatch.setattr(custom_graph, "MAX_VALUE_ELEMENTS", 12)
+    with pytest.raises(UserError, match="over|broadcast"):
+        run_nodes(nodes, repr(nodes))
+
+
+def test_no_write_reaches_the_pass_log_probs():
+    """normalize's positional `out` and relu / silu's positional `inplace` are never passed on."""
+    shared = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
+    before = shared.detach().clone()
+    nodes = [
+        named(call("detach", {"ref": "logprobs"}, op="call_method"), "d"),
+        named(call("new_full", {"ref": "d"}, [8], {"float": "inf"}, op="call_method"), "big"),
+        named(call("torch.nn.functional.normalize", {"ref": "big"}, 2.0, 0, 1e-12, {"ref": "d"}), "n"),
+        named(call("torch.nn.functional.relu", {"ref": "d"}, True), "r"),
+        named(call("torch.nn.functional.silu", {"ref": "d"}, True), "s"),
+    ]
+    out = run_nodes(nodes, "no-writes", shared)
+    assert torch.equal(shared.detach(), before) and out.loss.item() == pytest.approx(-10.0)
+    out.loss.backward()
+    assert torch.equal(shared.grad, torch.ones(4))
+
+
+def test_a_loss_on_another_device_stays_a_cpu_scalar():
+    """device="meta" (or "cuda") in a graph is the CPU: the loss comes back as a plain scalar."""
+    nodes = [named(call("torch.zeros", [], device="meta"), "z")]
+    assert run_nodes(nodes, "meta-device").loss.device.type == "cpu"
+
+
+def test_a_graph_cannot_run_for_ever(monkeypatch):
+    monkeypatch.setattr(custom_graph, "MAX_SECONDS", -1.0)
+    with pytest.raises(UserError, match="ran longer"):
+        run_nodes([named(call("torch.exp", {"ref": "logprobs"}), "e")], "deadline")
 
 
 def test_python_values_cannot_blow_up():
@@ -210,6 +288,8 @@ def test_python_values_cannot_blow_up():
         spec(torch.zeros(4), spec.inputs_of([datum], torch.device("cpu")), {})
     with pytest.raises(UserError, match="takes tensors or numbers"):
         run_node(call("operator.mul", "x" * 200, 10**9), "str-bomb")
+    with pytest.raises(UserError, match="takes tensors or numbers"):  # a list holding a tensor, repeated
+        run_node(call("operator.mul", [{"ref": "logprobs"}], 50_000_000), "list-bomb")
 
 
 def test_a_graph_that_fails_names_the_datum_and_node():

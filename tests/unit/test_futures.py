@@ -130,3 +130,56 @@ def test_the_request_log_lives_until_its_snapshot_or_unload_however_old(records)
     assert futures.trim_log("run-a") == 3  # unloaded
     assert futures.expire() == 3
     assert [args for _, _, _, args in futures.log("run-b", None, None)] == [(1,)]  # another model's, untouched
+
+
+def test_sample_completions_are_numbered_per_target_in_commit_order(records):
+    """retrieve_futures' cursor: each target's completions 1, 2, ... in the order they finished, a
+    sample finished twice (a replay) keeps its number, and another tenant or target sees none."""
+    futures, alice, bob = records
+    a1, a2, a3, b1 = (new_request_id() for _ in range(4))
+    for request_id, target in ((a1, "s:sample:0#0"), (a2, "s:sample:0#0"), (a3, "s:sample:0#1"), (b1, "s:sample:0#0")):
+        futures.add(request_id, bob if request_id == b1 else alice, "sample", "base", {}, None, target)
+    futures.finish(a2, {"tokens": [1]})
+    futures.finish(a1, UserError("bad prompt"))
+    futures.finish(a3, {"tokens": [2]})
+    futures.finish(a2, {"tokens": [1]})  # again: keeps its place
+    assert futures.completions(alice, "s:sample:0#0", 0) == [(1, a2, "done"), (2, a1, "failed")]
+    assert futures.completions(alice, "s:sample:0#0", 1) == [(2, a1, "failed")]
+    assert futures.completions(alice, "s:sample:0#1", 0) == [(1, a3, "done")]
+    assert futures.completions(bob, "s:sample:0#0", 0) == []  # Bob's sample is still pending
+    futures.finish(b1, {"tokens": []})
+    assert futures.completions(bob, "s:sample:0#0", 0) == [(3, b1, "done")]
+    assert futures.completions(alice, "s:sample:0#0", 2) == []  # Alice's target shows nothing of Bob's
+    assert [r.id for r in futures.pending_samples(alice, "s:sample:0#0", utc_now())] == []
+
+
+class _Deployment:
+    """A model deployment's wait_result, as Futures calls it (handle.wait_result.remote(...))."""
+
+    def __init__(self, outcomes: dict, started_at):
+        self.outcomes, self.started_at = outcomes, started_at
+        self.wait_result = self  # handle.wait_result.remote(...)
+
+    async def remote(self, request_id, timeout_s):
+        return self.outcomes.get(request_id, ("unknown", self.started_at))
+
+
+def test_a_poller_is_never_left_waiting_on_a_lost_sample(records, monkeypatch):
+    """retrieve_futures' long-poll ends empty: the target's older pending samples are settled from
+    their deployment (an outcome it holds but the record missed) or failed as lost in a restart."""
+    from datetime import timedelta
+
+    from deployments import futures as ingress_futures
+
+    monkeypatch.setattr(ingress_futures, "LOST_AFTER", timedelta(0))
+    futures, alice, _ = records
+    done, lost, running = new_request_id(), new_request_id(), new_request_id()
+    for request_id in (done, lost, running):
+        futures.add(request_id, alice, "sample", "base", {}, None, "s:sample:0#0")
+    deployment = _Deployment({done: ("done", {"tokens": [1]}), running: ("pending", None)}, utc_now())
+    ingress = ingress_futures.Futures(futures, lambda base: deployment)
+    found = run(ingress.completions(alice, "s:sample:0#0", 0, 0.0))
+    assert sorted((request_id, status) for _, request_id, status in found) == sorted([(done, "done"), (lost, "failed")])
+    stored, error = outcome_of(futures.get(alice, lost))
+    assert stored and "lost" in str(error)
+    assert futures.get(alice, running).status == "pending"

@@ -23,13 +23,12 @@ def upgrade() -> None:
         batch_op.create_index("ix_requests_completions", ["sampling_target", "completion_seq"], unique=False)
     with op.batch_alter_table("samplers", schema=None) as batch_op:
         batch_op.add_column(sa.Column("clones", sa.Integer(), nullable=False, server_default="0"))
-    counters = op.create_table(
+    op.create_table(
         "counters",
-        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("name", sa.String(length=192), nullable=False),
         sa.Column("value", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
-    op.bulk_insert(counters, [{"name": "completions", "value": 0}])
 
 
 def downgrade() -> None:
