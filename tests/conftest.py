@@ -124,6 +124,16 @@ def tiny_url(serve_instance, tiny_config) -> str:
     return run_app(serve_instance, build_thinker_app(tiny_config), "tiny")
 
 
+@pytest.fixture(scope="module")
+def service(tiny_url):
+    """An official SDK client of the tiny app: one session per test module, closed after it."""
+    import tinker
+
+    client = tinker.ServiceClient(base_url=tiny_url)
+    yield client
+    client.close("success").result()
+
+
 @pytest.fixture(scope="session")
 def postgres_server_url():
     """A PostgreSQL server for the session's tests (started here, stopped at the end)."""

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.serve
 TENANT = open_tenant_id(os.environ["TINKER_API_KEY"])  # open mode: the SDK's key is its tenant
 
 
-@pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
 def batch(seed: int) -> list[types.Datum]:
     rng = np.random.default_rng(seed)
     data = []

@@ -16,13 +16,6 @@ from tinker import types
 pytestmark = pytest.mark.serve
 
 
-@pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
 def clipped_pg(logprobs, advantages, sampler_logprobs):
     ratio = torch.exp(logprobs - sampler_logprobs)
     clipped = torch.clamp(ratio, 0.8, 1.2)

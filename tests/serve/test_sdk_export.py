@@ -22,13 +22,6 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
 def trained(service):
     tc = service.create_lora_training_client(base_model="tiny-a", rank=4, seed=4).result()
     datum = types.Datum(

@@ -11,13 +11,6 @@ PROMPT = [5, 9, 14, 3, 7]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
 def rollout(service):
     """A training client, and two sequences sampled from its own weights with record_stability_info."""
     tc = service.create_lora_training_client(base_model="tiny-a", rank=4, seed=2).result()

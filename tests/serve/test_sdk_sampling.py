@@ -9,13 +9,6 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
 def trained(service):
     """A training client that learned one reply, and its tokenizer."""
     tc = service.create_lora_training_client(base_model="tiny-a", rank=16, seed=0).result()

@@ -16,13 +16,6 @@ PARAMS = types.SamplingParams(max_tokens=4, seed=1, stop=[])
 PROMPT = types.ModelInput.from_ints([3, 1, 4, 1, 5])
 
 
-@pytest.fixture(scope="module")
-def service(tiny_url):
-    client = tinker.ServiceClient(base_url=tiny_url)
-    yield client
-    client.close("success").result()
-
-
 def post(tiny_url, route, body, key=None, timeout=60):
     headers = {"X-API-Key": key or os.environ["TINKER_API_KEY"]}
     return requests.post(f"{tiny_url}/api/v1/{route}", json=body, headers=headers, timeout=timeout)
