@@ -17,6 +17,11 @@ in the same pass as every other loss of the batch.
   bounded first: `masked_select` by its broadcast size, `nonzero` by numel x ndim, and a boolean
   index becomes its `nonzero()` tuple. Python operators take numbers only (indexing a shape aside)
   and integers stay within 64 bits. A request's graph runs at most `MAX_SECONDS` in all.
+- Gradient: each request's graph is differentiated on its own, inside its own error handling
+  (`torch.autograd.grad` to its copy of the log-probs), and hands the pass a linear stand-in with
+  the same value and gradient, so a loss whose backward fails (or runs long) fails alone, and
+  what autograd saved is freed before the next request. An op is charged its inputs as well as
+  its output, as its backward writes gradients of their size.
 - Any failure is the request's own user error, naming the datum and the node.
 """
 
@@ -134,6 +139,9 @@ def _run(node: rules.Node, env: dict, budget: _Budget) -> Any:
             raise UserError(f"method {node.target!r} called on a {type(args[0]).__name__}, not a tensor")
         if node.target == "to":  # .to("cuda"), .to("meta"): every device is the CPU here
             args = tuple(CPU if isinstance(a, (str, torch.device)) else a for a in args)
+        if node.target == "type" and (len(args) != 2 or kwargs or not isinstance(args[1], torch.dtype)):
+            raise UserError("type() takes one dtype (e.g. torch.float32) in a custom loss")
+    _check_counts(node.target, args, kwargs)
     if node.target.startswith(("operator.", "math.")):
         _check_python_args(node.target, args)
     if node.target == "operator.getitem" and isinstance(args[0], torch.Tensor):
@@ -152,6 +160,10 @@ def _run(node: rules.Node, env: dict, budget: _Budget) -> Any:
             raise UserError(f"its inputs broadcast to {math.prod(hidden)} elements, over {MAX_VALUE_ELEMENTS}")
         with torch.device("meta"), torch.no_grad():
             _charge(fn(*_meta(args), **_meta(kwargs)), budget)
+        if torch.is_grad_enabled():  # its backward writes gradients the size of its inputs
+            for tensor in _tensors(args) + _tensors(list(kwargs.values())):
+                if tensor.requires_grad:
+                    _charge_shape(tuple(tensor.shape), budget)
         measured = True
     with torch.device(CPU):
         value = fn(*args, **kwargs)
@@ -179,19 +191,54 @@ def _bind(value: Any, env: dict) -> Any:
 
 
 def _mask_free_index(index: Any, budget: _Budget) -> Any:
-    """A tensor index with every boolean mask replaced by its nonzero() tuple (the same selection),
-    so the indexing's size follows from shapes; each nonzero is bounded before it runs."""
+    """A tensor index with every boolean mask replaced by its nonzero() tuple (the same selection;
+    a 0-d mask by the Python bool it holds), so the indexing's size follows from shapes; each
+    nonzero is bounded before it runs."""
     parts = index if isinstance(index, tuple) else (index,)
     if not any(isinstance(p, torch.Tensor) and p.dtype in (torch.bool, torch.uint8) for p in parts):
         return index
     out: list = []
     for part in parts:
         if isinstance(part, torch.Tensor) and part.dtype in (torch.bool, torch.uint8):
-            _charge_shape((part.numel(), max(part.ndim, 1)), budget)
-            out.extend(part.bool().nonzero(as_tuple=True) if part.ndim else [part.bool().nonzero()[:, 0]])
+            if part.ndim == 0:
+                out.append(bool(part))
+                continue
+            _charge_shape((part.numel(), part.ndim), budget)
+            out.extend(part.bool().nonzero(as_tuple=True))
         else:
             out.append(part)
     return tuple(out)
+
+
+def _check_counts(target: str, args: tuple, kwargs: dict) -> None:
+    """Ops whose cost grows with an argument rather than with their values: diff's order and the
+    number of tensors split / chunk / unbind make, checked before anything runs."""
+    name = target.rsplit(".", 1)[-1]
+    if name == "diff":
+        n = kwargs.get("n", args[1] if len(args) > 1 else 1)
+        if not isinstance(n, int) or not 0 <= n <= rules.MAX_DIFF_ORDER:
+            raise UserError(f"diff's n must be an integer in [0, {rules.MAX_DIFF_ORDER}]")
+        return
+    if name not in ("split", "chunk", "unbind") or not args or not isinstance(args[0], torch.Tensor):
+        return
+    tensor = args[0]
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    if not isinstance(dim, int) or not -max(tensor.ndim, 1) <= dim < max(tensor.ndim, 1) or tensor.ndim == 0:
+        return  # torch refuses it itself
+    size = tensor.shape[dim]
+    if name == "unbind":
+        pieces = size
+    else:
+        spec = kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
+        spec = args[1] if spec is None and len(args) > 1 else spec
+        if isinstance(spec, (list, tuple)):
+            pieces = len(spec)
+        elif isinstance(spec, int) and spec > 0:
+            pieces = spec if name == "chunk" else -(-size // spec)
+        else:
+            return  # torch refuses it itself
+    if pieces > rules.MAX_PIECES:
+        raise UserError(f"{name} would make {pieces} tensors, over the limit of {rules.MAX_PIECES}")
 
 
 def _broadcast(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
@@ -333,18 +380,36 @@ class GraphLossSpec(LossSpec):
         return {"datums": per_datum, "lengths": [datum.num_scored for datum in data]}
 
     def __call__(self, logprobs: torch.Tensor, inputs: Mapping[str, Any], config: Mapping[str, float]) -> LossOutput:
+        """The request's loss over its datums. With gradients on, the graph is differentiated here
+        (its own backward, its own failure) and the pass gets `value + <logprobs, g> - sg(...)`: the
+        same value and the same gradient, linear in the pass's log-probs, so the pass's backward
+        cannot fail on it."""
         assert self.compiled is not None
         budget, total, sums = _Budget(), None, {}
-        # its own CPU copy of the pass's log-probs: the gradient flows back through the copy
-        pieces = torch.split(logprobs.to(CPU, copy=True), inputs["lengths"])
-        for d, (lp, values) in enumerate(zip(pieces, inputs["datums"])):
-            loss, metrics = self.compiled([lp, *values], budget, d)
-            total = loss if total is None else total + loss
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
-        count = len(pieces)
+        training = torch.is_grad_enabled() and logprobs.requires_grad
+        own = logprobs.detach().to(CPU, copy=True).requires_grad_(training)  # its own copy, a leaf
+        with torch.set_grad_enabled(training):
+            for d, (lp, values) in enumerate(zip(torch.split(own, inputs["lengths"]), inputs["datums"])):
+                loss, metrics = self.compiled([lp, *values], budget, d)
+                total = loss if total is None else total + loss
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        count = len(inputs["lengths"])
         metrics = {k: v / count if k.endswith(":mean") else v for k, v in sums.items()}
-        return LossOutput(total.to(logprobs.device), metrics)
+        value = total.detach().to(logprobs.device)
+        if not training:
+            return LossOutput(value, metrics)
+        if not total.requires_grad:  # the loss does not depend on the log-probs: gradient 0
+            return LossOutput(value, metrics)
+        try:
+            (grad,) = torch.autograd.grad(total, own)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {str(exc)[:400]}"
+            raise UserError(f"custom loss {self.program.name!r}: its gradient failed: {message}") from None
+        if not torch.isfinite(grad).all():
+            raise UserError(f"custom loss {self.program.name!r}: its gradient is not finite")
+        linear = (logprobs * grad.to(logprobs.device, logprobs.dtype)).sum()
+        return LossOutput(value + linear - linear.detach(), metrics)
 
 
 _cache: OrderedDict[str, GraphLossSpec] = OrderedDict()

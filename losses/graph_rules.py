@@ -72,7 +72,7 @@ METHODS: frozenset[str] = frozenset(
     masked_select max maximum mean min minimum mul nanmean nansum narrow ne neg new_full new_ones
     new_tensor new_zeros nonzero norm numel
     permute pow prod reciprocal relu repeat reshape reshape_as round rsqrt select sigmoid sign sin size
-    softmax sort split sqrt square squeeze std sub sum t tanh tile to topk transpose trunc type_as unbind
+    softmax sort split sqrt square squeeze std sub sum t tanh tile to topk transpose trunc type type_as unbind
     unflatten unsqueeze var view view_as where xlogy
     """.split()
 )
@@ -89,6 +89,8 @@ MEMORY_FORMATS = frozenset({"contiguous_format", "preserve_format"})
 # before it runs (masked_select by its broadcast size, nonzero by numel x ndim; a boolean index is
 # turned into its nonzero() tuple first, after which indexing is shape-determined).
 MASKED_SELECT = frozenset({"torch.masked_select", "masked_select"})
+MAX_PIECES = 4096  # split / chunk / unbind into at most this many tensors
+MAX_DIFF_ORDER = 64  # diff's n: each order is a pass over the values
 NONZERO = frozenset({"torch.nonzero", "nonzero"})
 
 

@@ -24,6 +24,7 @@ from actors.work import (
 )
 from configs.errors import ServerError, UserError
 from configs.schema import BaseModelConfig
+from losses.graph_rules import CustomLoss
 from tests.conftest import TINY_LLAMA
 
 pytestmark = pytest.mark.megatron
@@ -214,17 +215,36 @@ def test_a_layout_that_does_not_divide_the_model_is_refused_before_any_rank_star
         MegatronBackend(megatron_config(pp=2, megatron_extra={"last_stage_layers": 2}), cache)
 
 
+def uploaded(fn, ranks, key: str) -> CustomLoss:
+    """A loss as the SDK's create_custom_loss uploads it (traced graph as plain data)."""
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    handle = trace_loss(fn, ranks, "session")
+    return CustomLoss(key, key, handle.name, [x.model_dump() for x in handle.inputs], encode_graph(handle).model_dump())
+
+
+def weighted_nll(logprobs, weights):
+    return -(logprobs * weights).sum(), {"custom/tokens:sum": (weights != 0).float().sum()}
+
+
+def no_backward(logprobs, weights):
+    return (3.0 % logprobs).sum(), {}  # torch has no derivative for remainder
+
+
 def test_several_adapters_share_a_pipeline_pass_and_train_as_they_would_alone(cache):
-    """At PP=2, 12 rows in 3 micro-batches of 4 mix the rows of three adapters; a broken loss fails alone."""
+    """At PP=2, 12 rows in 3 micro-batches of 4 mix the rows of four adapters (one with a loss
+    uploaded as a graph); a broken loss, registered or uploaded, fails alone."""
     import tests.custom_loss_example  # noqa: F401  (the backend validates against this registry)
     import tests.failing_loss  # noqa: F401
 
     losses = {"custom_losses": ["tests.custom_loss_example", "tests.failing_loss"]}
+    graph = uploaded(weighted_nll, {"logprobs": 1, "weights": 1}, "weighted-nll")
+    failing = uploaded(no_backward, {"logprobs": 1, "weights": 1}, "no-backward")
     megatron = MegatronBackend(megatron_config(pp=2, megatron_extra={"microbatches": 3}, **losses), cache)
     hf = HFBackend(BaseModelConfig(name="tiny", random_init=TINY_LLAMA, torch_threads=2), cache)
     try:
         for backend in (megatron, hf):
-            for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+            for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
                 backend.create_model(CreateModelWork(name, LoraSpec(rank=4, seed=seed)))
         adam = AdamParams(learning_rate=1e-2, eps=1e-8)
         results = {}
@@ -233,24 +253,28 @@ def test_several_adapters_share_a_pipeline_pass_and_train_as_they_would_alone(ca
                 ForwardBackwardWork("a", None, data(0), "cross_entropy"),
                 ForwardBackwardWork("b", None, data(2), "weighted_squared_logprob", {"scale": 0.5}),
                 ForwardBackwardWork("c", None, data(1), "cross_entropy", forward_only=True),
+                ForwardBackwardWork("d", None, data(4), "custom", custom_loss=graph),
             ]
             if backend is megatron:
                 works.append(ForwardBackwardWork("c", None, data(3), "broken_loss"))
+                works.append(ForwardBackwardWork("c", None, data(5), "custom", custom_loss=failing))
             outcomes = backend.forward_backward_batch(works)
             if backend is megatron:
-                assert isinstance(outcomes[3], ServerError) and "this loss is broken" in str(outcomes[3])
-            norms = [backend.optim_step(OptimStepWork(m, None, adam)).metrics["grad_norm:mean"] for m in "abc"]
+                assert isinstance(outcomes[4], ServerError) and "this loss is broken" in str(outcomes[4])
+                assert isinstance(outcomes[5], UserError) and "gradient failed" in str(outcomes[5])
+            norms = [backend.optim_step(OptimStepWork(m, None, adam)).metrics["grad_norm:mean"] for m in "abcd"]
             probe = [
                 backend.forward_backward(ForwardBackwardWork(m, None, data(9), "cross_entropy", forward_only=True))
-                for m in "abc"
+                for m in "abcd"
             ]
-            results[label] = (outcomes[:3], norms, probe)
+            results[label] = (outcomes[:4], norms, probe)
         (m_out, m_norms, m_probe), (h_out, h_norms, h_probe) = results["megatron"], results["hf"]
         for ours, theirs in zip(m_out, h_out):
             assert ours.metrics["loss:sum"] == pytest.approx(theirs.metrics["loss:sum"], rel=1e-5, abs=1e-5)
             for a, b in zip(ours.loss_fn_outputs, theirs.loss_fn_outputs):
                 np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
         assert "custom/squares:sum" in m_out[1].metrics  # (summed over the micro-batches b ran in)
+        assert m_out[3].metrics["custom/tokens:sum"] == h_out[3].metrics["custom/tokens:sum"] == 23
         np.testing.assert_allclose(m_norms, h_norms, rtol=1e-4, atol=1e-6)
         assert m_norms[2] == 0.0  # forward-only and the broken request: no gradient for c
         for ours, theirs in zip(m_probe, h_probe):

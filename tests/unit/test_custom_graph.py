@@ -326,3 +326,69 @@ def test_what_torch_functional_traces_to_is_allowed():
     out = spec(logprobs, spec.inputs_of(data, torch.device("cpu")), {})
     expected, _ = smooth(logprobs, torch.from_numpy(data[0].loss_fn_inputs["advantages"]))
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "nodes, message",
+    [
+        (
+            [
+                named(call("operator.mod", 3.0, {"ref": "logprobs"}), "m"),
+                named(call("sum", {"ref": "m"}, op="call_method"), "x"),
+            ],
+            "gradient failed",
+        ),
+        ([named(call("diff", {"ref": "logprobs"}, 10_000, op="call_method"), "x")], "diff's n"),
+        ([named(call("split", {"ref": "big"}, 1, op="call_method"), "x")], "tensors, over the limit"),
+    ],
+    ids=["backward-not-implemented", "diff-order", "split-into-many"],
+)
+def test_costs_and_failures_hidden_in_one_node_are_the_requests_own(nodes, message):
+    """A loss whose backward fails fails alone (its gradient is taken per request, not in the shared
+    backward); diff's order and split's piece count are checked before they run."""
+    big = named(call("new_zeros", {"ref": "logprobs"}, [100_000], op="call_method"), "big")
+    # the loss must depend on the failing node: add it to the output's loss
+    inputs, graph = simple_graph()
+    graph = copy.deepcopy(graph)
+    graph["nodes"][1:1] = [big, *nodes]
+    loss_node = graph["nodes"][-2]
+    if nodes[-1]["target"] == "sum":
+        loss_node["args"] = [{"ref": "x"}]
+        loss_node["target"] = "torch.sum"
+        loss_node["op"] = "call_function"
+    spec = loss_spec("custom", CustomLoss("loss-1", repr(nodes), "f", inputs, graph))
+    datum = Datum(tokens=np.zeros(4, np.int64), loss_fn_inputs={"target_tokens": np.zeros(4, np.int64)})
+    shared = torch.zeros(4, requires_grad=True)
+    with pytest.raises(UserError, match=message):
+        spec(shared, spec.inputs_of([datum], torch.device("cpu")), {})
+
+
+def test_the_pass_gets_a_linear_stand_in_with_the_same_value_and_gradient():
+    spec = spec_of(ppo_like, {"logprobs": 1, "advantages": 1, "old": 1, "scale": 0}, key="stand-in")
+    data = datums(np.random.default_rng(6), [3, 5])
+    logprobs = torch.tensor(-np.random.default_rng(7).random(8), dtype=torch.float32, requires_grad=True)
+    out = spec(logprobs, spec.inputs_of(data, torch.device("cpu")), {})
+    (out.loss * 2).backward()  # the pass may scale or sum it with others
+    reference = logprobs.detach().clone().requires_grad_(True)
+    expected = 0
+    for lp, datum in zip(torch.split(reference, [3, 5]), data):
+        x = {k: torch.from_numpy(v) for k, v in datum.loss_fn_inputs.items()}
+        expected = expected + ppo_like(lp, x["advantages"], x["old"], x["scale"].reshape(()))[0]
+    (expected * 2).backward()
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(logprobs.grad, reference.grad, atol=1e-5, rtol=0)
+    with torch.no_grad():  # forward only: no gradient is taken at all
+        assert not spec(logprobs, spec.inputs_of(data, torch.device("cpu")), {}).loss.requires_grad
+
+
+def test_zero_dim_masks_and_type_with_a_dtype_work():
+    def masked(logprobs, flag):
+        return logprobs[flag > 0].sum().type(torch.float64).float(), {}  # flag is 0-d: so is the mask
+
+    spec = spec_of(masked, {"logprobs": 1, "flag": 0})
+    datum = Datum(
+        tokens=np.zeros(3, np.int64),
+        loss_fn_inputs={"target_tokens": np.zeros(3, np.int64), "flag": np.ones(1, np.float32)},
+    )
+    out = spec(torch.tensor([-1.0, -2.0, -3.0]), spec.inputs_of([datum], torch.device("cpu")), {})
+    assert out.loss.item() == pytest.approx(-6.0)
