@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from actors.lora import Routing
 from actors.work import SampledSequence, SamplingParams
-from configs.errors import ServerError, ThinkerError, UserError
+from configs.errors import ThinkerError, UserError
 
 TOPK_SENTINEL = (0, -99999.0)  # an empty top-k slot, as the Tinker wire expects
 
@@ -116,8 +116,14 @@ def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowSta
             continue
         try:
             token = _choose(logits_BV[i], row.params, row.generator)
-        except (RuntimeError, ValueError) as exc:  # e.g. no finite probability left: this row alone stops
-            state.error, state.stop_reason = ServerError(f"sampling failed: {exc}"), "error"
+        except (RuntimeError, ValueError) as exc:  # no finite probability left: this row alone stops
+            # finite logits so large that dividing by the temperature overflows: a diverged adapter
+            state.error = UserError(
+                f"sampling failed: {exc}: the next-token logits are too large for temperature "
+                f"{row.params.temperature} (this adapter's weights may have diverged; sample an earlier "
+                "checkpoint or a higher temperature)"
+            )
+            state.stop_reason = "error"
             continue
         state.tokens.append(token)
         state.logprobs.append(float(logprobs_BV[i, token]))

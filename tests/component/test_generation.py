@@ -149,3 +149,19 @@ def test_a_row_whose_sampling_breaks_fails_only_its_own_request():
     sample_step(logits, rows, states, decode=None)
     assert states[0].error is None and len(states[0].tokens) == 1
     assert states[1].error is not None and states[1].stop_reason == "error" and states[1].tokens == []
+
+
+def test_finite_logits_that_overflow_at_the_temperature_are_the_users_error():
+    """A diverged adapter with huge but finite logits and a low temperature: no 500, a user error that
+    says why, and the batch-mate samples on (found by schemathesis over /generate)."""
+    from actors.generation import GenRow, RowState, sample_step
+    from actors.work import SamplingParams
+
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=2e-5)]
+    rows = [GenRow("", np.arange(3), p, 4, frozenset(), torch.Generator().manual_seed(0)) for p in params]
+    states = [RowState(), RowState()]
+    logits = torch.zeros(2, 8)
+    logits[1, 0], logits[1, 1] = 3e38, -3e38  # finite, but divided by 2e-5 they are not
+    sample_step(logits, rows, states, decode=None)
+    assert states[0].error is None and len(states[0].tokens) == 1
+    assert isinstance(states[1].error, UserError) and "temperature" in str(states[1].error)
