@@ -3,11 +3,16 @@
 - A training model or sampler is found through its record in the metadata database, which also
   says who owns it: another tenant's id is a 404, worded as for an id that does not exist.
 - Model descriptions (vocab, context length, tokenizer) are fetched once per replica.
+- `states` never waits on a model that is loading, cannot be placed or failed: a model that does
+  not describe itself within a moment is reported "loading" (with what Serve says of its
+  deployment, e.g. replicas it cannot schedule) or "failed", so capabilities and health answer
+  at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from actors import ids
@@ -60,5 +65,35 @@ class ModelHandles:
             self._descriptions[base_model] = await self.base(base_model).describe.remote()
         return self._descriptions[base_model]
 
-    async def describe_all(self) -> list[ModelDescription]:
-        return list(await asyncio.gather(*(self.describe(n) for n in self.names)))
+    async def states(self, wait_s: float) -> list[ModelState]:
+        """Every base model's state, waiting at most `wait_s` for the ones not described yet."""
+
+        async def state(name: str) -> ModelState:
+            try:
+                return ModelState(name, "ready", await asyncio.wait_for(self.describe(name), wait_s))
+            except TimeoutError:
+                return ModelState(name, "loading", None, await asyncio.to_thread(_serve_message, self._handles[name]))
+            except Exception as exc:  # its replica failed to start (Serve retries it)
+                return ModelState(name, "failed", None, f"{type(exc).__name__}: {str(exc)[:300]}")
+
+        return list(await asyncio.gather(*(state(n) for n in self.names)))
+
+
+@dataclass(frozen=True)
+class ModelState:
+    name: str
+    state: str  # ready | loading | failed
+    description: ModelDescription | None = None
+    detail: str | None = None
+
+
+def _serve_message(handle: Any) -> str | None:
+    """What Serve says of the deployment behind `handle` (e.g. replicas it cannot schedule), if anything."""
+    try:
+        from ray import serve
+
+        app = serve.status().applications.get(handle.app_name)
+        deployment = app.deployments.get(handle.deployment_name) if app is not None else None
+        return (deployment.message or None) if deployment is not None else None
+    except Exception:  # no Serve controller to ask (tests of the routes alone)
+        return None

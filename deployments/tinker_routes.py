@@ -34,6 +34,8 @@ from losses.graph_rules import CUSTOM
 
 PROTOBUF = "application/x-protobuf"
 CLONE_STRIDE = 1_000_000_000  # a sampling client clone numbers its samples from clone * 1e9
+CAPABILITIES_WAIT_S = 3.0  # how long capabilities wait for a model to describe itself (once per replica)
+HEALTH_WAIT_S = 0.2
 RETRIEVE_FUTURES_WAIT_S = 25.0  # the longest retrieve_futures long-poll (the SDK reads for 45 s)
 
 
@@ -141,10 +143,13 @@ class TinkerRoutes:
         return {}
 
     async def healthz(self) -> dict:
-        return wire.HealthResponse().model_dump()
+        """At once, whatever the models are doing; each base model's state."""
+        states = await self._models.states(HEALTH_WAIT_S)
+        return wire.HealthResponse(models={m.name: m.state for m in states}).model_dump()
 
     async def get_server_capabilities(self) -> dict:
-        return wire.ServerCapabilities.of(await self._models.describe_all()).model_dump()
+        """At once: a model still loading (or failed) is listed with its state, not waited for."""
+        return wire.ServerCapabilities.of(await self._models.states(CAPABILITIES_WAIT_S)).model_dump(exclude_none=True)
 
     # ---- training models -----------------------------------------------------------------------
 

@@ -406,6 +406,7 @@ class TelemetryResponse(WireOut):
 
 class HealthResponse(WireOut):
     status: Literal["ok"] = "ok"
+    models: dict[str, str] = Field(default_factory=dict)  # base model -> ready | loading | failed
 
 
 class SupportedModel(WireOut):
@@ -413,21 +414,40 @@ class SupportedModel(WireOut):
     max_context_length: int
     trainable: bool
     sampleable: bool
+    state: Literal["ready", "loading", "failed"] = "ready"  # Thinker's: clients ignore unknown fields
+    detail: str | None = None  # why it is not ready, when Serve or the model says
 
 
 class ServerCapabilities(WireOut):
     supported_models: list[SupportedModel]
 
     @classmethod
-    def of(cls, models: list[work.ModelDescription]) -> ServerCapabilities:
-        return cls(
-            supported_models=[
-                SupportedModel(
-                    model_name=d.name, max_context_length=d.max_seq_len, trainable=d.trainable, sampleable=d.sampleable
+    def of(cls, models: list) -> ServerCapabilities:
+        """From `ModelHandles.states`: a model not ready yet is listed, untrainable, with its state."""
+        listed = []
+        for m in models:
+            d = m.description
+            if d is None:
+                listed.append(
+                    SupportedModel(
+                        model_name=m.name,
+                        max_context_length=0,
+                        trainable=False,
+                        sampleable=False,
+                        state=m.state,
+                        detail=m.detail,
+                    )
                 )
-                for d in models
-            ]
-        )
+            else:
+                listed.append(
+                    SupportedModel(
+                        model_name=d.name,
+                        max_context_length=d.max_seq_len,
+                        trainable=d.trainable,
+                        sampleable=d.sampleable,
+                    )
+                )
+        return cls(supported_models=listed)
 
 
 class UntypedAPIFuture(WireOut):
