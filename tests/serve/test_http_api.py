@@ -86,7 +86,7 @@ def test_malformed_input_gets_4xx_json_and_the_server_keeps_serving(url):
     response = post(url, "load_weights", json=load)  # never silently trained with AdamW
     assert_user_error(response, 400)
     assert "dimuon" in response.json()["error"]
-    assert requests.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{url}/api/v1/healthz").json() == {"status": "ok", "models": {"fake": "ready"}}
 
 
 def test_long_poll_holds_then_answers_try_again_without_blocking_others(url):

@@ -18,7 +18,10 @@ def test_loss_functions_and_health(tiny_url):
     listed = requests.get(f"{tiny_url}/loss_functions").json()
     assert listed["available_loss_functions"][:5] == ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
     assert set(listed["descriptions"]) == set(listed["available_loss_functions"])
-    assert requests.get(f"{tiny_url}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{tiny_url}/healthz").json() == {
+        "status": "ok",
+        "models": {"tiny-a": "ready", "tiny-b": "ready"},
+    }
     assert requests.get(f"{tiny_url}/get_server_capabilities").json()["supported_models"][0]["model_name"] == "tiny-a"
 
 
