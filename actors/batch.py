@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.work import Datum
+from actors.work import Datum, ForwardBackwardResult
 from configs.errors import RequestTooLargeError, UserError
-from losses.spec import LossSpec
+from losses.spec import LossOutput, LossSpec
 
 
 @dataclass
@@ -122,6 +122,14 @@ def request_logprobs(span: RequestSpan, flat_NK: torch.Tensor) -> torch.Tensor:
     [sum N, K] for top-K targets."""
     flat = flat_NK[span.first : span.first + span.num_tokens, : span.k]
     return flat if span.topk else flat[:, 0]
+
+
+def request_result(span: RequestSpan, logprobs: torch.Tensor, out: LossOutput) -> ForwardBackwardResult:
+    """A request's answer from its part of a pass: per-datum log-probs, `loss:sum` and its loss's metrics."""
+    return ForwardBackwardResult(
+        loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
+        metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
+    )
 
 
 def split_by_datum(span: RequestSpan, flat: torch.Tensor) -> list[np.ndarray]:

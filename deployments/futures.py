@@ -81,9 +81,7 @@ class Futures:
 
     async def fail(self, kind: str, tenant: str, error: BaseException) -> str:
         """A new request id, owned by `tenant`, whose future has already failed with `error`."""
-        request_id = ids.new_request_id()
-        await asyncio.to_thread(self._records.add_failed, request_id, tenant, kind, error)
-        return request_id
+        return await self.settled(kind, tenant, error)
 
     async def settled(self, kind: str, tenant: str, outcome: Any) -> str:
         """A new request id, owned by `tenant`, whose future already holds `outcome` (a value or an
@@ -111,8 +109,7 @@ class Futures:
             logger.warning("retrieve_future: the deployment of %s did not answer: %s", record.base_model, unwrap(exc))
             await asyncio.sleep(min(timeout_s, 1.0))
             return False, None, None, entry
-        if state == "unknown" and record.created_at < outcome - LOST_AFTER:
-            lost = ServerError("this request was lost when its model deployment restarted; submit it again")
+        if (lost := _lost(record, state, outcome)) is not None:
             return True, None, error_response(lost), entry
         if state in ("pending", "unknown"):
             return False, None, None, entry
@@ -147,11 +144,9 @@ class Futures:
             except Exception as exc:  # the deployment is restarting: its work comes back from the request log
                 logger.warning("retrieve_futures: the deployment of %s did not answer: %s", row.base_model, unwrap(exc))
                 return settled
-            if state == "unknown" and row.created_at < outcome - LOST_AFTER:
-                outcome = ServerError("this request was lost when its model deployment restarted; submit it again")
-            elif state not in ("done", "failed"):
+            if (lost := _lost(row, state, outcome)) is None and state not in ("done", "failed"):
                 continue
-            await asyncio.to_thread(self._records.finish, row.id, outcome)
+            await asyncio.to_thread(self._records.finish, row.id, lost or outcome)
             settled += 1
         return settled
 
@@ -178,6 +173,14 @@ class Futures:
 def deployment_call(handle: Any, verb: str, *args: Any, request_id: str) -> Any:
     """`handle.verb(*args, request_id=...)`: the deployment keeps the outcome under that id."""
     return getattr(handle, verb).remote(*args, request_id=request_id)
+
+
+def _lost(record: Any, state: str, outcome: Any) -> ServerError | None:
+    """The error of a request its deployment never saw although it was recorded before that
+    deployment (re)started (`wait_result` answered "unknown" with its start time), else None."""
+    if state == "unknown" and record.created_at < outcome - LOST_AFTER:
+        return ServerError("this request was lost when its model deployment restarted; submit it again")
+    return None
 
 
 def _settled(outcome: Any, entry: FutureEntry) -> tuple[bool, Any, Failure | None, FutureEntry]:

@@ -360,7 +360,8 @@ class TinkerRoutes:
         )
         call = partial(deployment_call, handle, "sample", work)
         logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None
-        target = _sampling_target(sampler_id, body.seq_id) if body.sampling_session_id is not None else None
+        clone = (body.seq_id or 0) // CLONE_STRIDE  # a sampling client's clone numbers its seq_ids from clone * 1e9
+        target = _sampling_target(sampler_id, clone) if body.sampling_session_id is not None else None
         request_id = await self._futures.submit("sample", tenant, base, call, logged, target, last_n=last_n)
         ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
@@ -382,7 +383,7 @@ class TinkerRoutes:
         sampler_id = ids.check_id(body.target.sampling_session_id, "sampling_session_id")
         await self._tenancy.run(self._registry.sampler, tenant, sampler_id)  # another tenant's: 404
         wait = RETRIEVE_FUTURES_WAIT_S if body.timeout is None else min(body.timeout, RETRIEVE_FUTURES_WAIT_S)
-        target = _sampling_target(sampler_id, body.target.cloned_sampler_id * CLONE_STRIDE)
+        target = _sampling_target(sampler_id, body.target.cloned_sampler_id)
         found = await self._futures.completions(tenant, target, body.prev_cursor, wait)
         completions = [
             wire.FutureCompletion(state="finished" if status == "done" else "failed", request_id=request_id)
@@ -427,9 +428,9 @@ class TinkerRoutes:
         return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(exclude_none=True)
 
 
-def _sampling_target(sampler_id: str, seq_id: int | None) -> str:
-    """Which retrieve_futures poller reports a sample: its sampling session and clone (seq_id // 1e9)."""
-    return f"{sampler_id}#{(seq_id or 0) // CLONE_STRIDE}"
+def _sampling_target(sampler_id: str, clone: int) -> str:
+    """Which retrieve_futures poller reports a sample: its sampling session and clone."""
+    return f"{sampler_id}#{clone}"
 
 
 def _seq_of(args: tuple) -> int | None:

@@ -152,7 +152,7 @@ def _run(node: rules.Node, env: dict, budget: _Budget) -> Any:
     elif node.target in rules.NONZERO:
         _charge_shape((args[0].numel(), max(args[0].ndim, 1)), budget)
         measured = True
-    elif node.target == "getattr" or not (_has_tensor(args) or _has_tensor(kwargs) or node.target.startswith("torch")):
+    elif node.target == "getattr" or not (_tensors(args) or _tensors(kwargs) or node.target.startswith("torch")):
         measured = True  # plain Python values: bounded by _check_python_args
     else:
         hidden = _broadcast(args, kwargs)  # what elementwise work over the inputs spans
@@ -161,7 +161,7 @@ def _run(node: rules.Node, env: dict, budget: _Budget) -> Any:
         with torch.device("meta"), torch.no_grad():
             _charge(fn(*_meta(args), **_meta(kwargs)), budget)
         if torch.is_grad_enabled():  # its backward writes gradients the size of its inputs
-            for tensor in _tensors(args) + _tensors(list(kwargs.values())):
+            for tensor in _tensors(args) + _tensors(kwargs):
                 if tensor.requires_grad:
                     _charge_shape(tuple(tensor.shape), budget)
         measured = True
@@ -243,7 +243,7 @@ def _check_counts(target: str, args: tuple, kwargs: dict) -> None:
 
 def _broadcast(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
     """The broadcast shape of an op's tensor arguments (None when they do not broadcast together)."""
-    shapes = [t.shape for t in _tensors(args) + _tensors(list(kwargs.values()))]
+    shapes = [t.shape for t in _tensors(args) + _tensors(kwargs)]
     if len(shapes) < 2:
         return None
     try:
@@ -253,11 +253,12 @@ def _broadcast(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments (a tuple, list or dict of them, nested)."""
     found = []
-    for value in values:
+    for value in values.values() if isinstance(values, dict) else values:
         if isinstance(value, torch.Tensor):
             found.append(value)
-        elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        elif isinstance(value, (list, tuple, dict)) and not isinstance(value, torch.Size):
             found.extend(_tensors(value))
     return found
 
@@ -276,16 +277,6 @@ def _meta(value: Any) -> Any:
     if isinstance(value, slice):
         return slice(_meta(value.start), _meta(value.stop), _meta(value.step))
     return value
-
-
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    return False
 
 
 def _charge(value: Any, budget: _Budget) -> None:

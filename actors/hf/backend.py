@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum, validate_data
+from actors.batch import loss_inputs, pack_pass, request_logprobs, request_result, validate_data
 from actors.generation import GenRow, generate
 from actors.hf.adapters import AdapterTable
 from actors.hf.base_model import load_base_model
@@ -178,10 +178,7 @@ class HFBackend:
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(work.data, spec, self.device), config)
-                    result = ForwardBackwardResult(
-                        loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
-                        metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-                    )
+                    result = request_result(span, logprobs, out)
                 except ThinkerError as exc:
                     outcomes[i] = exc
                     continue

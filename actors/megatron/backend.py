@@ -156,7 +156,7 @@ class MegatronBackend:
         return outcomes
 
     def _forward_backward(self, batch: list[ForwardBackwardWork]) -> list[ForwardBackwardResult | Exception]:
-        """One pass over the group: per request its merged result (or a loss's error message)."""
+        """One pass over the group: per request its merged result (or its loss's error)."""
         dp = self.config.megatron.data_parallel
         bounds = [np.linspace(0, len(w.data), dp + 1).astype(int) for w in batch]
         per_rank = [([(int(b[c["dp"]]), int(b[c["dp"] + 1])) for b in bounds],) for c in self._group.coords]

@@ -21,7 +21,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from actors.batch import loss_inputs, pack_pass, request_logprobs, split_by_datum
+from actors.batch import loss_inputs, pack_pass, request_logprobs, request_result
 from actors.logprobs import target_logprobs_from_logits
 from actors.lora import init_lora_weights
 from actors.megatron import cpu as megatron_cpu
@@ -152,7 +152,7 @@ class MegatronRank:
     def forward_backward(self, works: list[ForwardBackwardWork], slices: list[tuple[int, int]]):
         """This data-parallel replica's slice of every request, all adapters in one pipeline pass.
 
-        On reporting ranks: per request a ForwardBackwardResult, or an error message when its loss
+        On reporting ranks: per request a ForwardBackwardResult, or the error (UserError or ServerError) when its loss
         raised (that request alone fails; the others' gradients stand).
         """
         from losses import loss_spec
@@ -194,10 +194,7 @@ class MegatronRank:
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(data, spec, device), configs[r])
-                    result = ForwardBackwardResult(
-                        loss_fn_outputs=[{"logprobs": lp} for lp in split_by_datum(span, logprobs)],
-                        metrics={"loss:sum": float(out.loss.detach()), **out.metrics},
-                    )
+                    result = request_result(span, logprobs, out)
                 except UserError as exc:  # e.g. a custom loss's own mistake: that request fails alone
                     reports.append((r, exc))
                     continue
