@@ -20,12 +20,15 @@ from actors.work import ModelDescription
 from configs.errors import NotFoundError
 from deployments.tenancy import Tenancy
 
+SERVE_MESSAGE_WAIT_S = 1.0
+
 
 class ModelHandles:
     def __init__(self, handles: dict[str, Any], tenancy: Tenancy):
         self._handles = handles  # base model name -> DeploymentHandle of its ModelActor
         self._tenancy = tenancy
         self._descriptions: dict[str, ModelDescription] = {}
+        self._describing: dict[str, asyncio.Task] = {}  # one call in flight per model, however many ask
 
     @property
     def names(self) -> list[str]:
@@ -61,18 +64,37 @@ class ModelHandles:
         return sampler.base_model
 
     async def describe(self, base_model: str) -> ModelDescription:
-        if base_model not in self._descriptions:
-            self._descriptions[base_model] = await self.base(base_model).describe.remote()
-        return self._descriptions[base_model]
+        if base_model in self._descriptions:
+            return self._descriptions[base_model]
+        task = self._describing.get(base_model)
+        if task is None:
+            task = self._describing[base_model] = asyncio.ensure_future(self._describe(base_model))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if no one waits
+        return await asyncio.shield(task)  # a caller that stops waiting leaves the call to the others
 
-    async def states(self, wait_s: float) -> list[ModelState]:
-        """Every base model's state, waiting at most `wait_s` for the ones not described yet."""
+    async def _describe(self, base_model: str) -> ModelDescription:
+        try:
+            self._descriptions[base_model] = await self.base(base_model).describe.remote()
+            return self._descriptions[base_model]
+        finally:
+            self._describing.pop(base_model, None)  # a failed call is made again by the next caller
+
+    async def states(self, wait_s: float, detail: bool = True) -> list[ModelState]:
+        """Every base model's state, waiting at most `wait_s` for the ones not described yet; with
+        `detail`, what Serve says of a model still loading (asked for at most SERVE_MESSAGE_WAIT_S)."""
 
         async def state(name: str) -> ModelState:
             try:
                 return ModelState(name, "ready", await asyncio.wait_for(self.describe(name), wait_s))
             except TimeoutError:
-                return ModelState(name, "loading", None, await asyncio.to_thread(_serve_message, self._handles[name]))
+                message = None
+                if detail:
+                    asking = asyncio.to_thread(_serve_message, self._handles[name])
+                    try:
+                        message = await asyncio.wait_for(asking, SERVE_MESSAGE_WAIT_S)
+                    except TimeoutError:
+                        pass
+                return ModelState(name, "loading", None, message)
             except Exception as exc:  # its replica failed to start (Serve retries it)
                 return ModelState(name, "failed", None, f"{type(exc).__name__}: {str(exc)[:300]}")
 

@@ -144,7 +144,7 @@ class TinkerRoutes:
 
     async def healthz(self) -> dict:
         """At once, whatever the models are doing; each base model's state."""
-        states = await self._models.states(HEALTH_WAIT_S)
+        states = await self._models.states(HEALTH_WAIT_S, detail=False)
         return wire.HealthResponse(models={m.name: m.state for m in states}).model_dump()
 
     async def get_server_capabilities(self) -> dict:
