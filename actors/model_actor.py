@@ -7,16 +7,20 @@
   between the backend and the checkpoint store.
 - NOTE: this module stays torch-free (the ingress imports it through the app); the backend is
   built by `backend_factory` inside the actor process.
+- Metrics (`actors.metrics`) are recorded where the facts are: tokens and latencies as each verb
+  answers, pass sizes in the scheduler, gauges every second from the first call on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,7 @@ from actors.metadata.database import Database, default_url
 from actors.metadata.futures import FutureRecords
 from actors.metadata.registry import Registry
 from actors.metadata.sequences import SampledSequences
+from actors.metrics import ModelMetrics
 from actors.outcomes import CURRENT_REQUEST, Outcomes, tracked
 from actors.scheduler import Scheduler, SchedulerLimits
 from actors.work import (
@@ -54,6 +59,8 @@ from configs.errors import ThinkerError, UserError
 from configs.schema import BaseModelConfig, TenantQuotas
 
 logger = logging.getLogger(__name__)
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth"}
+MAX_TOKENIZER_FILE_BYTES = 64 << 20
 
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
@@ -107,6 +114,8 @@ class ModelActor:
         self._remaking: dict[str, asyncio.Task] = {}  # sampler id -> the replay that makes it again
         self._applied: dict[str, list[str]] = {}  # model id -> unsequenced logged requests run since its snapshot
         self._cancelled: set[str] = set()  # sampling requests whose clients gave up on them (cancel_future)
+        self._metrics = ModelMetrics(config.name)
+        self._gauges: asyncio.Task | None = None  # sets the gauges every second, from the first call on
         limits = SchedulerLimits(
             max_sample_rows=config.max_sample_rows,
             max_pass_tokens=config.max_pass_tokens,
@@ -124,6 +133,7 @@ class ModelActor:
             backend.sample,
             limits,
             init_compute_thread=backend.init_compute_thread,  # torch's thread settings are per thread
+            metrics=self._metrics,
         )
         self._description = self._backend.describe()
         self._backend.cancelled = self._cancelled.__contains__  # read on the compute thread, each decode step
@@ -148,12 +158,21 @@ class ModelActor:
 
     @tracked
     async def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        start = time.monotonic()
         result = await self._scheduler.forward_backward(work)
-        self._count_usage(work.tenant, work.model_id, "tokens_trained", sum(len(d.tokens) for d in work.data))
+        tokens = sum(len(d.tokens) for d in work.data)
+        self._count_usage(work.tenant, work.model_id, "tokens_trained", tokens)
+        self._metrics.trained(work.tenant, work.forward_only, tokens, time.monotonic() - start)
         return result
 
     @tracked
     async def optim_step(self, work: OptimStepWork) -> OptimStepResult:
+        start = time.monotonic()
+        result = await self._optim_step(work)
+        self._metrics.stepped(work.tenant, time.monotonic() - start)
+        return result
+
+    async def _optim_step(self, work: OptimStepWork) -> OptimStepResult:
         if self._durability is None or not self._durability.due(work.model_id):
             return await self._ordered(work.model_id, work.seq_id, partial(self._backend.optim_step, work))
         fn = partial(self._step_and_snapshot, work, CURRENT_REQUEST.get())
@@ -242,7 +261,8 @@ class ModelActor:
 
     async def get_info(self, model_id: str) -> ModelInfo:
         await self._ready()
-        return self._backend.get_info(model_id)
+        info = self._backend.get_info(model_id)
+        return dataclasses.replace(info, last_seq_id=self._scheduler.last_seq(model_id))
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -267,6 +287,7 @@ class ModelActor:
 
     @tracked
     async def sample(self, work: SampleWork) -> SampleResult:
+        start = time.monotonic()
         await self._sampler_back(work.sampler_id)
         work.request_id = CURRENT_REQUEST.get()
         try:
@@ -284,16 +305,20 @@ class ModelActor:
             if time.monotonic() >= self._next_sequence_expiry:  # records unused for a day go
                 self._next_sequence_expiry = time.monotonic() + 600
                 self._usage_writes.start(self._sequences.expire)
-        self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", sum(len(s.tokens) for s in result.sequences))
+        tokens = sum(len(s.tokens) for s in result.sequences)
+        self._count_usage(work.tenant, work.sampler_id, "tokens_sampled", tokens)
+        self._metrics.sampled(work.tenant, tokens, time.monotonic() - start)
         return result
 
     # ---- the simple JSON routes: chat data, text in and out ------------------------------------
 
     @tracked
     async def chat_forward_backward(self, work: ChatForwardBackwardWork) -> ForwardBackwardResult:
+        start = time.monotonic()
         result = await self._ordered(work.model_id, None, partial(self._chat_forward_backward, work))
         scored = sum(len(output["logprobs"]) for output in result.loss_fn_outputs)
         self._count_usage(work.tenant, work.model_id, "tokens_trained", scored)
+        self._metrics.trained(work.tenant, False, scored, time.monotonic() - start)
         return result
 
     async def generate_text(self, work: GenerateWork) -> GeneratedText:
@@ -330,6 +355,7 @@ class ModelActor:
     async def _ready(self) -> None:
         """The first call after a (re)start restores the training models before anything else runs."""
         if self._restore is None:
+            self._gauges = asyncio.ensure_future(self._metrics.watch(self._gauge_values))
             self._restore = asyncio.ensure_future(self._restore_training_models())
         await asyncio.shield(self._restore)
 
@@ -348,6 +374,7 @@ class ModelActor:
                     await self._scheduler.run_now(partial(self._load_snapshot, work, files))
                 after = (run.durable_seq, run.durable_at) if files else (None, None)
                 logs += await asyncio.to_thread(self._records.log, run.id, *after)
+                self._metrics.restored(run.tenant_id)
             except Exception:
                 logger.exception("training model %s could not be restored", run.id)
         to_remake = await self._restore_samplers()
@@ -449,6 +476,27 @@ class ModelActor:
     async def describe(self) -> ModelDescription:
         return self._description
 
+    async def status(self) -> dict[str, Any]:
+        """What `thinker status` shows of this base model (an operator's view, through Ray)."""
+        await self._ready()
+        gauges = self._gauge_values()
+        return {
+            "base_model": self._config.name,
+            "resident": gauges["thinker_adapters_resident"],
+            "offloaded": gauges["thinker_adapters_offloaded"],
+            "queued": gauges["thinker_queue_depth"],
+            "running": gauges["thinker_pending_futures"],
+        }
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        """The base model's tokenizer files, for a client that lacks the model's folder (a notebook
+        on the Ray client): small files only, never weights."""
+        folder = Path(self._description.tokenizer_id or "")
+        if not self._description.tokenizer_id or not folder.is_dir():
+            raise UserError(f"base model {self._description.name!r} has no tokenizer to hand out")
+        files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix not in WEIGHT_SUFFIXES]
+        return {f.name: f.read_bytes() for f in files if f.stat().st_size <= MAX_TOKENIZER_FILE_BYTES}
+
     async def has_model(self, model_id: str) -> bool:
         await self._ready()
         return model_id in self._backend.list_models()
@@ -481,7 +529,17 @@ class ModelActor:
                 await asyncio.wait([self._durability.forget_sampler(run.tenant_id, source, sampler_id)])
         return released
 
-    # ---- usage ---------------------------------------------------------------------------------
+    # ---- usage and metrics ---------------------------------------------------------------------
+
+    def _gauge_values(self) -> dict[str, float]:
+        """The gauges, read on the event loop (the backend's counts are safe to read while it computes)."""
+        resident, offloaded = self._backend.adapter_counts()
+        return {
+            "thinker_queue_depth": self._scheduler.waiting,
+            "thinker_pending_futures": self._outcomes.pending,
+            "thinker_adapters_resident": resident,
+            "thinker_adapters_offloaded": offloaded,
+        }
 
     def _count_usage(self, tenant: str, owned_id: str, kind: str, amount: int) -> None:
         """Add to the tenant's usage in the database; the answer does not wait for it."""

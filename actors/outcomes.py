@@ -34,6 +34,7 @@ class Outcomes:
         self._futures: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # oldest first
         self._writes = BackgroundWrites("a request's outcome")
         self.started_at = utc_now()  # a request recorded before this and unknown here was lost
+        self.pending = 0  # requests running now (the pending-futures gauge)
 
     async def track(self, request_id: str | None, work: Awaitable[Any]) -> Any:
         """Run `work`; with a request id, keep and record its outcome."""
@@ -45,11 +46,14 @@ class Outcomes:
                 work.close()
             return await asyncio.shield(existing[1])
         future = self._future(request_id)
+        self.pending += 1
         try:
             value = await work
         except Exception as exc:
             self._settle(request_id, future, exc)
             raise
+        finally:
+            self.pending -= 1
         self._settle(request_id, future, value)
         return value
 

@@ -17,6 +17,7 @@
   result instead of running twice.
 - NOTE: every job runs on the one compute thread, so the backend needs no locks; the event loop
   only queues, orders and answers. Unexpected exceptions become ServerError; the loop never dies.
+- With `metrics`, each pass's size is recorded; `waiting` is the queue depth the model actor reports.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from actors.metrics import ModelMetrics
 from actors.passes import PassPlanner, merge_results, run_train_pass
 from actors.sequencer import Sequencer
 from actors.work import ForwardBackwardResult, ForwardBackwardWork, SampleResult, SampleWork
@@ -89,6 +91,7 @@ class Scheduler:
         sample_batch: Callable[[list[SampleWork]], list[SampleResult | Exception]],
         limits: SchedulerLimits,
         init_compute_thread: Callable[[], None] | None = None,
+        metrics: ModelMetrics | None = None,
     ):
         self._train_batch = train_batch
         self._check_train = check_train
@@ -102,12 +105,21 @@ class Scheduler:
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
         self._jobs: deque[_Job] = deque()
         self._last_done: dict[str, float] = {}  # model id -> when its last request finished
+        self._last_seq: dict[str, int] = {}  # model id -> the highest seq_id submitted or skipped
         self._admitted: dict[str, list[int]] = {}  # tenant -> [requests, tokens] queued or running
         self._backlog: dict[str, deque[_Job]] = {}  # tenant -> its jobs waiting for room in its quota
         self._held: dict[str, str] = {}  # model id -> tenant, while that model has jobs in a backlog
         self._job_added: asyncio.Event | None = None
         self._gap_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._metrics = metrics
+        self._open = 0  # requests submitted (retries aside) and not settled
+        self._running = 0  # of those, the ones on the compute thread now
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet running: queued, or held for seq order or a tenant's quota."""
+        return self._open - self._running
 
     # ---- submitting ------------------------------------------------------------------------------
 
@@ -129,6 +141,7 @@ class Scheduler:
             return await asyncio.shield(self._seen[key])
         job = _Job(self._new_future(), sample=work)
         self._remember(key, job.future)
+        self._open += 1
         self._enqueue(job)
         return await asyncio.shield(job.future)
 
@@ -142,12 +155,14 @@ class Scheduler:
     def skip(self, model_id: str, seq_id: int) -> None:
         """`seq_id` will never arrive (the ingress rejected it): later ones must not wait for it."""
         self._start()
+        self._note_seq(model_id, seq_id)
         for job in self._sequencer.skip(model_id, seq_id):
             self._enqueue(job)
 
     def forget(self, model_id: str) -> None:
         """The model is gone: release whatever still waits for it (it will fail on its own)."""
         self._last_done.pop(model_id, None)
+        self._last_seq.pop(model_id, None)
         for job in self._sequencer.forget(model_id):
             self._enqueue(job)
 
@@ -160,10 +175,21 @@ class Scheduler:
         if key is not None and key in self._seen:
             return await asyncio.shield(self._seen[key])
         self._remember(key, job.future)
+        self._open += 1
+        if seq_id is not None:
+            self._note_seq(model_id, seq_id)
         for ready in self._sequencer.submit(model_id, seq_id, job):
             self._enqueue(ready)
         self._gap_changed.set()
         return await asyncio.shield(job.future)
+
+    def last_seq(self, model_id: str) -> int | None:
+        """The highest seq_id this actor has been sent for `model_id` (a client attaching to the model
+        numbers its requests after it: a reused seq_id would be answered as a retried duplicate)."""
+        return self._last_seq.get(model_id)
+
+    def _note_seq(self, model_id: str, seq_id: int) -> None:
+        self._last_seq[model_id] = max(seq_id, self._last_seq.get(model_id, seq_id))
 
     def _remember(self, key: tuple[str, int] | None, future: asyncio.Future) -> None:
         if key is None:
@@ -246,7 +272,7 @@ class Scheduler:
                 await self._run_sample_batch(loop)
             else:
                 self._jobs.popleft()
-                self._settle(first, await _run(loop, self._compute, first.fn))
+                self._settle(first, await self._on_compute_thread(loop, first.fn, 1))
 
     async def _wait_for_other_tenants(self) -> None:
         """Hold a pass briefly for tenants in the middle of a round trip: their last request just
@@ -276,7 +302,10 @@ class Scheduler:
             self._finish(self._jobs[0], ServerError("this request could not be planned into a pass"))
             return
         runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
-        outcome = await _run(loop, self._compute, runner)
+        outcome = await self._on_compute_thread(loop, runner, len(parts))
+        if self._metrics is not None:
+            tokens = sum(int(d.tokens.shape[0]) for p in parts for d in p.job.train.data[p.start : p.end])
+            self._metrics.pass_size("train", tokens, len({p.job.model_id for p in parts}))
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(parts)
         for part, result in zip(parts, outcomes):
             job = part.job
@@ -295,10 +324,23 @@ class Scheduler:
                 self._jobs.remove(job)
                 batch.append(job)
                 rows += job.sample.num_samples
-        outcome = await _run(loop, self._compute, partial(self._sample_batch, [job.sample for job in batch]))
+        run_batch = partial(self._sample_batch, [job.sample for job in batch])
+        outcome = await self._on_compute_thread(loop, run_batch, len(batch))
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(batch)
+        if self._metrics is not None:
+            tokens = sum(job.tokens for job in batch)
+            tokens += sum(len(s.tokens) for r in outcomes if isinstance(r, SampleResult) for s in r.sequences)
+            self._metrics.pass_size("sample", tokens, len({job.sample.sampler_id for job in batch}))
         for job, result in zip(batch, outcomes):
             self._settle(job, result)
+
+    async def _on_compute_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], jobs: int) -> Any:
+        """`_run`, counting its `jobs` as running (not waiting) meanwhile."""
+        self._running = jobs
+        try:
+            return await _run(loop, self._compute, fn)
+        finally:
+            self._running = 0
 
     def _finish(self, job: _Job, outcome: Any) -> None:
         if job in self._jobs:
@@ -308,6 +350,8 @@ class Scheduler:
     def _settle(self, job: _Job, outcome: Any) -> None:
         if job.model_id is not None:
             self._last_done[job.model_id] = time.monotonic()
+        if not job.future.done():
+            self._open -= 1
         _settle(job, outcome)
         self._release(job)
 

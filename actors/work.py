@@ -136,6 +136,7 @@ class ModelInfo:
     arch: str
     tokenizer_id: str | None
     user_metadata: dict[str, Any] = field(default_factory=dict)
+    last_seq_id: int | None = None  # the highest request seq_id the model actor has been sent
 
 
 @dataclass

@@ -82,12 +82,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_instance():
-    """A local Ray cluster with Serve's HTTP proxy on 127.0.0.1 (shut down at the end)."""
+def metrics_port() -> int:
+    """Where the test cluster's Ray metrics agent serves Prometheus text (/metrics on 127.0.0.1)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_instance(metrics_port):
+    """A local Ray cluster with Serve's HTTP proxy on 127.0.0.1 (shut down at the end); its metrics
+    are exported on `metrics_port` every second (Ray's default is every 10 s)."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # address="local": always a cluster of its own, even beside one a test started with `ray start`
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

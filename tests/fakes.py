@@ -58,6 +58,9 @@ class FakeBackend:
     def list_models(self) -> list[str]:
         return list(self.models)
 
+    def adapter_counts(self) -> tuple[int, int]:
+        return len(self.models), 0
+
     def list_samplers(self) -> list[str]:
         return []
 

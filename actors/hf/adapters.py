@@ -133,6 +133,11 @@ class AdapterTable:
     def resident_ids(self) -> list[str]:
         return list(self._resident)
 
+    @property
+    def resident_count(self) -> int:
+        """A length only: safe to read from another thread while this one changes the table."""
+        return len(self._resident)
+
     def info(self, model_id: str) -> ModelInfo:
         return self._lookup(model_id).info
 

@@ -128,6 +128,10 @@ class HFBackend:
     def list_models(self) -> list[str]:
         return self.adapters.ids()
 
+    def adapter_counts(self) -> tuple[int, int]:
+        resident = self.adapters.resident_count
+        return resident, max(len(self.adapters) - resident, 0)  # two reads: clamp a torn pair
+
     def unload_model(self, model_id: str) -> None:
         self.adapters.remove(model_id)
 

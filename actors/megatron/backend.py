@@ -115,6 +115,9 @@ class MegatronBackend:
     def list_models(self) -> list[str]:
         return list(self._models)
 
+    def adapter_counts(self) -> tuple[int, int]:
+        return len(self._models), 0  # every adapter lives on its ranks: none is offloaded
+
     def unload_model(self, model_id: str) -> None:
         self.get_info(model_id)
         self._recovering(self._settle_samplers, model_id)

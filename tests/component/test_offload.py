@@ -53,6 +53,7 @@ def test_offload_and_reload_are_bit_exact_and_training_continues_identically(tmp
         small.create_model(CreateModelWork(f"other{i}", LoraSpec(rank=2, seed=i)))
         train(small, f"other{i}", 10 + i)
     assert "m" not in small.adapters.resident_ids()
+    assert small.adapter_counts() == (2, 2)  # what the resident / offloaded gauges report
     spilled = list((tmp_path / "a" / "spill").glob("adapters-*/m.safetensors"))
     assert len(spilled) == 1  # a CPU model spills to disk
     after = full_state(small, "m")  # brings it back
