@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,6 +47,12 @@ class MegatronConfig(StrictConfig):
         1800.0, gt=0, description="Longest a call on the group may take before it counts as failed."
     )
     setup_timeout_s: float = Field(900.0, gt=0, description="Longest the group may take to start and load its shards.")
+    unplaceable_after_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a group no set of the cluster's nodes could hold (even idle) waits before failing "
+        "with what it asked for and what the nodes have. Raise it on an autoscaling cluster that adds nodes.",
+    )
 
 
 class AuthConfig(StrictConfig):
@@ -202,6 +209,12 @@ class ThinkerConfig(StrictConfig):
         "such as postgresql+psycopg://user@host/db, which every node must reach. None: a SQLite file "
         "(thinker.sqlite3) under cache_dir, for one-node deployments.",
     )
+    database_url_env: str | None = Field(
+        None,
+        description="The name of an environment variable that holds database_url, read when the config is "
+        "validated (by build_app): how a URL with a password, from a Kubernetes Secret, stays out of the Serve "
+        "config. Set this or database_url, not both.",
+    )
     durable_training: bool = Field(
         True,
         description="Log each training model's requests and snapshot its state after optim_steps (off the compute "
@@ -216,6 +229,19 @@ class ThinkerConfig(StrictConfig):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call the server; see AuthConfig.")
     quotas: TenantQuotas = Field(default_factory=TenantQuotas, description="Per-tenant limits; see TenantQuotas.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request limits; see RequestLimits.")
+
+    @model_validator(mode="after")
+    def _database_url_from_env(self) -> ThinkerConfig:
+        # Resolved here, once, so every user of database_url (ingress, model actors, the CLI) sees the URL.
+        if self.database_url_env is None:
+            return self
+        if self.database_url is not None:
+            raise ValueError("set database_url or database_url_env, not both")
+        url = os.environ.get(self.database_url_env)
+        if not url:
+            raise ValueError(f"database_url_env names {self.database_url_env}, which is not set in this process")
+        self.database_url, self.database_url_env = url, None  # None: validating the result again keeps it
+        return self
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> ThinkerConfig:

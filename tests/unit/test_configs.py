@@ -21,13 +21,6 @@ def test_serve_config_args_validate(path):
     ThinkerConfig.model_validate(app["args"])
 
 
-def test_kuberay_service_embeds_a_valid_thinker_config():
-    service = yaml.safe_load((REPO / "configs" / "kuberay" / "rayservice.yaml").read_text())
-    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == "deployments.app:build_app"
-    ThinkerConfig.model_validate(app["args"])
-
-
 def test_default_config_serves_the_embedded_model():
     (model,) = ThinkerConfig().models
     assert model.source == "embedded:SmolLM2-135M-Instruct"
