@@ -1,4 +1,5 @@
-"""The one place that maps an exception to an HTTP status and a Tinker error `category`.
+"""The one place that maps an exception to an HTTP status and a Tinker error `category`, and
+back (`exception_of`, for the Ray-native client, which gets the routes' answers, not exceptions).
 
 The SDK retries 408/409/429/5xx (for minutes), so a user's mistake must never map to one of them.
 """
@@ -9,7 +10,15 @@ import logging
 
 from ray.exceptions import RayTaskError
 
-from configs.errors import AuthenticationError, CapacityError, NotFoundError, RequestTooLargeError, UserError
+from configs.errors import (
+    AuthenticationError,
+    CapacityError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServerError,
+    ThinkerError,
+    UserError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,3 +45,10 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 429, {"error": str(exc), "category": "server"}
     logger.error("internal error", exc_info=exc)
     return 500, {"error": f"internal server error: {type(exc).__name__}: {exc}", "category": "server"}
+
+
+def exception_of(status: int, body: dict) -> ThinkerError:
+    """The Thinker error an error answer (`status`, `{"error", "category"}`) stands for."""
+    kinds = {401: AuthenticationError, 404: NotFoundError, 413: RequestTooLargeError, 429: CapacityError}
+    kind = kinds.get(status, UserError if 400 <= status < 500 else ServerError)
+    return kind(str(body.get("error") or body.get("detail") or f"HTTP {status}"))

@@ -6,8 +6,9 @@ original server's simple JSON routes, on one FastAPI app per replica.
 - NOTE: nothing here may import torch: replicas stay light and start fast.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +30,14 @@ from deployments.tenancy import PUBLIC_PATHS, PUBLIC_PREFIXES, Tenancy, Tenant
 from deployments.tinker_routes import TinkerRoutes
 
 REPLICA_HEADER = "x-thinker-replica"  # which ingress replica answered (debugging, tests)
+
+
+class RouteAnswer(NamedTuple):
+    """A route's answer to `Ingress.call_route`: its HTTP status, content type and body."""
+
+    status: int
+    content_type: str
+    body: bytes
 
 
 def build_api(route_groups: list[Any], tenancy: Tenancy, max_request_bytes: int, replica_id: str) -> FastAPI:
@@ -145,9 +154,10 @@ class Ingress:
     def __init__(self, models: dict[str, Any], config: ThinkerConfig):
         self._tenancy = Tenancy(config)
         self._tenancy.warn_if_exposed(_http_host())
-        handles = ModelHandles(models, self._tenancy)
+        handles = self._handles = ModelHandles(models, self._tenancy)
         futures = Futures(FutureRecords(self._tenancy.database, config.future_ttl_s), handles.base)
         self._config = config
+        self._api: FastAPI | None = None
         tinker = TinkerRoutes(handles, futures, self._tenancy, config)
         simple = SimpleRoutes(handles, futures, self._tenancy, config)
         forward_backward = ForwardBackwardByContentType(tinker, simple, config.max_request_bytes)
@@ -162,8 +172,24 @@ class Ingress:
         ]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        replica_id = serve.get_replica_context().replica_id.unique_id
-        return build_api(self._groups, self._tenancy, self._config.max_request_bytes, replica_id)
+        if self._api is None:
+            replica_id = serve.get_replica_context().replica_id.unique_id
+            self._api = build_api(self._groups, self._tenancy, self._config.max_request_bytes, replica_id)
+        return self._api
+
+    async def call_route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> RouteAnswer:
+        """One route of this app called through a Serve handle, not the HTTP proxy (the Ray-native
+        client, deployments/ray_client.py): the same ASGI app answers, with its admission (key,
+        size), validation and error shapes, so both paths keep one set of rules."""
+        transport = httpx.ASGITransport(app=self.__serve_build_asgi_app__(), client=("ray-client", 0))
+        async with httpx.AsyncClient(transport=transport, base_url="http://thinker.ray-client") as client:
+            answer = await client.request(method, path, headers=headers, content=body)
+        return RouteAnswer(answer.status_code, answer.headers.get("content-type", ""), answer.content)
+
+    async def tokenizer_files(self, api_key: str | None, base_model: str) -> dict[str, bytes]:
+        """A base model's tokenizer files for the Ray-native client (any tenant the key admits)."""
+        await self._tenancy.authenticate(api_key)
+        return await self._handles.base(base_model).tokenizer_files.remote()
 
 
 def _route_path(request: Request) -> str:

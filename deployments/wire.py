@@ -474,6 +474,7 @@ class GetInfoResponse(WireOut):
     is_lora: bool = True
     lora_rank: int | None = None
     model_name: str | None = None
+    last_seq_id: int | None = None  # Thinker's: where a client attaching to the model numbers from
 
     @classmethod
     def of(cls, info: work.ModelInfo) -> GetInfoResponse:
@@ -482,6 +483,7 @@ class GetInfoResponse(WireOut):
             model_data=ModelData(arch=info.arch, model_name=info.base_model, tokenizer_id=info.tokenizer_id),
             lora_rank=info.lora.rank,
             model_name=info.base_model,
+            last_seq_id=info.last_seq_id,
         )
 
 

@@ -1,0 +1,302 @@
+"""Thinker from a notebook or any Ray driver, with no HTTP: the Tinker verbs as Ray-native calls.
+
+    import ray
+    from tinker import types
+    from deployments.ray_client import connect
+
+    ray.init("ray://head:10001")                  # or inside the cluster: ray.init()
+    service = connect("thinker", api_key=...)     # the Serve app's name; the tenant's key
+    model = service.create_lora_training_client("HuggingFaceTB/SmolLM2-135M-Instruct", rank=16)
+    out = model.forward_backward(data, "cross_entropy").result()   # or ray.get(...) / await ...
+    model.optim_step(types.AdamParams(learning_rate=1e-4)).result()
+
+- Every call returns a `RayFuture` at once: an ObjectRef (`ray.get`, `ray.wait`, `await`) with the
+  SDK's `.result()`. Requests and results are the SDK's own types (tinker.types).
+- The work is done by a gateway actor in the cluster (deployments/ray_gateway.py) calling the app's
+  routes through a Serve handle: admission by key, validation, ordering, de-duplication, errors and
+  ownership are those of the HTTP API. A failed request raises tinker.RequestFailedError; a refused
+  one the Thinker error of its status (configs/errors.py).
+- Requests are numbered here as the SDK numbers them (one seq_id stream per training model), so
+  calls may overlap and still run in the order they were made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.client.common import ClientObjectRef
+
+from deployments.ray_gateway import Gateway
+
+DEFAULT_APP = "thinker"
+
+
+class RayFuture(ray.ObjectRef):
+    """A request's result: an ObjectRef (ray.get / ray.wait / await) with `.result()`."""
+
+    ref: ray.ObjectRef  # the gateway call's own ref (pass this one into other Ray tasks)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The result; the request's own error (not Ray's wrapper) if it failed."""
+        try:
+            return ray.get(self.ref, timeout=timeout)
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.cause from None
+
+
+class ClientRayFuture(ClientObjectRef):
+    """RayFuture for a driver attached with the Ray client (whose refs are ClientObjectRefs)."""
+
+    ref: ClientObjectRef
+    result = RayFuture.result
+
+
+def as_future(ref: ray.ObjectRef) -> RayFuture:
+    """`ref` as a RayFuture: a second ref to the same object, which keeps the first alive."""
+    if isinstance(ref, ClientObjectRef):
+        future = ClientRayFuture(ref.binary())
+    else:
+        future = RayFuture(ref.binary(), ref.owner_address(), ref.call_site())
+    future.ref = ref
+    return future
+
+
+def connect(
+    app_name: str = DEFAULT_APP,
+    api_key: str | None = None,
+    user_metadata: dict[str, str] | None = None,
+    project_id: str | None = None,
+) -> ServiceClient:
+    """A client of the Serve app `app_name` on the Ray cluster this driver is connected to (call
+    `ray.init` first). `api_key` defaults to $TINKER_API_KEY, as in the SDK."""
+    if not ray.is_initialized():
+        raise RuntimeError('connect() needs a Ray connection: ray.init() in the cluster, ray.init("ray://head:10001")')
+    key = api_key if api_key is not None else os.environ.get("TINKER_API_KEY")
+    gateway = ray.remote(num_cpus=0)(Gateway).remote(app_name, key)
+    return ServiceClient(gateway, user_metadata or {}, project_id)
+
+
+class ServiceClient:
+    """One session of the tenant whose key was given; creates and attaches training and sampling clients."""
+
+    def __init__(self, gateway: Any, user_metadata: dict[str, str], project_id: str | None):
+        from tinker import types
+
+        self._gateway = gateway
+        body = types.CreateSessionRequest(
+            tags=["ray-client"], user_metadata=user_metadata, sdk_version="ray-client", project_id=project_id
+        )
+        self.session_id: str = self._call("POST", "/api/v1/create_session", _json(body))["session_id"]
+        self._model_seq = itertools.count()
+        self._sampler_seq = itertools.count()
+        self._tokenizers: dict[str, Any] = {}
+
+    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        return as_future(self._gateway.request.remote(method, path, payload)).result()
+
+    def get_server_capabilities(self) -> Any:
+        from tinker import types
+
+        return types.GetServerCapabilitiesResponse.model_validate(self._call("GET", "/api/v1/get_server_capabilities"))
+
+    def get_tokenizer(self, base_model: str) -> Any:
+        """`base_model`'s tokenizer (transformers), from the cluster: the driver needs no model files."""
+        from transformers import AutoTokenizer
+
+        if base_model not in self._tokenizers:
+            files = as_future(self._gateway.tokenizer_files.remote(base_model)).result()
+            folder = Path(tempfile.mkdtemp(prefix="thinker-tokenizer-"))
+            for name, content in files.items():
+                (folder / Path(name).name).write_bytes(content)
+            self._tokenizers[base_model] = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizers[base_model]
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict[str, str] | None = None,
+    ) -> TrainingClient:
+        """A new LoRA training model on `base_model` (waits for it to be created)."""
+        from tinker import types
+
+        lora = types.LoraConfig(
+            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
+        )
+        body = types.CreateModelRequest(
+            session_id=self.session_id,
+            model_seq_id=next(self._model_seq),
+            base_model=base_model,
+            lora_config=lora,
+            user_metadata=user_metadata,
+        )
+        ref = self._gateway.run.remote("/api/v1/create_model", _json(body), "CreateModelResponse")
+        return TrainingClient(self, as_future(ref).result().model_id, base_model, last_seq_id=0)
+
+    def attach_training_client(self, model_id: str) -> TrainingClient:
+        """A client of an existing training model of this tenant (e.g. after a notebook's kernel
+        restarted): it numbers its requests after the last one the model was sent."""
+        info = self._call("POST", "/api/v1/get_info", {"model_id": model_id})
+        return TrainingClient(
+            self, model_id, info["model_data"]["model_name"], last_seq_id=info.get("last_seq_id") or 0
+        )
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+        """A sampler of a saved adapter (`tinker://.../sampler_weights/...`) or of a base model."""
+        body = {
+            "session_id": self.session_id,
+            "sampling_session_seq_id": next(self._sampler_seq),
+            "model_path": model_path,
+            "base_model": base_model,
+        }
+        answer = self._call("POST", "/api/v1/create_sampling_session", body)
+        return SamplingClient(self._gateway, answer["sampling_session_id"])
+
+    def close(self) -> None:
+        """Finish the session: its training models and samplers are unloaded."""
+        self._call("POST", f"/api/v1/sessions/{self.session_id}/finish", {})
+        ray.kill(self._gateway)
+
+
+class TrainingClient:
+    """One LoRA training model. Calls return RayFutures at once and run in the order they were made."""
+
+    def __init__(self, service: ServiceClient, model_id: str, base_model: str, last_seq_id: int):
+        self.service = service
+        self.model_id = model_id
+        self.base_model = base_model
+        self._gateway = service._gateway
+        self._seq = itertools.count(last_seq_id + 1)
+        self._lock = threading.Lock()  # a seq_id is taken and its call sent together: order kept
+
+    def _run(self, path: str, result_type: str, make_body: Any) -> RayFuture:
+        with self._lock:
+            body = make_body(next(self._seq))
+            return as_future(self._gateway.run.remote(path, body, result_type))
+
+    def forward_backward(
+        self, data: list[Any], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> RayFuture:
+        """Forward and backward over `data` (tinker.types.Datum); gradients accumulate until optim_step."""
+        return self._forward(data, loss_fn, loss_fn_config, forward_only=False)
+
+    def forward(
+        self, data: list[Any], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, float] | None = None
+    ) -> RayFuture:
+        """The forward pass only: log-probs and the loss, no gradient."""
+        return self._forward(data, loss_fn, loss_fn_config, forward_only=True)
+
+    def _forward(self, data, loss_fn, loss_fn_config, forward_only: bool) -> RayFuture:
+        from tinker import types
+        from tinker.proto.request_conv import forward_backward_request_to_proto
+
+        def body(seq_id: int) -> bytes:
+            batch = types.ForwardBackwardInput(data=list(data), loss_fn=loss_fn, loss_fn_config=loss_fn_config)
+            request = types.ForwardBackwardRequest(forward_backward_input=batch, model_id=self.model_id, seq_id=seq_id)
+            message = forward_backward_request_to_proto(request)
+            message.forward_only = forward_only
+            return message.SerializeToString()
+
+        return self._run("/api/v1/forward_backward", "ForwardBackwardOutput", body)
+
+    def optim_step(self, adam_params: Any) -> RayFuture:
+        """One optimizer step with `adam_params` (tinker.types.AdamParams) on the accumulated gradients."""
+        from tinker import types
+
+        def body(seq_id: int) -> dict:
+            return _json(types.OptimStepRequest(optim_params=adam_params, model_id=self.model_id, seq_id=seq_id))
+
+        return self._run("/api/v1/optim_step", "OptimStepResponse", body)
+
+    def save_state(self, name: str, ttl_seconds: int | None = None) -> RayFuture:
+        """Weights and optimizer state as a checkpoint; its result's `path` is the tinker:// path."""
+        from tinker import types
+
+        def body(seq_id: int) -> dict:
+            request = types.SaveWeightsRequest(
+                model_id=self.model_id, path=name, seq_id=seq_id, ttl_seconds=ttl_seconds
+            )
+            return _json(request)
+
+        return self._run("/api/v1/save_weights", "SaveWeightsResponse", body)
+
+    def load_state(self, path: str, optimizer: bool = False) -> RayFuture:
+        """Load a checkpoint's weights (and, with `optimizer`, its optimizer state) into this model."""
+        from tinker import types
+
+        def body(seq_id: int) -> dict:
+            request = types.LoadWeightsRequest(model_id=self.model_id, path=path, seq_id=seq_id, optimizer=optimizer)
+            return _json(request)
+
+        return self._run("/api/v1/load_weights", "LoadWeightsResponse", body)
+
+    def load_state_with_optimizer(self, path: str) -> RayFuture:
+        return self.load_state(path, optimizer=True)
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> RayFuture:
+        """The adapter's weights for sampling; its result's `path` is the tinker:// sampler path."""
+        from tinker import types
+
+        def body(seq_id: int) -> dict:
+            request = types.SaveWeightsForSamplerRequest(
+                model_id=self.model_id, path=name, seq_id=seq_id, ttl_seconds=ttl_seconds
+            )
+            return _json(request)
+
+        return self._run("/api/v1/save_weights_for_sampler", "SaveWeightsForSamplerResponse", body)
+
+    def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
+        """Save the adapter for sampling and a sampler of it (waits for the save)."""
+        return self.service.create_sampling_client(model_path=self.save_weights_for_sampler(name).result().path)
+
+    def get_tokenizer(self) -> Any:
+        return self.service.get_tokenizer(self.base_model)
+
+    def get_info(self) -> Any:
+        from tinker import types
+
+        return types.GetInfoResponse.model_validate(
+            self.service._call("POST", "/api/v1/get_info", {"model_id": self.model_id})
+        )
+
+
+class SamplingClient:
+    """A sampler of an adapter or a base model; `sample` returns a RayFuture of a SampleResponse."""
+
+    def __init__(self, gateway: Any, sampling_session_id: str):
+        self._gateway = gateway
+        self.sampling_session_id = sampling_session_id
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def sample(
+        self, prompt: Any, num_samples: int, sampling_params: Any, include_prompt_logprobs: bool = False
+    ) -> RayFuture:
+        """`num_samples` completions of `prompt` (tinker.types.ModelInput) under `sampling_params`."""
+        from tinker import types
+
+        with self._lock:
+            request = types.SampleRequest(
+                sampling_session_id=self.sampling_session_id,
+                seq_id=next(self._seq),
+                num_samples=num_samples,
+                prompt=prompt,
+                sampling_params=sampling_params,
+                prompt_logprobs=include_prompt_logprobs,
+            )
+            return as_future(self._gateway.run.remote("/api/v1/asample", _json(request), "SampleResponse"))
+
+
+def _json(request: Any) -> dict:
+    """An SDK request model as the JSON the routes take (as the SDK sends it)."""
+    return request.model_dump(mode="json", exclude_none=True)
