@@ -1,12 +1,15 @@
-"""`thinker`: the operator's command line, on the same database and storage as the server.
+"""`thinker`: the operator's command line, on the same database, storage and Ray cluster as the server.
 
+    thinker serve [CONFIG]                             `serve run CONFIG`, saying when the models are ready
+    thinker status [--address ADDR] [--app NAME]       models, adapters, queues and tenants of a running app
     thinker keys create --tenant NAME [--name LABEL]    issue an API key (printed once)
     thinker keys list [--tenant NAME]                  issued keys: id, tenant, name, prefix, state
     thinker keys revoke KEY_ID                         the key stops working at once
     thinker export tinker://<run>/sampler_weights/<name> OUT_DIR   a checkpoint merged into its base model
 
 `--config` names the Serve config whose `args` locate the database and checkpoint root
-(default: ./serve_config.yaml if present, else the built-in defaults).
+(default: ./serve_config.yaml if present, else the built-in defaults); `thinker serve` and
+`thinker status` live in actors/service_watch.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from actors import service_watch
 from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.database import Database, default_url
 from actors.metadata.tenants import Tenants
@@ -36,6 +40,15 @@ def load_config(path: str | None, checkpoint_root: str | None = None) -> Thinker
         args = app.get("args", {})
     config = ThinkerConfig.model_validate(args)
     return config.model_copy(update={"checkpoint_root": checkpoint_root}) if checkpoint_root else config
+
+
+def app_name(path: str | None) -> str:
+    """The name of the (one) application in a Serve config file ("thinker" without one)."""
+    path = path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    if path is None:
+        return "thinker"
+    (app,) = yaml.safe_load(Path(path).read_text())["applications"]
+    return app.get("name", "default")
 
 
 def database(config: ThinkerConfig) -> Database:
@@ -74,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="thinker", description="Thinker's operator command line")
     parser.add_argument("--config", default=None, help=f"the Serve config (default: ./{DEFAULT_CONFIG} if present)")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the service: `serve run CONFIG`, with a line once it is ready")
+    serve.add_argument("serve_config", nargs="?", default=None, help=f"a Serve config (default: ./{DEFAULT_CONFIG})")
+    status = commands.add_parser("status", help="what a running app holds: models, adapters, queues, tenants")
+    status.add_argument("--address", default="auto", help="the Ray cluster (default: the one running here)")
+    status.add_argument("--app", default=None, help="the Serve application (default: the config's one)")
     keys = commands.add_parser("keys", help="API keys (auth.mode: keys)")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="issue a key for a tenant (created if new)")
@@ -88,11 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out_dir")
     export.add_argument("--checkpoint-root", default=None, help="overrides the config's checkpoint_root")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        sys.exit(service_watch.serve_command(args.serve_config or args.config or DEFAULT_CONFIG))
     config = load_config(args.config, getattr(args, "checkpoint_root", None))
+    commands = {"keys": keys_command, "export": export_command, "status": status_command}
     try:
-        (keys_command if args.command == "keys" else export_command)(args, config)
+        commands[args.command](args, config)
     except ThinkerError as exc:
         parser.exit(2, f"thinker: {exc}\n")
+
+
+def status_command(args: argparse.Namespace, config: ThinkerConfig) -> None:
+    app = args.app or app_name(args.config)
+    print(service_watch.status_report(service_watch.status(args.address, app, database(config)), app))
 
 
 if __name__ == "__main__":

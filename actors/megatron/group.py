@@ -24,6 +24,7 @@ from configs.errors import ServerError
 from configs.schema import BaseModelConfig
 
 logger = logging.getLogger(__name__)
+PLACEMENT_POLL_S = 1.0
 
 
 class RankLost(ServerError):
@@ -78,27 +79,44 @@ class RankGroup:
         self.coords = ray.get(setups, timeout=m.setup_timeout_s)
         self.broken = False
 
-    def _await_placement(self, bundle: dict, timeout_s: float) -> None:
-        """Wait for the ranks' resources; say what is missing while waiting, and fail clearly."""
-        ready = self._pg.ready()
-        waited, warn_after = 0.0, min(30.0, timeout_s)
-        while waited < timeout_s:
-            step = min(warn_after, timeout_s - waited)
-            done, _ = ray.wait([ready], timeout=step)
-            if done:
-                return
-            waited += step
-            logger.warning(
-                "the Megatron group of %s waits %.0f s for %d bundles of %s (%s placement); the cluster has %s",
-                self._config.name,
-                waited,
-                self.world_size,
-                bundle,
-                self._config.megatron.placement_strategy,
-                {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
-            )
+    def _give_up_placement(self) -> None:
         remove_placement_group(self._pg)
         self._pg = None
+
+    def _await_placement(self, bundle: dict, timeout_s: float) -> None:
+        """Wait for the ranks' resources. A group no set of the cluster's nodes could hold (even idle)
+        fails after `unplaceable_after_s`, saying what it asked for and what each node has; one that
+        waits for busy resources is reported every 30 s and fails at `timeout_s`."""
+        m = self._config.megatron
+        ready = self._pg.ready()
+        waited, warn_at, unplaceable_for = 0.0, min(30.0, timeout_s), 0.0
+        while waited < timeout_s:
+            done, _ = ray.wait([ready], timeout=min(PLACEMENT_POLL_S, timeout_s - waited))
+            if done:
+                return
+            waited += PLACEMENT_POLL_S
+            nodes = _node_resources()
+            placeable = fits(bundle, self.world_size, m.placement_strategy, nodes)
+            unplaceable_for = 0.0 if placeable else unplaceable_for + PLACEMENT_POLL_S
+            if unplaceable_for >= m.unplaceable_after_s:
+                self._give_up_placement()
+                raise ServerError(
+                    f"the Megatron group of {self._config.name} asks for {self.world_size} x {bundle} "
+                    f"({m.placement_strategy}), which no set of this cluster's nodes can hold: the nodes have "
+                    f"{nodes}; lower cpus_per_rank / gpus_per_rank or the parallel sizes, or add nodes"
+                )
+            if waited >= warn_at:
+                warn_at += 30.0
+                logger.warning(
+                    "the Megatron group of %s waits %.0f s for %d bundles of %s (%s placement); the cluster has %s",
+                    self._config.name,
+                    waited,
+                    self.world_size,
+                    bundle,
+                    m.placement_strategy,
+                    {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+                )
+        self._give_up_placement()
         raise ServerError(
             f"the cluster did not provide {self.world_size} x {bundle} for the Megatron group of "
             f"{self._config.name} within {timeout_s:.0f} s (megatron.setup_timeout_s); lower cpus_per_rank / "
@@ -146,3 +164,20 @@ class RankGroup:
         if self._pg is not None:
             remove_placement_group(self._pg)
         self._actors, self._pg = [], None
+
+
+def fits(bundle: dict[str, float], count: int, strategy: str, nodes: list[dict[str, float]]) -> bool:
+    """Whether `count` bundles could be placed on idle `nodes` (each node's total resources) under
+    the placement `strategy`: the test for a group that waiting cannot help."""
+    per_node = [int(min(node.get(k, 0.0) / v for k, v in bundle.items() if v > 0) + 1e-9) for node in nodes]
+    if strategy == "STRICT_PACK":
+        return any(n >= count for n in per_node)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n >= 1) >= count
+    return sum(per_node) >= count
+
+
+def _node_resources() -> list[dict[str, float]]:
+    """Each alive node's total CPU and GPU (not what is free: busy resources free up)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return [{k: v for k, v in r.items() if k in ("CPU", "GPU")} for r in nodes]

@@ -1,6 +1,8 @@
 """The Megatron backend on CPU (gloo): parity with transformers and with the HF backend, PEFT
 interop both ways, data parallelism, and recovery from a dead rank."""
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -10,7 +12,7 @@ from actors.hf.backend import HFBackend
 from actors.hf.base_model import load_base_model
 from actors.megatron import backend as megatron_backend
 from actors.megatron.backend import MegatronBackend
-from actors.megatron.group import RankGroup
+from actors.megatron.group import RankGroup, fits
 from actors.work import (
     AdamParams,
     CreateModelWork,
@@ -206,6 +208,27 @@ def test_a_group_the_cluster_cannot_place_fails_clearly_instead_of_waiting_forev
     with pytest.raises(ServerError, match="did not provide 2 x"):
         RankGroup(config, cache)
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
+
+
+def test_a_group_no_node_could_hold_fails_within_seconds_saying_what_it_asked_and_what_the_nodes_have(cache):
+    config = megatron_config(tp=2)
+    config.megatron.cpus_per_rank = 3.0  # 2 x 3 CPUs: the suite's one node has 4 (setup_timeout_s stays 900 s)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"asks for 2 x \{'CPU': 3\.0\} \(PACK\).*the nodes have \[\{'CPU': 4\.0"):
+        RankGroup(config, cache)
+    assert time.monotonic() - started < config.megatron.unplaceable_after_s + 15
+    assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
+
+
+def test_placement_fits_as_ray_places_bundles():
+    two_nodes = [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 2.0}]
+    assert fits({"CPU": 1.0, "GPU": 1.0}, 4, "PACK", two_nodes)
+    assert not fits({"CPU": 1.0, "GPU": 1.0}, 5, "SPREAD", two_nodes)
+    assert not fits({"CPU": 1.0, "GPU": 1.0}, 4, "STRICT_PACK", two_nodes)
+    assert fits({"CPU": 1.0, "GPU": 1.0}, 2, "STRICT_PACK", two_nodes)
+    assert not fits({"CPU": 1.0, "GPU": 1.0}, 3, "STRICT_SPREAD", two_nodes)
+    assert fits({"CPU": 0.25}, 4, "PACK", [{"CPU": 1.0}])
+    assert not fits({"CPU": 1.0, "GPU": 1.0}, 1, "PACK", [{"CPU": 16.0}])
 
 
 def test_a_layout_that_does_not_divide_the_model_is_refused_before_any_rank_starts(cache):
