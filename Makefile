@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 COOKBOOK_DEPS := chz==0.4.0 tml-renderers==0.2.1 blobfile==3.3.0 lxml termcolor cloudpickle pillow datasets \
 	multiprocess dill xxhash pandas python-dateutil pytz tzdata pyarrow
 
-.PHONY: setup serve test bench
+.PHONY: setup serve test test-slow bench
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest --slow
 
 bench: setup
 	$(BIN)/python bench/overhead.py

@@ -25,7 +25,7 @@ from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.database import Database, default_url
 from actors.metadata.tenants import Tenants
 from configs.errors import NotFoundError, ThinkerError
-from configs.schema import ThinkerConfig
+from configs.schema import ThinkerConfig, model_deployment_name
 
 DEFAULT_CONFIG = "serve_config.yaml"
 
@@ -36,8 +36,7 @@ def load_config(path: str | None, checkpoint_root: str | None = None) -> Thinker
         path = DEFAULT_CONFIG
     args = {}
     if path is not None:
-        (app,) = yaml.safe_load(Path(path).read_text())["applications"]
-        args = app.get("args", {})
+        args = service_watch.serve_app(yaml.safe_load(Path(path).read_text())).get("args") or {}
     config = ThinkerConfig.model_validate(args)
     return config.model_copy(update={"checkpoint_root": checkpoint_root}) if checkpoint_root else config
 
@@ -47,8 +46,7 @@ def app_name(path: str | None) -> str:
     path = path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
     if path is None:
         return "thinker"
-    (app,) = yaml.safe_load(Path(path).read_text())["applications"]
-    return app.get("name", "default")
+    return service_watch.serve_app(yaml.safe_load(Path(path).read_text())).get("name", "default")
 
 
 def database(config: ThinkerConfig) -> Database:
@@ -106,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out_dir")
     export.add_argument("--checkpoint-root", default=None, help="overrides the config's checkpoint_root")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        sys.exit(service_watch.serve_command(args.serve_config or args.config or DEFAULT_CONFIG))
-    config = load_config(args.config, getattr(args, "checkpoint_root", None))
-    commands = {"keys": keys_command, "export": export_command, "status": status_command}
     try:
+        if args.command == "serve":
+            sys.exit(service_watch.serve_command(args.serve_config or args.config or DEFAULT_CONFIG))
+        config = load_config(args.config, getattr(args, "checkpoint_root", None))
+        commands = {"keys": keys_command, "export": export_command, "status": status_command}
         commands[args.command](args, config)
     except ThinkerError as exc:
         parser.exit(2, f"thinker: {exc}\n")
@@ -118,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def status_command(args: argparse.Namespace, config: ThinkerConfig) -> None:
     app = args.app or app_name(args.config)
-    print(service_watch.status_report(service_watch.status(args.address, app, database(config)), app))
+    names = {model_deployment_name(i, m): m.name for i, m in enumerate(config.models)}
+    print(service_watch.status_report(service_watch.status(args.address, app, database(config), names), app))
 
 
 if __name__ == "__main__":

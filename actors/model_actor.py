@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -59,8 +60,6 @@ from configs.errors import ThinkerError, UserError
 from configs.schema import BaseModelConfig, TenantQuotas
 
 logger = logging.getLogger(__name__)
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth"}
-MAX_TOKENIZER_FILE_BYTES = 64 << 20
 
 
 def default_backend(config: BaseModelConfig, cache_dir: str) -> Backend:
@@ -373,6 +372,8 @@ class ModelActor:
                     work = CreateModelWork(run.id, LoraSpec(**run.lora), dict(run.user_metadata), run.tenant_id)
                     await self._scheduler.run_now(partial(self._load_snapshot, work, files))
                 after = (run.durable_seq, run.durable_at) if files else (None, None)
+                if files and run.durable_seq is not None:  # a client attaching numbers after it
+                    self._scheduler.note_seq(run.id, run.durable_seq)
                 logs += await asyncio.to_thread(self._records.log, run.id, *after)
                 self._metrics.restored(run.tenant_id)
             except Exception:
@@ -491,11 +492,10 @@ class ModelActor:
     async def tokenizer_files(self) -> dict[str, bytes]:
         """The base model's tokenizer files, for a client that lacks the model's folder (a notebook
         on the Ray client): small files only, never weights."""
-        folder = Path(self._description.tokenizer_id or "")
-        if not self._description.tokenizer_id or not folder.is_dir():
+        tokenizer = getattr(self._backend, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
             raise UserError(f"base model {self._description.name!r} has no tokenizer to hand out")
-        files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix not in WEIGHT_SUFFIXES]
-        return {f.name: f.read_bytes() for f in files if f.stat().st_size <= MAX_TOKENIZER_FILE_BYTES}
+        return await asyncio.to_thread(_tokenizer_files, tokenizer)
 
     async def has_model(self, model_id: str) -> bool:
         await self._ready()
@@ -580,3 +580,10 @@ class ModelActor:
             stop_reasons=[s.stop_reason for s in result.sequences],
             prompt_tokens=prompt_length,
         )
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """What `save_pretrained` writes of a tokenizer (its files only, whatever lies beside them)."""
+    with tempfile.TemporaryDirectory(prefix="thinker-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return {f.name: f.read_bytes() for f in sorted(Path(folder).iterdir()) if f.is_file()}

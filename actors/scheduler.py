@@ -155,7 +155,7 @@ class Scheduler:
     def skip(self, model_id: str, seq_id: int) -> None:
         """`seq_id` will never arrive (the ingress rejected it): later ones must not wait for it."""
         self._start()
-        self._note_seq(model_id, seq_id)
+        self.note_seq(model_id, seq_id)
         for job in self._sequencer.skip(model_id, seq_id):
             self._enqueue(job)
 
@@ -177,7 +177,7 @@ class Scheduler:
         self._remember(key, job.future)
         self._open += 1
         if seq_id is not None:
-            self._note_seq(model_id, seq_id)
+            self.note_seq(model_id, seq_id)
         for ready in self._sequencer.submit(model_id, seq_id, job):
             self._enqueue(ready)
         self._gap_changed.set()
@@ -188,7 +188,8 @@ class Scheduler:
         numbers its requests after it: a reused seq_id would be answered as a retried duplicate)."""
         return self._last_seq.get(model_id)
 
-    def _note_seq(self, model_id: str, seq_id: int) -> None:
+    def note_seq(self, model_id: str, seq_id: int) -> None:
+        """`seq_id` was sent for `model_id` (also one a restored snapshot already holds)."""
         self._last_seq[model_id] = max(seq_id, self._last_seq.get(model_id, seq_id))
 
     def _remember(self, key: tuple[str, int] | None, future: asyncio.Future) -> None:

@@ -1,8 +1,10 @@
 """What `thinker serve` and `thinker status` see of a running app.
 
-- `serve_command` runs Ray Serve's own `serve run CONFIG` (same flags, same logs, Ctrl-C stops it)
-  and watches the app's capabilities route beside it: one progress line per change while base
-  models load (and every PROGRESS_EVERY_S), one "ready at URL" line once all are ready.
+- `serve_command` runs Ray Serve's own `serve run CONFIG` (same logs; Ctrl-C or SIGTERM stops it,
+  forwarded once, in its own session so the terminal's Ctrl-C does not reach it twice) and
+  watches the app beside it: one progress line per change while base models load (and every
+  PROGRESS_EVERY_S), one "ready at URL" line once all are ready. The states come from healthz
+  (public, also with auth.mode: keys), Serve's message for a waiting model from capabilities.
 - `status` asks a running app's model deployments through Ray (an operator's view: no key) what
   they hold and have waiting, and the metadata database which tenants hold what.
 """
@@ -23,33 +25,56 @@ import yaml
 
 from actors.metadata.database import Database
 from actors.metadata.registry import Registry
-from configs.errors import NotFoundError
+from configs.errors import NotFoundError, UserError
 
 PROGRESS_EVERY_S = 10.0
 POLL_S = 1.0
+STATUS_TIMEOUT_S = 30.0
 
 
 def serve_command(config_path: str) -> int:
-    """`serve run config_path`; its exit status."""
+    """`serve run config_path`; its exit status (128 + the signal that ended it, as a shell says)."""
     url = app_url(config_path)
-    child = subprocess.Popen([_serve_bin(), "run", config_path])
-    try:
-        watch(child, url)
-        return child.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to both; serve run shuts its app down
-        child.send_signal(signal.SIGINT)
-        return child.wait()
+    child = subprocess.Popen([_serve_bin(), "run", config_path], start_new_session=True)
+    stopping = []
+
+    def stop(signum, frame) -> None:  # forwarded once: a second SIGINT would cut serve run's shutdown short
+        if not stopping:
+            stopping.append(signum)
+            child.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if not watch(child, url) and not stopping:
+        print(f"thinker: serve run ended (exit status {child.returncode}) before the app was ready", file=sys.stderr)
+    code = child.wait()
+    return 128 - code if code < 0 else code
+
+
+def serve_app(spec: dict, name: str | None = None) -> dict:
+    """The Thinker application of a Serve config: the one named `name`, else the one that imports
+    deployments.app, else the only one."""
+    apps = spec.get("applications") or []
+    if name is not None:
+        found = [a for a in apps if a.get("name", "default") == name]
+    else:
+        found = [a for a in apps if str(a.get("import_path", "")).startswith("deployments.app:")] or apps
+    if len(found) != 1:
+        raise UserError(f"the config has {len(found)} Thinker applications; name one (--app)")
+    return found[0]
 
 
 def app_url(config_path: str) -> str:
-    """Where the (one) app of a Serve config answers over HTTP."""
+    """Where the Thinker app of a Serve config answers over HTTP."""
     spec = yaml.safe_load(Path(config_path).read_text())
     http = spec.get("http_options") or {}
-    host = http.get("host", "127.0.0.1")
+    host = str(http.get("host", "127.0.0.1"))
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    (app,) = spec["applications"]
-    prefix = (app.get("route_prefix") or "/").rstrip("/")
-    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+    host = f"[{host}]" if ":" in host else host
+    prefix = serve_app(spec).get("route_prefix", "/")
+    if prefix is None:
+        raise UserError("the app has no route_prefix (no HTTP): thinker serve cannot watch it; use serve run")
+    return f"http://{host}:{http.get('port', 8000)}{prefix.rstrip('/')}"
 
 
 def watch(child: subprocess.Popen, url: str, out=sys.stderr) -> bool:
@@ -70,13 +95,21 @@ def watch(child: subprocess.Popen, url: str, out=sys.stderr) -> bool:
 
 
 def _model_states(url: str) -> dict[str, tuple[str, str | None]]:
-    """Each base model's (state, what Serve says), or {} while the app does not answer yet."""
+    """Each base model's (state, what Serve says of it), or {} while the app does not answer yet."""
     try:
-        answer = requests.get(f"{url}/api/v1/get_server_capabilities", timeout=10)
-        models = answer.json()["supported_models"] if answer.status_code == 200 else []
+        health = requests.get(f"{url}/api/v1/healthz", timeout=10)
+        states = health.json()["models"] if health.status_code == 200 else {}
     except (requests.RequestException, ValueError, KeyError):
         return {}
-    return {m["model_name"]: (m.get("state", "ready"), m.get("detail")) for m in models}
+    details: dict[str, str | None] = {}
+    if any(state != "ready" for state in states.values()):
+        try:  # Serve's message of a waiting model (a 401 with auth.mode: keys: no details then)
+            answer = requests.get(f"{url}/api/v1/get_server_capabilities", timeout=10)
+            models = answer.json()["supported_models"] if answer.status_code == 200 else []
+            details = {m["model_name"]: m.get("detail") for m in models}
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+    return {name: (state, details.get(name)) for name, state in states.items()}
 
 
 def _progress(states: dict[str, tuple[str, str | None]]) -> str:
@@ -99,8 +132,9 @@ class ModelStatus:
     samplers: Counter = field(default_factory=Counter)  # tenant -> live sampling sessions
 
 
-def status(address: str, app: str, database: Database) -> list[ModelStatus]:
-    """Every base model of the Serve app `app` on the Ray cluster at `address`."""
+def status(address: str, app: str, database: Database, names: dict[str, str]) -> list[ModelStatus]:
+    """Every base model of the Serve app `app` on the Ray cluster at `address` (`names`: deployment
+    name -> base model name, from the config)."""
     import ray
     from ray import serve
 
@@ -113,7 +147,8 @@ def status(address: str, app: str, database: Database) -> list[ModelStatus]:
         for name, deployment in sorted(application.deployments.items()):
             if name.startswith("model-"):
                 state = getattr(deployment.status, "value", deployment.status)  # an Enum in Ray 2.60
-                found.append(_model_status(serve.get_deployment_handle(name, app), str(state)))
+                base_model = names.get(name, name)
+                found.append(_model_status(serve.get_deployment_handle(name, app), base_model, str(state)))
         registry = Registry(database)
         for model in found:
             model.tenants.update(run.tenant_id for run in registry.live_runs_of(model.base_model))
@@ -123,13 +158,12 @@ def status(address: str, app: str, database: Database) -> list[ModelStatus]:
         ray.shutdown()
 
 
-def _model_status(handle, state: str) -> ModelStatus:
+def _model_status(handle, base_model: str, state: str) -> ModelStatus:
     try:
-        held = handle.status.remote().result(timeout_s=30)
-    except Exception:  # still loading, or failed: Serve's state says which
-        name = handle.deployment_name.split("-", 2)[-1]
-        return ModelStatus(base_model=name, state=str(state))
-    return ModelStatus(state=str(state), **held)
+        held = handle.status.remote().result(timeout_s=STATUS_TIMEOUT_S)
+    except Exception as exc:  # still loading, or failed: Serve's state says which; the reason too
+        return ModelStatus(base_model=base_model, state=f"{state}: {type(exc).__name__}: {str(exc)[:200]}")
+    return ModelStatus(state=state, **held)
 
 
 def status_report(models: list[ModelStatus], app: str) -> str:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,11 +48,13 @@ class MegatronConfig(StrictConfig):
         1800.0, gt=0, description="Longest a call on the group may take before it counts as failed."
     )
     setup_timeout_s: float = Field(900.0, gt=0, description="Longest the group may take to start and load its shards.")
-    unplaceable_after_s: float = Field(
+    unplaceable_after_s: float | None = Field(
         10.0,
         gt=0,
-        description="How long a group no set of the cluster's nodes could hold (even idle) waits before failing "
-        "with what it asked for and what the nodes have. Raise it on an autoscaling cluster that adds nodes.",
+        description="How long a group that no set of the cluster's nodes could hold (even idle) waits at its first "
+        "start before failing with what it asked for and what the nodes have. None: wait for nodes up to "
+        "setup_timeout_s (an autoscaling cluster, or nodes that join later, as on KubeRay). A group rebuilt "
+        "after a lost rank always waits.",
     )
 
 
@@ -249,3 +252,9 @@ class ThinkerConfig(StrictConfig):
         if len(names) != len(set(names)):
             raise ValueError(f"base model names must be unique, got {names}")
         return self
+
+
+def model_deployment_name(index: int, model: BaseModelConfig) -> str:
+    """The Serve deployment of the `index`-th base model (the app binds it; `thinker status` finds it)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model.name).strip("-")[:40]
+    return f"model-{index}-{slug}"

@@ -7,22 +7,16 @@ live in the metadata database and the model deployments: there is no future stor
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from actors.model_actor import ModelActor, default_backend
-from configs.schema import BaseModelConfig, ThinkerConfig
+from configs.schema import BaseModelConfig, ThinkerConfig, model_deployment_name
 from deployments.ingress import Ingress
 
 UNBOUNDED = 100_000  # queued requests per replica: ordering and batching happen inside the actors
-
-
-def model_deployment_name(index: int, model: BaseModelConfig) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", model.name).strip("-")[:40]
-    return f"model-{index}-{slug}"
 
 
 def bind_model(index: int, model: BaseModelConfig, config: ThinkerConfig, backend_factory: Any) -> Application:

@@ -6,6 +6,7 @@ original server's simple JSON routes, on one FastAPI app per replica.
 - NOTE: nothing here may import torch: replicas stay light and start fast.
 """
 
+import json
 from typing import Any, NamedTuple
 
 import httpx
@@ -181,7 +182,13 @@ class Ingress:
         """One route of this app called through a Serve handle, not the HTTP proxy (the Ray-native
         client, deployments/ray_client.py): the same ASGI app answers, with its admission (key,
         size), validation and error shapes, so both paths keep one set of rules."""
-        transport = httpx.ASGITransport(app=self.__serve_build_asgi_app__(), client=("ray-client", 0))
+        if len(body) > self._config.max_request_bytes:
+            status, answer = error_response(
+                RequestTooLargeError(f"request body exceeds {self._config.max_request_bytes} bytes")
+            )
+            return RouteAnswer(status, "application/json", json.dumps(answer).encode())
+        app = self.__serve_build_asgi_app__()  # an exception a route does not handle is a 500, as over HTTP
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("ray-client", 0))
         async with httpx.AsyncClient(transport=transport, base_url="http://thinker.ray-client") as client:
             answer = await client.request(method, path, headers=headers, content=body)
         return RouteAnswer(answer.status_code, answer.headers.get("content-type", ""), answer.content)

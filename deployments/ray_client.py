@@ -16,6 +16,9 @@
   routes through a Serve handle: admission by key, validation, ordering, de-duplication, errors and
   ownership are those of the HTTP API. A failed request raises tinker.RequestFailedError; a refused
   one the Thinker error of its status (configs/errors.py).
+- NOTE: a Ray connection is the whole cluster (any actor, any file, any secret in a worker's
+  environment): the key picks whose models these are, it is no wall between people. Ray-client
+  access is for the cluster's own operators and teams; strangers use HTTP.
 - Requests are numbered here as the SDK numbers them (one seq_id stream per training model), so
   calls may overlap and still run in the order they were made.
 """
@@ -47,7 +50,11 @@ class RayFuture(ray.ObjectRef):
         try:
             return ray.get(self.ref, timeout=timeout)
         except ray.exceptions.RayTaskError as exc:
-            raise exc.cause from None
+            raise (exc.cause or exc) from None
+
+    def __reduce__(self):
+        """Into a task or a container, as the plain ref (which Ray's own serializer tracks)."""
+        return as_future, (self.ref,)
 
 
 class ClientRayFuture(ClientObjectRef):
@@ -55,6 +62,7 @@ class ClientRayFuture(ClientObjectRef):
 
     ref: ClientObjectRef
     result = RayFuture.result
+    __reduce__ = RayFuture.__reduce__
 
 
 def as_future(ref: ray.ObjectRef) -> RayFuture:
@@ -78,7 +86,8 @@ def connect(
     if not ray.is_initialized():
         raise RuntimeError('connect() needs a Ray connection: ray.init() in the cluster, ray.init("ray://head:10001")')
     key = api_key if api_key is not None else os.environ.get("TINKER_API_KEY")
-    gateway = ray.remote(num_cpus=0)(Gateway).remote(app_name, key)
+    # every call it carries is safe to repeat (seq_ids), so a gateway lost with its node comes back and retries
+    gateway = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Gateway).remote(app_name, key)
     return ServiceClient(gateway, user_metadata or {}, project_id)
 
 

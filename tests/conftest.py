@@ -63,14 +63,21 @@ def default_model_dir() -> Path:
     return ensure_embedded_model("SmolLM2-135M-Instruct", "~/.cache/thinker")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the `slow` tier (minutes each on 2 cores)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where CUDA is: elsewhere they are skipped, saying why."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (tests/gpu runs on a GPU machine)")
+    """`gpu` tests run only where CUDA is, `slow` ones only with --slow: elsewhere they are skipped, saying why."""
+    skips = []
+    if not torch.cuda.is_available():
+        skips.append(("gpu", pytest.mark.skip(reason="needs a CUDA device (tests/gpu runs on a GPU machine)")))
+    if not config.getoption("--slow"):
+        skips.append(("slow", pytest.mark.skip(reason="the slow tier: run it with --slow")))
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def free_port() -> int:

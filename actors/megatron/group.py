@@ -39,6 +39,7 @@ class RankGroup:
         self._pg = None
         self.coords: list[dict] = []
         self.broken = False
+        self._fail_fast = True  # the first start only (see unplaceable_after_s)
         self._start()
 
     @property
@@ -98,7 +99,7 @@ class RankGroup:
             nodes = _node_resources()
             placeable = fits(bundle, self.world_size, m.placement_strategy, nodes)
             unplaceable_for = 0.0 if placeable else unplaceable_for + PLACEMENT_POLL_S
-            if unplaceable_for >= m.unplaceable_after_s:
+            if self._fail_fast and m.unplaceable_after_s is not None and unplaceable_for >= m.unplaceable_after_s:
                 self._give_up_placement()
                 raise ServerError(
                     f"the Megatron group of {self._config.name} asks for {self.world_size} x {bundle} "
@@ -148,7 +149,10 @@ class RankGroup:
         return [r for _, r in ranked]
 
     def rebuild(self) -> None:
+        """A new group after a rank was lost: it waits for its nodes (a lost node takes a while to be
+        replaced) up to setup_timeout_s, however long they are missing."""
         self.close()
+        self._fail_fast = False
         try:
             self._start()
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:

@@ -3,6 +3,7 @@
 import asyncio
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -144,11 +145,13 @@ def test_sampling_requests_pending_together_run_as_one_batch():
         def __init__(self, *args):
             super().__init__(*args)
             self.sample_batches = []
+            self.sampling = threading.Event()
 
         def list_samplers(self):
             return ["s1", "s2"]
 
         def sample(self, works):
+            self.sampling.set()
             time.sleep(0.2)  # the first batch runs while the others queue up
             self.sample_batches.append(sorted(w.sampler_id for w in works))
             return [SampleResult([]) for _ in works]
@@ -160,7 +163,8 @@ def test_sampling_requests_pending_together_run_as_one_batch():
         )
         works = [SampleWork(s, i, np.arange(3)) for i, s in enumerate(["s1", "s2", "s1", "s2", "s1"])]
         first = asyncio.create_task(actor.sample(works[0]))
-        await asyncio.sleep(0.05)
+        while not actor._backend.sampling.is_set():  # the first batch is on the compute thread
+            await asyncio.sleep(0.01)
         await asyncio.gather(first, *(actor.sample(w) for w in works[1:]))
         again = await actor.sample(works[1])  # a retried (sampler, seq_id) is answered, not re-run
         return actor._backend.sample_batches, again

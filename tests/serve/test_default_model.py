@@ -51,6 +51,7 @@ def test_first_training_example_runs(url):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # three minutes on 2 cores: the examples' RL loop runs on tiny models in the default tier
 def test_rl_loop_raises_mean_reward(url):
     from examples import rl_loop
 

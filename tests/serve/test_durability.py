@@ -121,6 +121,7 @@ def test_a_restarted_application_continues_where_it_stopped(serve_instance, tmp_
 
     info = requests.post(f"{url}/api/v1/get_info", json={"model_id": resumed.model_id}, headers=key, timeout=60)
     assert info.status_code == 200 and info.json()["model_id"] == resumed.model_id
+    assert info.json()["last_seq_id"] == 6  # three steps of two requests: a client attaching numbers from 7
     assert retrieve(url, job["request_id"], headers=key) == first  # a result finished before the restart
     job = requests.post(f"{url}/optim_step", json={"model_id": "restart-probe"}, headers=key, timeout=60).json()
     assert retrieve(url, job["request_id"], headers=key)["metrics"]["grad_norm"] > 0  # the replayed gradients

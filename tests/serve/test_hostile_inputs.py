@@ -214,7 +214,9 @@ def test_nan_hyperparameters_and_temperatures_fail_only_their_own_request(tiny_u
     results = [result(tiny_url, a.json()["request_id"]) for a in answers]
     assert all(r.status_code == 200 and r.headers["content-type"] == "application/x-protobuf" for r in results)
     samples = [deserialize_sample_response(r.content).sequences for r in results]
-    assert len({tuple(s.tokens for s in seqs) for seqs in samples}) == 1  # a near-zero temperature samples greedily
+    assert (
+        len({tuple(tuple(s.tokens) for s in seqs) for seqs in samples}) == 1
+    )  # a near-zero temperature samples greedily
     # the same log-probs too, up to float rounding: the three may share a batch, or not
     logprobs = [np.array([s.logprobs for s in seqs]) for seqs in samples]
     assert all(np.allclose(lp, logprobs[0], rtol=0, atol=1e-5) for lp in logprobs)

@@ -75,6 +75,13 @@ def test_futures_are_ray_object_refs_with_result(ray_service):
     assert again.loss_fn_outputs[0]["logprobs"].tolist() == by_get.loss_fn_outputs[0]["logprobs"].tolist()
     assert [o.metrics["loss:sum"] for o in ray.get([model.forward([datum(s)]) for s in range(3)])]
 
+    @ray.remote(num_cpus=0)
+    def first_loss(futures: dict) -> float:  # futures inside a container go into a task as refs
+        return ray.get(futures["fb"][0]).metrics["loss:sum"]
+
+    inside = {"fb": [model.forward([datum(1)])]}
+    assert ray.get(first_loss.remote(inside)) == by_get.metrics["loss:sum"]
+
 
 def test_sampling_from_the_trained_adapter_and_from_the_base_model(ray_service):
     model = ray_service.create_lora_training_client("tiny-a", rank=4)
