@@ -220,49 +220,35 @@ class TrainingClient:
 
     def optim_step(self, adam_params: Any) -> RayFuture:
         """One optimizer step with `adam_params` (tinker.types.AdamParams) on the accumulated gradients."""
-        from tinker import types
-
-        def body(seq_id: int) -> dict:
-            return _json(types.OptimStepRequest(optim_params=adam_params, model_id=self.model_id, seq_id=seq_id))
-
-        return self._run("/api/v1/optim_step", "OptimStepResponse", body)
+        return self._request("/api/v1/optim_step", "OptimStepRequest", "OptimStepResponse", optim_params=adam_params)
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> RayFuture:
         """Weights and optimizer state as a checkpoint; its result's `path` is the tinker:// path."""
-        from tinker import types
-
-        def body(seq_id: int) -> dict:
-            request = types.SaveWeightsRequest(
-                model_id=self.model_id, path=name, seq_id=seq_id, ttl_seconds=ttl_seconds
-            )
-            return _json(request)
-
-        return self._run("/api/v1/save_weights", "SaveWeightsResponse", body)
+        fields = {"path": name, "ttl_seconds": ttl_seconds}
+        return self._request("/api/v1/save_weights", "SaveWeightsRequest", "SaveWeightsResponse", **fields)
 
     def load_state(self, path: str, optimizer: bool = False) -> RayFuture:
         """Load a checkpoint's weights (and, with `optimizer`, its optimizer state) into this model."""
-        from tinker import types
-
-        def body(seq_id: int) -> dict:
-            request = types.LoadWeightsRequest(model_id=self.model_id, path=path, seq_id=seq_id, optimizer=optimizer)
-            return _json(request)
-
-        return self._run("/api/v1/load_weights", "LoadWeightsResponse", body)
+        fields = {"path": path, "optimizer": optimizer}
+        return self._request("/api/v1/load_weights", "LoadWeightsRequest", "LoadWeightsResponse", **fields)
 
     def load_state_with_optimizer(self, path: str) -> RayFuture:
         return self.load_state(path, optimizer=True)
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> RayFuture:
         """The adapter's weights for sampling; its result's `path` is the tinker:// sampler path."""
+        fields = {"path": name, "ttl_seconds": ttl_seconds}
+        request, result = "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse"
+        return self._request("/api/v1/save_weights_for_sampler", request, result, **fields)
+
+    def _request(self, route: str, request: str, result: str, **fields: Any) -> RayFuture:
+        """The JSON request tinker.types.<request> for this model, numbered in call order."""
         from tinker import types
 
         def body(seq_id: int) -> dict:
-            request = types.SaveWeightsForSamplerRequest(
-                model_id=self.model_id, path=name, seq_id=seq_id, ttl_seconds=ttl_seconds
-            )
-            return _json(request)
+            return _json(getattr(types, request)(model_id=self.model_id, seq_id=seq_id, **fields))
 
-        return self._run("/api/v1/save_weights_for_sampler", "SaveWeightsForSamplerResponse", body)
+        return self._run(route, result, body)
 
     def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
         """Save the adapter for sampling and a sampler of it (waits for the save)."""
