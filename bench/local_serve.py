@@ -21,7 +21,7 @@ def serve_thinker_apps(configs: dict) -> dict[str, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a cluster left by `ray start`
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     single = len(configs) == 1
     urls = {}
