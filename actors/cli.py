@@ -30,23 +30,24 @@ from configs.schema import ThinkerConfig, model_deployment_name
 DEFAULT_CONFIG = "serve_config.yaml"
 
 
-def load_config(path: str | None, checkpoint_root: str | None = None) -> ThinkerConfig:
-    """The ThinkerConfig in a Serve config file's `args` (or the defaults without a file)."""
+def config_app(path: str | None) -> dict | None:
+    """The Thinker application of a Serve config file (default: ./serve_config.yaml if present)."""
     if path is None and Path(DEFAULT_CONFIG).exists():
         path = DEFAULT_CONFIG
-    args = {}
-    if path is not None:
-        args = service_watch.serve_app(yaml.safe_load(Path(path).read_text())).get("args") or {}
-    config = ThinkerConfig.model_validate(args)
+    return None if path is None else service_watch.serve_app(yaml.safe_load(Path(path).read_text()))
+
+
+def load_config(path: str | None, checkpoint_root: str | None = None) -> ThinkerConfig:
+    """The ThinkerConfig in a Serve config file's `args` (or the defaults without a file)."""
+    app = config_app(path) or {}
+    config = ThinkerConfig.model_validate(app.get("args") or {})
     return config.model_copy(update={"checkpoint_root": checkpoint_root}) if checkpoint_root else config
 
 
 def app_name(path: str | None) -> str:
-    """The name of the (one) application in a Serve config file ("thinker" without one)."""
-    path = path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    if path is None:
-        return "thinker"
-    return service_watch.serve_app(yaml.safe_load(Path(path).read_text())).get("name", "default")
+    """The name of the application in a Serve config file ("thinker" without one)."""
+    app = config_app(path)
+    return "thinker" if app is None else app.get("name", "default")
 
 
 def database(config: ThinkerConfig) -> Database:

@@ -6,7 +6,6 @@ original server's simple JSON routes, on one FastAPI app per replica.
 - NOTE: nothing here may import torch: replicas stay light and start fast.
 """
 
-import json
 from typing import Any, NamedTuple
 
 import httpx
@@ -159,6 +158,7 @@ class Ingress:
         futures = Futures(FutureRecords(self._tenancy.database, config.future_ttl_s), handles.base)
         self._config = config
         self._api: FastAPI | None = None
+        self._in_process: httpx.AsyncClient | None = None  # call_route's client of this replica's app
         tinker = TinkerRoutes(handles, futures, self._tenancy, config)
         simple = SimpleRoutes(handles, futures, self._tenancy, config)
         forward_backward = ForwardBackwardByContentType(tinker, simple, config.max_request_bytes)
@@ -182,15 +182,11 @@ class Ingress:
         """One route of this app called through a Serve handle, not the HTTP proxy (the Ray-native
         client, deployments/ray_client.py): the same ASGI app answers, with its admission (key,
         size), validation and error shapes, so both paths keep one set of rules."""
-        if len(body) > self._config.max_request_bytes:
-            status, answer = error_response(
-                RequestTooLargeError(f"request body exceeds {self._config.max_request_bytes} bytes")
-            )
-            return RouteAnswer(status, "application/json", json.dumps(answer).encode())
-        app = self.__serve_build_asgi_app__()  # an exception a route does not handle is a 500, as over HTTP
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("ray-client", 0))
-        async with httpx.AsyncClient(transport=transport, base_url="http://thinker.ray-client") as client:
-            answer = await client.request(method, path, headers=headers, content=body)
+        if self._in_process is None:  # one per replica: a client per call would build an SSL context each time
+            app = self.__serve_build_asgi_app__()  # an exception a route does not handle is a 500, as over HTTP
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("ray-client", 0))
+            self._in_process = httpx.AsyncClient(transport=transport, base_url="http://thinker.ray-client")
+        answer = await self._in_process.request(method, path, headers=headers, content=body)
         return RouteAnswer(answer.status_code, answer.headers.get("content-type", ""), answer.content)
 
     async def tokenizer_files(self, api_key: str | None, base_model: str) -> dict[str, bytes]:
