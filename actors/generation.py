@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from actors.lora import Routing
-from actors.work import SampledSequence, SamplingParams
+from actors.work import SampledSequence, SampleResult, SamplingParams
 from configs.errors import ThinkerError, UserError
 
 TOPK_SENTINEL = (0, -99999.0)  # an empty top-k slot, as the Tinker wire expects
@@ -199,6 +199,21 @@ def finish(state: RowState, prompt: GenOutput) -> GenOutput:
     )
     prompt.error = state.error
     return prompt
+
+
+def sample_result(outputs: list[GenOutput]) -> SampleResult | ThinkerError:
+    """A request's answer from its rows' outputs (the first row carries the prompt's scores), or
+    the error of a row that could not be sampled."""
+    failed = next((o.error for o in outputs if o.error), None)
+    if failed is not None:
+        return failed
+    return SampleResult(
+        sequences=[o.sequence for o in outputs],
+        prompt_logprobs=outputs[0].prompt_logprobs,
+        topk_prompt_ids=outputs[0].topk_ids,
+        topk_prompt_logprobs=outputs[0].topk_logprobs,
+        target_prompt_logprobs=outputs[0].target_logprobs,
+    )
 
 
 def generate_uncached(next_logits, rows: list[GenRow], decode=None) -> list[GenOutput]:

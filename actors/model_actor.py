@@ -124,6 +124,8 @@ class ModelActor:
             gap_timeout_s=config.seq_gap_timeout_s,
             max_queued_per_tenant=quotas.max_queued_requests,
             max_tokens_per_tenant=quotas.max_tokens_in_flight,
+            sampling_share=config.sampling_share,
+            decode_slice_s=config.decode_slice_s,
         )
         backend = self._backend
         self._scheduler = Scheduler(
@@ -133,6 +135,7 @@ class ModelActor:
             limits,
             init_compute_thread=backend.init_compute_thread,  # torch's thread settings are per thread
             metrics=self._metrics,
+            decoder=getattr(backend, "decoder", None),  # continuous batching, where the backend has it
         )
         self._description = self._backend.describe()
         self._backend.cancelled = self._cancelled.__contains__  # read on the compute thread, each decode step

@@ -8,7 +8,13 @@
   huge batch cannot starve the others; its result is merged when its last part is done.
 - Any other training request (optim_step, save, load, ...) is a barrier for its own model:
   it runs alone, after that model's earlier requests and before its later ones.
-- Sampling requests pending together (up to `max_rows` sequences) run as one batched generation.
+- Sampling: with a `decoder` (continuous batching, `actors.decoding`), requests join its running
+  batch and the scheduler runs it in slices of decode steps (`decode_slice_s`); without one,
+  requests pending together (up to `max_rows` sequences) run as one batched generation.
+- Training work and sampling share the compute thread by weighted time shares (`actors.shares`,
+  `sampling_share`): while both wait, each gets its share, to within one pass or one slice.
+- A barrier of a sampler or a model sampled live waits for that id's sampling requests submitted
+  before it; its sampling requests submitted after it wait for it (they are parked meanwhile).
 - Per tenant, at most `max_queued_per_tenant` forward / sampling requests and
   `max_tokens_per_tenant` of their tokens are queued or running; more of that tenant's work waits
   in its own backlog (in order, with the later requests of the models it holds back) and is
@@ -35,6 +41,7 @@ from typing import Any
 from actors.metrics import ModelMetrics
 from actors.passes import PassPlanner, merge_results, run_train_pass
 from actors.sequencer import Sequencer
+from actors.shares import TimeShares
 from actors.work import ForwardBackwardResult, ForwardBackwardWork, SampleResult, SampleWork
 from configs.errors import ServerError, ThinkerError, UserError
 
@@ -77,6 +84,8 @@ class SchedulerLimits:
     gap_timeout_s: float
     max_queued_per_tenant: int = 1_000_000
     max_tokens_per_tenant: int = 1 << 62
+    sampling_share: float = 0.5
+    decode_slice_s: float = 0.05
 
 
 class Scheduler:
@@ -92,6 +101,7 @@ class Scheduler:
         limits: SchedulerLimits,
         init_compute_thread: Callable[[], None] | None = None,
         metrics: ModelMetrics | None = None,
+        decoder: Any = None,
     ):
         self._train_batch = train_batch
         self._check_train = check_train
@@ -103,7 +113,13 @@ class Scheduler:
         )
         self._sequencer: Sequencer[_Job] = Sequencer(limits.gap_timeout_s)
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[_Job] = deque()  # training work and barriers, in order
+        self._samples: deque[_Job] = deque()  # sampling requests for a static batch (no decoder)
+        self._decoder = decoder  # actors.decoding.DecodeEngine, or None
+        self._sampling: dict[str, int] = {}  # sampler id -> its sampling jobs submitted, not settled
+        self._parked: list[_Job] = []  # sampling jobs submitted after a barrier of their sampler
+        self._shares = TimeShares({"train": 1 - limits.sampling_share, "sample": limits.sampling_share})
+        self.trace: deque[tuple[str, float]] = deque(maxlen=10_000)  # (kind, seconds) of each unit run
         self._last_done: dict[str, float] = {}  # model id -> when its last request finished
         self._last_seq: dict[str, int] = {}  # model id -> the highest seq_id submitted or skipped
         self._admitted: dict[str, list[int]] = {}  # tenant -> [requests, tokens] queued or running
@@ -225,8 +241,36 @@ class Scheduler:
             load = self._admitted.setdefault(job.tenant, [0, 0])
             load[0] += 1
             load[1] += job.tokens
-        self._jobs.append(job)
+        if job.sample is None:
+            self._jobs.append(job)
+        elif job.sample.sampler_id in self._barrier_ids():
+            self._parked.append(job)
+        else:
+            self._start_sampling(job)
         self._job_added.set()
+
+    def _start_sampling(self, job: _Job) -> None:
+        sampler_id = job.sample.sampler_id
+        self._sampling[sampler_id] = self._sampling.get(sampler_id, 0) + 1
+        if self._decoder is not None:
+            self._decoder.submit(job.sample, job)
+        else:
+            self._samples.append(job)
+
+    def _barrier_ids(self) -> set[str]:
+        return {job.model_id for job in self._jobs if job.fn is not None and job.model_id is not None}
+
+    def _unpark(self) -> None:
+        """Sampling jobs whose sampler has no barrier queued any more go on, in their order."""
+        if not self._parked:
+            return
+        blocked = self._barrier_ids()
+        parked, self._parked = self._parked, []
+        for job in parked:
+            if job.sample.sampler_id in blocked:
+                self._parked.append(job)
+            else:
+                self._start_sampling(job)
 
     def _release(self, job: _Job) -> None:
         """A job finished: give its tenant's room to the next jobs of its backlog."""
@@ -261,19 +305,42 @@ class Scheduler:
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._jobs:
+            ready = [kind for kind, has in (("train", self._train_ready()), ("sample", self._sample_ready())) if has]
+            if not ready:
                 self._job_added.clear()
                 await self._job_added.wait()
                 continue
-            first = self._jobs[0]
-            if first.train is not None:
-                await self._wait_for_other_tenants()
-                await self._run_train_pass(loop)
-            elif first.sample is not None:
-                await self._run_sample_batch(loop)
+            kind = self._shares.pick(ready)
+            start = time.monotonic()
+            if kind == "sample":
+                await self._run_sampling(loop)
             else:
-                self._jobs.popleft()
-                self._settle(first, await self._on_compute_thread(loop, first.fn, 1))
+                await self._run_training(loop)
+            elapsed = time.monotonic() - start
+            self._shares.charge(kind, elapsed)
+            self.trace.append((kind, elapsed))
+
+    def _train_ready(self) -> bool:
+        """Training work is queued and its first job may run (a barrier waits for the sampling
+        requests of its id submitted before it)."""
+        if not self._jobs:
+            return False
+        first = self._jobs[0]
+        return first.fn is None or not self._sampling.get(first.model_id)
+
+    def _sample_ready(self) -> bool:
+        return bool(self._samples) or (self._decoder is not None and self._decoder.busy)
+
+    async def _run_training(self, loop: asyncio.AbstractEventLoop) -> None:
+        first = self._jobs[0]
+        if first.train is not None:
+            if not self._sample_ready():  # the wait would idle the thread: sampling could use it
+                await self._wait_for_other_tenants()
+            await self._run_train_pass(loop)
+        else:
+            self._jobs.popleft()
+            self._settle(first, await self._on_compute_thread(loop, first.fn, 1))
+            self._unpark()
 
     async def _wait_for_other_tenants(self) -> None:
         """Hold a pass briefly for tenants in the middle of a round trip: their last request just
@@ -318,22 +385,38 @@ class Scheduler:
             if job.done_datums == len(job.train.data):
                 self._finish(job, merge_results(job.parts))
 
+    async def _run_sampling(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._decoder is None:
+            await self._run_sample_batch(loop)
+            return
+        running = sum(self._sampling.values())
+        outcome = await self._on_compute_thread(loop, partial(self._decoder.run, self._limits.decode_slice_s), running)
+        if isinstance(outcome, BaseException):  # the engine keeps its requests; they fail on their own
+            return
+        self._record_sampling([(job, result) for job, result in outcome])
+        for job, result in outcome:
+            self._settle(job, result)
+
     async def _run_sample_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, rows = [], 0
-        for job in list(self._jobs):
-            if job.sample is not None and (not batch or rows + job.sample.num_samples <= self._limits.max_sample_rows):
-                self._jobs.remove(job)
+        for job in list(self._samples):
+            if not batch or rows + job.sample.num_samples <= self._limits.max_sample_rows:
+                self._samples.remove(job)
                 batch.append(job)
                 rows += job.sample.num_samples
         run_batch = partial(self._sample_batch, [job.sample for job in batch])
         outcome = await self._on_compute_thread(loop, run_batch, len(batch))
         outcomes = outcome if isinstance(outcome, list) else [outcome] * len(batch)
-        if self._metrics is not None:
-            tokens = sum(job.tokens for job in batch)
-            tokens += sum(len(s.tokens) for r in outcomes if isinstance(r, SampleResult) for s in r.sequences)
-            self._metrics.pass_size("sample", tokens, len({job.sample.sampler_id for job in batch}))
+        self._record_sampling(list(zip(batch, outcomes)))
         for job, result in zip(batch, outcomes):
             self._settle(job, result)
+
+    def _record_sampling(self, finished: list[tuple[_Job, Any]]) -> None:
+        if self._metrics is None or not finished:
+            return
+        tokens = sum(job.tokens for job, _ in finished)
+        tokens += sum(len(s.tokens) for _, r in finished if isinstance(r, SampleResult) for s in r.sequences)
+        self._metrics.pass_size("sample", tokens, len({job.sample.sampler_id for job, _ in finished}))
 
     async def _on_compute_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], jobs: int) -> Any:
         """`_run`, counting its `jobs` as running (not waiting) meanwhile."""
@@ -351,6 +434,11 @@ class Scheduler:
     def _settle(self, job: _Job, outcome: Any) -> None:
         if job.model_id is not None:
             self._last_done[job.model_id] = time.monotonic()
+        sampler_id = job.sample.sampler_id if job.sample is not None else None
+        if sampler_id in self._sampling and not job.future.done():
+            self._sampling[sampler_id] -= 1
+            if not self._sampling[sampler_id]:
+                del self._sampling[sampler_id]
         if not job.future.done():
             self._open -= 1
         _settle(job, outcome)

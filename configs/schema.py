@@ -178,6 +178,26 @@ class BaseModelConfig(StrictConfig):
         16, ge=1, description="Sampler snapshots kept on the device; older ones wait in a spill file."
     )
     max_sample_rows: int = Field(64, ge=1, description="Most sequences decoded together in one batched generation.")
+    continuous_batching: bool = Field(
+        True,
+        description="Sampling rows join the running decode batch between steps and leave as they finish "
+        "(HF backend); off: pending requests decode as one batch that ends when its longest row does.",
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=1, description="Prompt tokens prefilled between two decode steps of the running rows."
+    )
+    sampling_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the compute thread's time sampling gets while training also waits (training "
+        "gets the rest); a kind of work that is alone gets all of it.",
+    )
+    decode_slice_s: float = Field(
+        0.05,
+        gt=0,
+        description="Longest run of decode steps before the scheduler looks at waiting training work again.",
+    )
     custom_losses: list[str] = Field(
         default_factory=list,
         description="Python modules imported in the model actor at start; they call losses.register_custom_loss.",

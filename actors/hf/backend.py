@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from actors.batch import loss_inputs, pack_pass, request_logprobs, request_result, validate_data
-from actors.generation import GenRow, generate
+from actors.decoding import DecodeEngine
+from actors.generation import GenRow, generate, sample_result
 from actors.hf.adapters import AdapterTable
 from actors.hf.base_model import load_base_model
 from actors.hf.samplers import SamplerTable
@@ -87,6 +88,18 @@ class HFBackend:
         self.vocab_size = int(hf_config.vocab_size)
         self.max_seq_len = int(config.max_seq_len or getattr(hf_config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.decoder = None  # continuous batching (the scheduler steps it); None: `sample` batches
+        if config.continuous_batching:
+            self.decoder = DecodeEngine(
+                self.model,
+                self.routing,
+                rows_of=self._rows_of,
+                keep_resident=self._keep_resident,
+                max_rows=config.max_sample_rows,
+                max_adapters=min(config.max_resident_adapters, config.max_resident_samplers),
+                prefill_chunk_tokens=config.prefill_chunk_tokens,
+                decode=self._decode,
+            )
 
     @staticmethod
     def cancelled(request_id: str) -> bool:
@@ -293,13 +306,14 @@ class HFBackend:
         self.samplers.remove(sampler_id)
 
     def sample(self, works: list[SampleWork]) -> list[SampleResult | ThinkerError]:
-        """Every request in one batched generation; a bad request fails alone."""
+        """Every request in one static batch (all rows start and end together); a bad request
+        fails alone. The scheduler uses `decoder` instead when continuous batching is on."""
         outcomes: list[SampleResult | ThinkerError | None] = [None] * len(works)
         rows: list[GenRow] = []
         owners: list[int] = []
         for i, work in enumerate(works):
             try:
-                new_rows = to_rows(work, self._routing_key(work.sampler_id), self._sample_limits())
+                new_rows = self._rows_of(work)
             except ThinkerError as exc:
                 outcomes[i] = exc
                 continue
@@ -308,19 +322,18 @@ class HFBackend:
         if rows:
             outputs = generate(self.model, self.routing, rows, decode=self._decode)
             for i in sorted(set(owners)):
-                mine = [o for o, owner in zip(outputs, owners) if owner == i]
-                failed = next((o.error for o in mine if o.error), None)
-                if failed is not None:
-                    outcomes[i] = failed
-                    continue
-                outcomes[i] = SampleResult(
-                    sequences=[o.sequence for o in mine],
-                    prompt_logprobs=mine[0].prompt_logprobs,
-                    topk_prompt_ids=mine[0].topk_ids,
-                    topk_prompt_logprobs=mine[0].topk_logprobs,
-                    target_prompt_logprobs=mine[0].target_logprobs,
-                )
+                outcomes[i] = sample_result([o for o, owner in zip(outputs, owners) if owner == i])
         return outcomes
+
+    def _rows_of(self, work: SampleWork) -> list[GenRow]:
+        return to_rows(work, self._routing_key(work.sampler_id), self._sample_limits())
+
+    def _keep_resident(self, sampler_ids: set[str]) -> None:
+        """The adapters of these samplers on the layers (a training pass may have offloaded one)."""
+        live = [s for s in sampler_ids if s in self.adapters]
+        if live:
+            self.adapters.make_resident(live)
+        self.samplers.make_resident([s for s in sampler_ids if s not in self.adapters])
 
     def _sample_limits(self) -> SampleLimits:
         return SampleLimits(

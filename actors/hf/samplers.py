@@ -58,8 +58,9 @@ class SamplerTable:
         self._samplers[info.sampler_id] = _Sampler(info, scaling=scaling)
         self._place(info.sampler_id, weights, scaling)
 
-    def routing_key(self, sampler_id: str) -> str:
-        """The LoRA routing key to sample with ("" for the base model); reloads a spilled snapshot."""
+    def routing_key(self, sampler_id: str, keep: set[str] = frozenset()) -> str:
+        """The LoRA routing key to sample with ("" for the base model); reloads a spilled snapshot
+        (spilling the least recently used others, never those in `keep`)."""
         sampler = self._get(sampler_id)
         if sampler.scaling is None:
             return ""
@@ -68,8 +69,15 @@ class SamplerTable:
         else:
             tensors = load_file(sampler.spill_file)
             weights = {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in _modules(tensors)}
-            self._place(sampler_id, weights, sampler.scaling)
+            self._place(sampler_id, weights, sampler.scaling, keep)
         return sampler_id
+
+    def make_resident(self, sampler_ids: list[str]) -> None:
+        """Every one of these samplers on the layers at once (decoding together), even beyond
+        `capacity` for a while; others are spilled first."""
+        keep = set(sampler_ids)
+        for sampler_id in sampler_ids:
+            self.routing_key(sampler_id, keep)
 
     def weights(self, sampler_id: str) -> tuple[dict[str, LoraWeights], float] | None:
         """CPU copies of a snapshot's weights and its scaling (None for the base model)."""
@@ -108,13 +116,20 @@ class SamplerTable:
             raise NotFoundError(f"no sampling session {sampler_id!r} on this base model")
         return sampler
 
-    def _place(self, sampler_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
+    def _place(
+        self,
+        sampler_id: str,
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        scaling: float,
+        keep: set[str] = frozenset(),
+    ) -> None:
         for name, (A, B) in weights.items():
             device = self._layers[name].base.weight.device
             self._layers[name].adapters[sampler_id] = LoraWeights(A=A.to(device), B=B.to(device), scaling=scaling)
         self._resident[sampler_id] = None
-        while len(self._resident) > self._capacity:
-            self._spill(next(iter(self._resident)))
+        victims = [s for s in self._resident if s != sampler_id and s not in keep]
+        while len(self._resident) > self._capacity and victims:
+            self._spill(victims.pop(0))
 
     def _spill(self, sampler_id: str) -> None:
         sampler = self._samplers[sampler_id]

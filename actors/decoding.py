@@ -1,0 +1,312 @@
+"""Continuous batching: sampling rows join the running decode batch between steps and leave it
+the moment they finish.
+
+- A request's prompt is prefilled once (batch 1, no padding) and its KV cache copied to each of
+  its samples' rows: a group of N samples of one prompt pays for one prefill, not N.
+- Prefill is chunked: each `step()` runs at most `prefill_chunk_tokens` prompt tokens, then one
+  decode step of every running row, so a long prompt never stalls the rows already decoding.
+- The running batch is one KV cache, left-padded to its longest row: a joining row is padded to
+  the batch's width (or the batch to the row's), finished rows are dropped and columns no row
+  needs any more are trimmed. Each row keeps its own positions, adapter, sampling parameters
+  and generator, so a row's tokens do not depend on what it is batched with.
+- Rows of a request are admitted together, when the batch has room for all of them; the tenant
+  that had the fewest rows admitted goes first.
+- At most `max_adapters` distinct adapters decode at once (they must all stay on the layers).
+- A step that fails unexpectedly fails the requests it held, never the engine: the batch is reset.
+- NOTE: `submit` may be called from the event loop while `run` works on the compute thread; they
+  share only a deque (atomic appends and pops). Read `busy` only while no `run` is in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from actors.generation import (
+    GenOutput,
+    GenRow,
+    RowState,
+    finish,
+    prompt_scores,
+    sample_result,
+    sample_step,
+    scores_prompt,
+)
+from actors.lora import Routing
+from actors.work import SampleResult, SampleWork
+from configs.errors import ServerError, ThinkerError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    token: Any  # the caller's handle, handed back with the outcome
+    work: SampleWork
+    rows: list[GenRow] = field(default_factory=list)
+    states: list[RowState] = field(default_factory=list)
+    prompt: GenOutput | None = None  # prompt log-probs of its first row, once prefilled
+    live: int = 0  # rows still decoding
+    cache: DynamicCache | None = None  # its own cache while its prompt is prefilled
+    prefilled: int = 0  # prompt tokens in that cache
+    logits: list[torch.Tensor] = field(default_factory=list)  # prefill logits kept for prompt scores
+
+
+@dataclass
+class _Row:
+    request: _Request
+    index: int  # its place in request.rows
+    cached: int  # real tokens in the KV cache (prompt + fed samples)
+
+
+class DecodeEngine:
+    """Sampling requests decoded together, joining and leaving between steps (see the module)."""
+
+    def __init__(
+        self,
+        model,
+        routing: Routing,
+        rows_of: Callable[[SampleWork], list[GenRow]],
+        keep_resident: Callable[[set[str]], None],
+        max_rows: int,
+        max_adapters: int,
+        prefill_chunk_tokens: int = 512,
+        decode: Callable[[list[int]], str] | None = None,
+    ):
+        self._model = model
+        self._routing = routing
+        self._rows_of = rows_of  # validates a request into its rows (raises ThinkerError)
+        self._keep_resident = keep_resident  # the adapters of these sampler ids must be on the layers
+        self._max_rows = max_rows
+        self._max_adapters = max_adapters
+        self._base_key = ""  # the routing key of the base model: needs no adapter slot
+        self._chunk = prefill_chunk_tokens
+        self._decode = decode
+        self._inbox: deque[_Request] = deque()
+        self._waiting: list[_Request] = []  # validated, waiting for room
+        self._prefilling: list[_Request] = []  # admitted, prompt not yet fully in a cache
+        self._rows: list[_Row] = []  # decoding now, one per row of the batch cache
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, width] 1 where the cache holds a real token
+        self._served: dict[str | None, int] = {}  # tenant -> rows admitted (raised to the floor when idle)
+        self.steps = 0  # decode steps run (for tests and metrics)
+
+    # ---- the event loop's side -----------------------------------------------------------------
+
+    def submit(self, work: SampleWork, token: Any) -> None:
+        self._inbox.append(_Request(token, work))
+
+    @property
+    def busy(self) -> bool:
+        """Whether `step` has anything to do."""
+        return bool(self._inbox or self._prefilling or self._rows or self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows) + sum(len(r.rows) for r in self._prefilling)
+
+    # ---- the compute thread's side ----------------------------------------------------------------
+
+    def run(self, seconds: float) -> list[tuple[Any, SampleResult | ThinkerError]]:
+        """Steps until `seconds` have passed (at least one) or nothing is left to do; the requests
+        that finished meanwhile, each with its result or the error that failed it."""
+        start = time.monotonic()
+        finished: list[tuple[Any, SampleResult | ThinkerError]] = []
+        while True:
+            try:
+                self.step(finished)
+            except Exception as exc:  # a bug or a device fault: fail what the batch held, go on empty
+                logger.exception("a decode step failed")
+                self._reset(finished, ServerError(f"sampling failed: {type(exc).__name__}: {exc}"))
+            if not self.busy or time.monotonic() - start >= seconds:
+                return finished
+
+    @torch.no_grad()
+    def step(self, finished: list) -> None:
+        """One prefill chunk (when a request waits) and one decode step; finished requests are appended."""
+        self._take_inbox(finished)
+        self._admit()
+        active = self._adapter_ids()
+        if active:
+            self._keep_resident(active)
+        self._prefill(finished)
+        if self._rows:
+            self._decode_step(finished)
+
+    def _reset(self, finished: list, error: ThinkerError) -> None:
+        failed = {id(r): r for r in self._prefilling} | {id(row.request): row.request for row in self._rows}
+        finished += [(request.token, error) for request in failed.values()]
+        self._prefilling, self._rows, self._cache, self._mask = [], [], None, None
+
+    def _adapter_ids(self) -> set[str]:
+        """The sampler ids of the admitted requests that sample through an adapter."""
+        requests = self._prefilling + [row.request for row in self._rows]
+        return {r.work.sampler_id for r in requests if r.rows[0].key != self._base_key}
+
+    def _take_inbox(self, finished: list) -> None:
+        while self._inbox:
+            request = self._inbox.popleft()
+            try:
+                request.rows = self._rows_of(request.work)
+            except ThinkerError as exc:
+                finished.append((request.token, exc))
+                continue
+            request.states = [RowState() for _ in request.rows]
+            self._waiting.append(request)
+
+    def _admit(self) -> None:
+        """Waiting requests in turn: the tenant that had the fewest rows admitted first (tenants
+        with nothing waiting bank no credit), then arrival order; the chosen one waits (and the
+        others behind it) until all its rows fit."""
+        while True:
+            candidates = self._waiting
+            if not candidates:
+                return
+            tenants = {r.work.tenant for r in candidates}
+            floor = min(self._served.get(t, 0) for t in tenants)
+            for tenant in self._served.keys() - tenants:
+                self._served[tenant] = max(self._served[tenant], floor)
+            request = min(candidates, key=lambda r: self._served.get(r.work.tenant, floor))  # stable: arrival
+            adapters = self._adapter_ids()
+            if request.rows[0].key != self._base_key:
+                adapters.add(request.work.sampler_id)
+            if len(request.rows) > self._max_rows - self.running_rows or len(adapters) > self._max_adapters:
+                return
+            self._waiting.remove(request)
+            self._served[request.work.tenant] = self._served.get(request.work.tenant, floor) + len(request.rows)
+            request.cache = DynamicCache()
+            self._prefilling.append(request)
+
+    def _prefill(self, finished: list) -> None:
+        budget = self._chunk
+        for request in list(self._prefilling):
+            if budget <= 0:
+                return
+            prompt = request.rows[0].prompt
+            start = request.prefilled
+            end = min(len(prompt), start + budget)
+            budget -= end - start
+            ids = torch.as_tensor(prompt[start:end], dtype=torch.long, device=self._device)[None]
+            positions = torch.arange(start, end, device=self._device)[None]
+            keep_all = scores_prompt(request.rows[0])
+            self._routing.set([request.rows[0].key])
+            out = self._model(
+                input_ids=ids,
+                position_ids=positions,
+                cache=request.cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+            request.prefilled = end
+            if keep_all:
+                request.logits.append(out.logits[0])
+            if end == len(prompt):
+                self._prefilling.remove(request)
+                last = out.logits[0, -1:].float()
+                self._join(request, last, finished)
+
+    def _join(self, request: _Request, last_1V: torch.Tensor, finished: list) -> None:
+        """The prompt is in its cache: sample each row's first token and move the live rows into
+        the batch (one copy of the prompt's keys and values per row)."""
+        logits = torch.cat(request.logits) if request.logits else None
+        request.prompt = prompt_scores(logits, request.rows[0], 0) if logits is not None else GenOutput(None)
+        request.logits = []
+        n = len(request.rows)
+        sample_step(last_1V.expand(n, -1), request.rows, request.states, self._decode)
+        live = [i for i, s in enumerate(request.states) if s.stop_reason is None]
+        request.live = len(live)
+        if not live:
+            finished.append((request.token, self._outputs(request)))
+            return
+        length = len(request.rows[0].prompt)
+        pairs = [
+            (layer.keys.expand(len(live), -1, -1, -1), layer.values.expand(len(live), -1, -1, -1))
+            for layer in request.cache.layers
+        ]
+        request.cache = None
+        self._merge(pairs, length)
+        self._rows += [_Row(request, i, length) for i in live]
+
+    def _merge(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Append rows whose caches hold `length` tokens each to the batch cache, left-padding
+        whichever is narrower."""
+        count = pairs[0][0].shape[0]
+        new_mask = torch.ones((count, length), dtype=torch.long, device=self._device)
+        if self._cache is None:
+            self._cache = DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in pairs])
+            self._mask = new_mask
+            return
+        width = max(self._mask.shape[1], length)
+        for layer, (k, v) in zip(self._cache.layers, pairs):
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(k, width)])
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(v, width)])
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)])
+
+    def _decode_step(self, finished: list) -> None:
+        rows = self._rows
+        ids = torch.tensor([[r.request.states[r.index].tokens[-1]] for r in rows], device=self._device)
+        positions = torch.tensor([[r.cached] for r in rows], device=self._device)
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        self._routing.set([r.request.rows[r.index].key for r in rows])
+        out = self._model(
+            input_ids=ids, attention_mask=self._mask, position_ids=positions, cache=self._cache, use_cache=True
+        )
+        self.steps += 1
+        for row in rows:
+            row.cached += 1
+        logits_BV = out.logits[:, -1, :].float()
+        gen_rows = [r.request.rows[r.index] for r in rows]
+        states = [r.request.states[r.index] for r in rows]
+        sample_step(logits_BV, gen_rows, states, self._decode)
+        keep = [i for i, s in enumerate(states) if s.stop_reason is None]
+        for i, row in enumerate(rows):
+            if states[i].stop_reason is not None:
+                row.request.live -= 1
+                if row.request.live == 0:
+                    finished.append((row.request.token, self._outputs(row.request)))
+        if len(keep) < len(rows):
+            self._drop(keep)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep only these rows of the batch, and trim columns that are padding for every row left."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self._device)
+        width = self._mask.shape[1]
+        cut = width - max(row.cached for row in self._rows)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, cut:]
+            layer.values = layer.values[index, :, cut:]
+        self._mask = self._mask[index, cut:]
+
+    def _outputs(self, request: _Request) -> SampleResult | ThinkerError:
+        outputs = [finish(state, GenOutput(None)) for state in request.states]
+        first = request.prompt or GenOutput(None)
+        outputs[0].prompt_logprobs = first.prompt_logprobs
+        outputs[0].topk_ids, outputs[0].topk_logprobs = first.topk_ids, first.topk_logprobs
+        outputs[0].target_logprobs = first.target_logprobs
+        return sample_result(outputs)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self._model.parameters()).device
+
+
+def _left_pad(kv_BHTD: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - kv_BHTD.shape[2]
+    return F.pad(kv_BHTD, (0, 0, pad, 0)) if pad else kv_BHTD
+
+
+def _left_pad_mask(mask_BT: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - mask_BT.shape[1]
+    return F.pad(mask_BT, (pad, 0)) if pad else mask_BT
