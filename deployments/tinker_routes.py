@@ -404,6 +404,8 @@ class TinkerRoutes:
             return JSONResponse(wire.TryAgainResponse(request_id=body.request_id).model_dump(), status_code=408)
         if failure is not None:  # the SDK reads a failed future from a 200 (RequestFailedResponse)
             return JSONResponse(failure[1])
+        if entry.kind in ("forward_backward", "sample"):  # NOTE: large bodies are encoded off the event loop
+            return await asyncio.to_thread(encode_result, entry.kind, value, entry.meta)
         return encode_result(entry.kind, value, entry.meta)
 
     # ---- helpers -------------------------------------------------------------------------------
