@@ -1,13 +1,17 @@
-"""Batched sampling with a KV cache: many requests, each with its own adapter, in one decode loop.
+"""Sampling a token for each row, and the static batch: many requests, each with its own adapter,
+in one decode loop that ends with its longest row (`actors.decoding` is the continuous one).
 
+- `sample_step` samples every row at once (temperature, then top-k / top-p where asked, then the
+  inverse CDF at one uniform draw from the row's own generator), so a row's tokens depend on its
+  seed, never on its batch-mates.
 - Prompts are left-padded into one batch (attention mask + explicit positions); each row is
   routed to its adapter through the LoRA layers, so requests for different adapters decode
   together.
 - Each row keeps its own sampling parameters and random generator (same seed, same output).
 - Reported logprobs are the model's own log-softmax at the sampled token, before temperature
   and truncation (as vLLM reports by default): on-policy they equal the learner's logprobs.
-- Stop tokens and stop strings are part of the returned tokens; a finished row keeps its slot
-  (fed padding) until every row is done.
+- Stop tokens and stop strings are part of the returned tokens; in the static batch a finished
+  row keeps its slot (fed padding) until every row is done.
 """
 
 from __future__ import annotations
@@ -100,33 +104,40 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
 
 
 def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowState], decode) -> None:
+    """One token for every row still sampling; a row that cannot be sampled stops with its error."""
     logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+    finite = torch.isfinite(logits_BV).all(-1).tolist()
+    active = []
     for i, (row, state) in enumerate(zip(rows, states)):
         if state.stop_reason is not None:
             continue
         if row.cancelled is not None and row.cancelled():  # the row stops; the batch goes on without it
             state.error, state.stop_reason = UserError(CANCELLED), "error"
-            continue
-        if not bool(torch.isfinite(logits_BV[i]).all()):  # the adapter's weights diverged: the user's to fix
+        elif not finite[i]:  # the adapter's weights diverged: the user's to fix
             state.error = UserError(
                 "sampling failed: the model's next-token logits are not finite (NaN or inf): this adapter's "
                 "weights have diverged (e.g. too large a learning rate); sample an earlier checkpoint"
             )
             state.stop_reason = "error"
-            continue
-        try:
-            token = _choose(logits_BV[i], row.params, row.generator)
-        except (RuntimeError, ValueError) as exc:  # no finite probability left: this row alone stops
+        else:
+            active.append(i)
+    if not active:
+        return
+    tokens = _choose(logits_BV[active], [rows[i].params for i in active], [rows[i].generator for i in active])
+    chosen = [(i, t) for i, t in zip(active, tokens) if t >= 0]
+    logprobs = logprobs_BV[[i for i, _ in chosen], [t for _, t in chosen]].tolist() if chosen else []
+    for i, token in zip(active, tokens):
+        row, state = rows[i], states[i]
+        if token < 0:  # no finite probability left: this row alone stops
             # finite logits so large that dividing by the temperature overflows: a diverged adapter
             state.error = UserError(
-                f"sampling failed: {exc}: the next-token logits are too large for temperature "
-                f"{row.params.temperature} (this adapter's weights may have diverged; sample an earlier "
-                "checkpoint or a higher temperature)"
+                f"sampling failed: the next-token logits are too large for temperature {row.params.temperature} "
+                "(this adapter's weights may have diverged; sample an earlier checkpoint or a higher temperature)"
             )
             state.stop_reason = "error"
             continue
         state.tokens.append(token)
-        state.logprobs.append(float(logprobs_BV[i, token]))
+        state.logprobs.append(logprobs.pop(0))
         if token in row.stop_tokens or _hit_stop_string(state.tokens, row.params.stop_strings, decode):
             state.stop_reason = "stop"
         elif len(state.tokens) >= row.max_tokens:
@@ -137,20 +148,37 @@ CANCELLED = "this sample was cancelled by its client (cancel_future)"
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
 
 
-def _choose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature < GREEDY_BELOW:
-        return int(torch.argmax(logits_V))
-    scaled = logits_V / params.temperature
-    if 0 < params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+def _choose(logits_AV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """A token per row (-1: the row has no finite distribution), all rows at once: temperature,
+    then top-k and top-p for the rows that ask, then inverse-CDF sampling with one uniform draw
+    from each row's own generator (so a row's tokens do not depend on its batch-mates)."""
+    greedy = [p.temperature < GREEDY_BELOW for p in params]
+    temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=logits_AV.device)
+    scaled = logits_AV / temperature[:, None]
+    for i, p in enumerate(params):
+        if not greedy[i] and (0 < p.top_k < scaled.shape[-1] or p.top_p < 1.0):
+            scaled[i] = _truncated(scaled[i], p)
+    probs = torch.softmax(scaled, dim=-1)
+    cdf = probs.cumsum(-1)
+    valid = (torch.isfinite(probs).all(-1) & (cdf[:, -1] > 0)).tolist()
+    draws = [torch.rand((), generator=gen, device=gen.device) if not g else None for gen, g in zip(generators, greedy)]
+    u = torch.stack([d if d is not None else torch.zeros((), device=cdf.device) for d in draws]).to(cdf.device)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+    argmax = logits_AV.argmax(-1)
+    picked = torch.where(torch.tensor(greedy, device=cdf.device), argmax, sampled).tolist()
+    return [t if (valid[i] or greedy[i]) else -1 for i, t in enumerate(picked)]
+
+
+def _truncated(scaled_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if 0 < params.top_k < scaled_V.shape[-1]:
+        kth = torch.topk(scaled_V, params.top_k).values[-1]
+        scaled_V = scaled_V.masked_fill(scaled_V < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
+        sorted_logits, order = torch.sort(scaled_V, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keeps at least one
-        scaled = scaled.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        scaled_V = scaled_V.scatter(0, order[drop], float("-inf"))
+    return scaled_V
 
 
 def _hit_stop_string(tokens: list[int], stops: tuple[str, ...], decode) -> bool:

@@ -84,7 +84,7 @@ def test_requests_joining_a_running_batch_sample_what_each_samples_alone(backend
         (alone,) = backend.sample([w])  # the static path, this request by itself
         assert tokens(together[name]) == tokens(alone), name
         for mine, its in zip(together[name].sequences, alone.sequences):
-            np.testing.assert_allclose(mine.logprobs, its.logprobs, rtol=1e-4, atol=1e-5)  # fp32, other shapes
+            np.testing.assert_allclose(mine.logprobs, its.logprobs, atol=5e-4)  # fp32 in other batch shapes
             assert mine.stop_reason == its.stop_reason
 
 
