@@ -5,6 +5,13 @@ same ingress (healthz), interleaved in the same run, and prints p50/p99 of both 
 
     python bench/load.py                        # 50 sessions x 10 requests, tiny random Llama
     python bench/load.py --sessions 10 --per-session 5
+    python bench/load.py --control              # the control plane under 8 trainers + 200 samples
+
+`--control`: the default model, idle first, then under load: 8 SDK training clients looping
+forward_backward (4x128) + optim_step while 200 sampling requests (16 samples x 240 tokens) are
+pending. Throughout, one probe after another: session_heartbeat, healthz, get_info and
+retrieve_future of a finished future; prints p50/p99 of each, idle and under load (target: p99
+under 50 ms under load).
 
 Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);
 a submission that meets the dying replica is sent again with the same seq_id, as the SDK's
@@ -187,12 +194,103 @@ async def run(url: str, sessions: int, per_session: int) -> None:
         raise SystemExit(f"{lost} results lost")
 
 
+def probe_control_plane(url: str, seconds: float, base_model: str) -> dict[str, list[float]]:
+    """Seconds taken by each control-plane call, one after another for `seconds`."""
+    key = "tml-probe"
+    http = httpx.Client(base_url=f"{url}/api/v1", headers={"X-API-Key": key}, timeout=60)
+    session_id = http.post("/create_session", json={"tags": [], "sdk_version": "probe"}).json()["session_id"]
+    body = {"session_id": session_id, "model_seq_id": 0, "base_model": base_model, "lora_config": {"rank": 4}}
+    finished = http.post("/create_model", json=body).json()["request_id"]
+    while http.post("/retrieve_future", json={"request_id": finished}).status_code != 200:
+        time.sleep(0.1)
+    model_id = http.post("/retrieve_future", json={"request_id": finished}).json()["model_id"]
+    calls = {
+        "session_heartbeat": lambda: http.post("/session_heartbeat", json={"session_id": session_id}),
+        "healthz": lambda: http.get("/healthz"),
+        "get_info": lambda: http.post("/get_info", json={"model_id": model_id}),
+        "finished future": lambda: http.post("/retrieve_future", json={"request_id": finished}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            response = call()
+            times[name].append(time.perf_counter() - start)
+            assert response.status_code == 200, f"{name}: {response.status_code} {response.text[:200]}"
+        time.sleep(0.05)
+    http.close()
+    return times
+
+
+def control(seconds: float) -> None:
+    import threading
+
+    import tinker
+    from tinker import types
+
+    from bench.local_serve import serve_thinker
+    from configs.schema import DEFAULT_MODEL_NAME as DEFAULT_MODEL
+    from configs.schema import BaseModelConfig, ThinkerConfig
+
+    os.environ.setdefault("TINKER_API_KEY", "tml-bench")
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL)]))
+    idle = probe_control_plane(url, seconds / 2, DEFAULT_MODEL)
+    service = tinker.ServiceClient(base_url=url)
+    trainers = [service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=16).result() for _ in range(8)]
+    sampler = trainers[0].save_weights_and_get_sampling_client().result()
+    stop = threading.Event()
+    rng = np.random.default_rng(0)
+
+    def train(client):
+        tokens = rng.integers(0, 49152, (4, 129))
+        data = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                loss_fn_inputs={"target_tokens": t[1:].tolist()},
+            )
+            for t in tokens
+        ]
+        while not stop.is_set():
+            fb = client.forward_backward(data, "cross_entropy")
+            client.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+            fb.result()
+
+    threads = [threading.Thread(target=train, args=(c,), daemon=True) for c in trainers]
+    for t in threads:
+        t.start()
+    params = types.SamplingParams(max_tokens=240, temperature=1.0, stop=[])
+    prompt = types.ModelInput.from_ints(list(range(100, 140)))
+    pending = [sampler.sample(prompt, 16, params) for _ in range(200)]
+    time.sleep(5)  # the load is on: passes and decode steps under way
+    loaded = probe_control_plane(url, seconds, DEFAULT_MODEL)
+    stop.set()
+
+    def pct(xs, q):
+        return float(np.percentile(np.asarray(xs) * 1000, q))
+
+    print(f"8 trainers (4x128) + {len(pending)} pending samples (16 x 240 tokens), default model:")
+    for name in idle:
+        print(
+            f"{name:>18}: idle p50 {pct(idle[name], 50):6.1f} ms, p99 {pct(idle[name], 99):6.1f} ms | "
+            f"under load p50 {pct(loaded[name], 50):6.1f} ms, p99 {pct(loaded[name], 99):6.1f} ms, "
+            f"max {max(loaded[name]) * 1000:6.1f} ms"
+        )
+    os._exit(0)  # the pending samples and training threads die with the process and its Ray cluster
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--per-session", type=int, default=10)
+    parser.add_argument("--control", action="store_true", help="control-plane latency under training + sampling")
+    parser.add_argument("--seconds", type=float, default=40.0, help="--control: how long to probe under load")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if args.control:
+        control(args.seconds)
+        return
     from bench.local_serve import serve_thinker
     from configs.schema import BaseModelConfig, TenantQuotas, ThinkerConfig
 
