@@ -2,7 +2,8 @@
 
 - Only requests not held back by an earlier barrier of their own model (optim_step, save, ...)
   may join; without cross-adapter batching, only the first request's adapter does.
-- Packed by padded tokens (rows x longest row) up to the pass budget. First every waiting
+- Filled up to the pass budget in tokens: padded tokens (rows x longest row), or real tokens
+  (the sum of the rows' lengths) for a backend whose passes are packed without padding. First every waiting
   tenant gets up to an equal share (however many adapters it holds), then the rest of the budget
   goes in queue order; a request that does not fit is split by datums into micro-batches (its
   first datum always runs).
@@ -28,10 +29,11 @@ class TrainPart:
 
 
 class PassPlanner:
-    def __init__(self, max_tokens: int, max_adapters: int, cross_adapter: bool):
+    def __init__(self, max_tokens: int, max_adapters: int, cross_adapter: bool, packed: bool = False):
         self._max_tokens = max_tokens
         self._max_adapters = max_adapters
         self._cross_adapter = cross_adapter
+        self._packed = packed  # the pass costs its real tokens, not rows x its longest row
 
     def plan(self, jobs: list[Any]) -> list[TrainPart]:
         """The parts of the next pass; `jobs[0]` must be a forward(_backward) job."""
@@ -39,7 +41,7 @@ class PassPlanner:
         tenants = list(dict.fromkeys(job.train.tenant for job in candidates))
         share = max(1, self._max_tokens // len(tenants))
         ends = {id(job): job.done_datums for job in candidates}
-        state = {"rows": 0, "width": 0, "per_tenant": dict.fromkeys(tenants, 0)}
+        state = {"rows": 0, "width": 0, "tokens": 0, "per_tenant": dict.fromkeys(tenants, 0)}
         for fair in (True, False):
             for job in candidates:
                 self._extend(job, ends, state, share if fair else None)
@@ -64,11 +66,11 @@ class PassPlanner:
         while ends[id(job)] < len(data):
             length = int(data[ends[id(job)]].tokens.shape[0])
             width = max(state["width"], length)
-            fits = (state["rows"] + 1) * width <= self._max_tokens
+            cost = state["tokens"] + length if self._packed else (state["rows"] + 1) * width
             fair = share is None or state["per_tenant"][job.train.tenant] + length <= share
-            if state["rows"] and not (fits and fair):
+            if state["rows"] and not (cost <= self._max_tokens and fair):
                 return
-            state["rows"], state["width"] = state["rows"] + 1, width
+            state["rows"], state["width"], state["tokens"] = state["rows"] + 1, width, state["tokens"] + length
             state["per_tenant"][job.train.tenant] += length
             ends[id(job)] += 1
 

@@ -86,6 +86,7 @@ class SchedulerLimits:
     max_tokens_per_tenant: int = 1 << 62
     sampling_share: float = 0.5
     decode_slice_s: float = 0.05
+    packed_passes: bool = False  # the backend's passes cost their real tokens (no padding)
 
 
 class Scheduler:
@@ -107,7 +108,9 @@ class Scheduler:
         self._check_train = check_train
         self._sample_batch = sample_batch
         self._limits = limits
-        self._planner = PassPlanner(limits.max_pass_tokens, limits.max_pass_adapters, limits.cross_adapter_batching)
+        self._planner = PassPlanner(
+            limits.max_pass_tokens, limits.max_pass_adapters, limits.cross_adapter_batching, limits.packed_passes
+        )
         self._compute = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="thinker-compute", initializer=init_compute_thread
         )

@@ -155,3 +155,17 @@ def test_merge_results_like_the_sdk_merges_chunks():
     merged = merge_results(parts)
     assert len(merged.loss_fn_outputs) == 4
     assert merged.metrics == pytest.approx({"loss:sum": 3.0, "frac:mean": (0.5 + 0.3) / 4, "x:max": 3.0})
+
+
+@pytest.mark.parametrize(
+    "packed, passes", [(False, [[("a", 1)], [("b", 1), ("c", 1)]]), (True, [[("a", 1), ("b", 1), ("c", 1)]])]
+)
+def test_a_packed_pass_is_budgeted_by_real_tokens_not_rows_times_the_longest(packed, passes):
+    backend = SpyBackend(pass_s=0.0)
+    scheduler = make(backend, max_pass_tokens=100, packed_passes=packed)
+
+    async def together():
+        return await asyncio.gather(*(scheduler.forward_backward(w) for w in (fb("a", length=60), fb("b"), fb("c"))))
+
+    run(together())
+    assert backend.passes == passes
