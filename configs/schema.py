@@ -148,6 +148,12 @@ class BaseModelConfig(StrictConfig):
     cross_adapter_batching: bool = Field(
         True, description="Run forward/forward_backward requests of different adapters together in one pass."
     )
+    packed_passes: bool = Field(
+        True,
+        description="HF backend: run a forward/forward_backward pass with its rows back to back in one sequence "
+        "(attention kept to each row) instead of padded to the longest row, so mixed lengths cost no padding. "
+        "Models with sliding-window attention or a non-sdpa attention always run padded.",
+    )
     max_pass_tokens: int = Field(
         1024,
         ge=1,
