@@ -10,8 +10,9 @@
   registered beside it is `sdpa_mask`.
 - A packed forward passes an all-ones [1, N] attention mask: without one, transformers sees the
   position ids restart and would build the N x N block mask; with it, sdpa's mask function returns
-  None (no padding, no cache). Packed position ids without `cu_seq_lens_q` still get that correct
-  (slow) block mask, never attention across rows.
+  None (no padding, no cache). Packed position ids without `cu_seq_lens_q` and without a mask still
+  get that correct (slow) block mask, but only with `use_cache=False`: transformers detects packing
+  only without a cache, and `use_cache` defaults to True (as in stock transformers' sdpa).
 """
 
 from __future__ import annotations
