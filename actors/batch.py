@@ -1,7 +1,11 @@
-"""Turning a request's datums into one padded batch, and log-probs back into per-datum arrays.
+"""Turning a request's datums into one pass, and log-probs back into per-datum arrays.
 
-- Right padding only: with causal attention a padded row's real positions never see the pad,
-  so no attention mask is needed and positions stay 0..N-1.
+- Two layouts of a pass. `pack_pass`: rows right-padded to the longest (with causal attention a
+  padded row's real positions never see the pad, so no attention mask is needed and positions stay
+  0..N-1). `pack_flat`: every row back to back in one [1, N] sequence, positions restarting at 0
+  per row, for attention that keeps to each row (`actors.hf.packed_attention`): no padding.
+- Both list the scored positions in the same order (row by row), so a request's span and log-probs
+  are the same whichever layout ran.
 - Everything is validated before any compute, so a bad datum fails the request without
   touching any adapter's gradients.
 - One pass may hold several requests (different adapters, losses and target shapes): each keeps
@@ -40,6 +44,17 @@ class PassBatch:
     tokens_BT: torch.Tensor  # int64, right-padded with 0
     targets_BTK: torch.Tensor  # int64, K = the largest K of the pass
     mask_BT: torch.Tensor  # bool, True on scored positions
+    row_keys: list[str]  # each row's adapter
+    spans: list[RequestSpan]  # one per request, in order
+
+
+@dataclass
+class FlatBatch:
+    tokens_1N: torch.Tensor  # int64, every row's tokens back to back
+    positions_1N: torch.Tensor  # int64, restarting at 0 on every row
+    row_lengths: list[int]  # tokens per row, in order (they sum to N)
+    scored_S: torch.Tensor  # int64 indices into N of the scored positions, row by row
+    targets_SK: torch.Tensor  # int64, K = the largest K of the pass
     row_keys: list[str]  # each row's adapter
     spans: list[RequestSpan]  # one per request, in order
 
@@ -92,19 +107,47 @@ def pack_pass(requests: list[tuple[str, list[Datum]]], device: torch.device) -> 
         tokens[row, :n] = datum.tokens
         targets[row, start:n, :k] = datum.loss_fn_inputs["target_tokens"].reshape(n - start, k)
         mask[row, start:n] = True
+    return PassBatch(
+        tokens_BT=torch.from_numpy(tokens).to(device),
+        targets_BTK=torch.from_numpy(targets).to(device),
+        mask_BT=torch.from_numpy(mask).to(device),
+        row_keys=[key for key, request in requests for _ in request],
+        spans=_spans(requests),
+    )
+
+
+def pack_flat(requests: list[tuple[str, list[Datum]]], device: torch.device) -> FlatBatch:
+    """Concatenate every request's validated datums (see `validate_data`) into one sequence."""
+    data = [datum for _, request in requests for datum in request]
+    k_max = max(_candidates(d) for d in data)
+    lengths = [int(d.tokens.shape[0]) for d in data]
+    starts = np.cumsum([0, *lengths[:-1]])
+    scored = np.concatenate([np.arange(s + d.loss_from, s + n) for s, n, d in zip(starts, lengths, data)])
+    targets = np.zeros((len(scored), k_max), dtype=np.int64)
+    first = 0
+    for datum in data:
+        n, k = datum.num_scored, _candidates(datum)
+        targets[first : first + n, :k] = datum.loss_fn_inputs["target_tokens"].reshape(n, k)
+        first += n
+    return FlatBatch(
+        tokens_1N=torch.from_numpy(np.concatenate([d.tokens for d in data]).astype(np.int64)[None]).to(device),
+        positions_1N=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])[None]).to(device),
+        row_lengths=lengths,
+        scored_S=torch.from_numpy(scored).to(device),
+        targets_SK=torch.from_numpy(targets).to(device),
+        row_keys=[key for key, request in requests for _ in request],
+        spans=_spans(requests),
+    )
+
+
+def _spans(requests: list[tuple[str, list[Datum]]]) -> list[RequestSpan]:
     spans, first = [], 0
     for _, request in requests:
         lengths = [d.num_scored for d in request]
         k = _candidates(request[0])
         spans.append(RequestSpan(first, lengths, k, request[0].loss_fn_inputs["target_tokens"].ndim == 2))
         first += sum(lengths)
-    return PassBatch(
-        tokens_BT=torch.from_numpy(tokens).to(device),
-        targets_BTK=torch.from_numpy(targets).to(device),
-        mask_BT=torch.from_numpy(mask).to(device),
-        row_keys=[key for key, request in requests for _ in request],
-        spans=spans,
-    )
+    return spans
 
 
 def _candidates(datum: Datum) -> int:
@@ -118,8 +161,8 @@ def loss_inputs(data: list[Datum], spec: LossSpec, device: torch.device) -> dict
 
 
 def request_logprobs(span: RequestSpan, flat_NK: torch.Tensor) -> torch.Tensor:
-    """The request's scored positions (of `values_BTK[mask_BT]`) in datum order: [sum N], or
-    [sum N, K] for top-K targets."""
+    """The request's scored positions (of `values_BTK[mask_BT]`, or a packed pass's `values_SK`) in
+    datum order: [sum N], or [sum N, K] for top-K targets."""
     flat = flat_NK[span.first : span.first + span.num_tokens, : span.k]
     return flat if span.topk else flat[:, 0]
 

@@ -5,9 +5,15 @@ slice checkpointed (recomputed in backward), so at most one slice of logits is a
 With a 49k vocabulary the full logits of an 8k-token pass alone would take 1.6 GB, and their
 softmax gradient as much again. Slices are large (the recompute costs the LM head's forward
 again): passes that fit in one slice run exactly as without slicing.
+
+A packed pass (`scored_logprobs`, rows back to back in one [1, N] sequence) runs the LM head on
+its scored positions only; its head slices route their LoRA through `narrow`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -43,3 +49,35 @@ def target_logprobs(
         else:
             slices.append(head_logprobs(hidden, targets))
     return torch.cat(slices, dim=1)
+
+
+def scored_logprobs(
+    model,
+    tokens_1N: torch.Tensor,
+    targets_SK: torch.Tensor,
+    scored_S: torch.Tensor,
+    narrow: Callable[[torch.Tensor], AbstractContextManager],
+    logits_per_slice: int = LOGITS_PER_SLICE,
+    **forward,
+) -> torch.Tensor:
+    """[S, K] log-probs of the targets at positions `scored_S` of one packed sequence; `forward`
+    goes to the decoder (position ids, packed attention's lengths). `narrow(positions)` routes the
+    LM head's LoRA layers to the positions of one slice (see `actors.lora.Routing.narrow`)."""
+    decoder, head = model.model, model.get_output_embeddings()
+    hidden_SH = decoder(input_ids=tokens_1N, use_cache=False, **forward).last_hidden_state[0, scored_S]
+    S = hidden_SH.shape[0]
+    step = max(1, logits_per_slice // head.weight.shape[0])
+
+    def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with narrow(positions):  # inside the checkpointed function: its recompute routes the same way
+            return target_logprobs_from_logits(head(hidden), targets)
+
+    slices = []
+    for start in range(0, S, step):
+        part = slice(start, start + step)
+        inputs = (hidden_SH[part], targets_SK[part], scored_S[part])
+        if torch.is_grad_enabled() and S > step:
+            slices.append(checkpoint(head_logprobs, *inputs, use_reentrant=False))
+        else:
+            slices.append(head_logprobs(*inputs))
+    return torch.cat(slices)

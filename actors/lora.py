@@ -1,12 +1,13 @@
 """Multi-adapter LoRA layers: one frozen base projection, many adapters, each over its own rows.
 
 - `LoraLinear` wraps a frozen `nn.Linear`. A shared `Routing`, set by the backend before each
-  pass, names each batch row's adapter. The base projection runs once for the whole batch.
-- One adapter for every row: `y + s * B(A(x))`, exactly PEFT's computation.
-- Several adapters: a grouped matmul. Rows are gathered into [groups, rows per group] (padded
-  with a zero row), each group is multiplied by its own stacked A and B (ranks zero-padded to
+  pass, names each unit's adapter: a batch row, or a token of a packed [1, N] pass (whose rows
+  are token ranges). The base projection runs once for the whole batch.
+- One adapter for every unit: `y + s * B(A(x))`, exactly PEFT's computation.
+- Several adapters: a grouped matmul. Units are gathered into [groups, units per group] (padded
+  with a zero unit), each group is multiplied by its own stacked A and B (ranks zero-padded to
   the largest; zero rows and columns change nothing and get zero gradient), and the result is
-  gathered back per row. Two `bmm`s per layer, whatever the number of adapters.
+  gathered back per unit. Two `bmm`s per layer, whatever the number of adapters.
 - Adapters marked frozen for a pass (forward-only requests) contribute without taking gradients.
 - Init follows PEFT: A ~ kaiming_uniform(a=sqrt(5)), B = 0, scaling = alpha / rank.
 """
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,50 +26,88 @@ from actors.work import target_scope
 
 
 @dataclass
+class GroupedLayout:
+    """Units gathered per adapter: `gather` [groups, width] (pad: the zero unit, index = number of
+    units) and `scatter`, each unit's position in the flattened [groups * width] layout."""
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    in_order: bool  # units come grouped, in equal groups: the grouped layout is the batch itself
+
+    @staticmethod
+    def of(group_U: torch.Tensor, groups: int, device: torch.device) -> GroupedLayout:
+        units = int(group_U.shape[0])
+        counts_G = torch.bincount(group_U, minlength=groups)
+        width = int(counts_G.max())
+        order_U = torch.argsort(group_U, stable=True)
+        sorted_U = group_U[order_U]
+        slot_U = torch.arange(units) - (torch.cumsum(counts_G, 0) - counts_G)[sorted_U]
+        gather = torch.full((groups, width), units, dtype=torch.long)
+        gather[sorted_U, slot_U] = order_U
+        scatter = torch.empty(units, dtype=torch.long)
+        scatter[order_U] = sorted_U * width + slot_U
+        in_order = bool((counts_G == width).all()) and bool((order_U == torch.arange(units)).all())
+        return GroupedLayout(gather.to(device), scatter.to(device), in_order)
+
+
+@dataclass
 class Routing:
-    """Which adapter key each row of the current batch uses ("" = none), and which are frozen."""
+    """Which adapter key each unit of the current batch uses ("" = none), and which are frozen.
+
+    A unit is a batch row, or, in a packed pass (`row_tokens` given), one token of the [1, N]
+    sequence: LoRA layers then see their input as [units, tokens per unit, features]."""
 
     keys: list[str] = field(default_factory=list)  # the distinct keys, in first-row order
     single: str | None = None  # set when every row uses the same key (the fast path)
-    in_order: bool = False  # rows come grouped, in equal groups: the grouped layout is the batch
     frozen: frozenset[str] = frozenset()
-    _groups: list[list[int]] = field(default_factory=list)
-    _indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _group_U: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # key index per unit
+    _layouts: dict[torch.device, GroupedLayout] = field(default_factory=dict)
     _rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
 
-    def set(self, row_keys: list[str], frozen: frozenset[str] = frozenset()) -> None:
-        groups: dict[str, list[int]] = {}
-        for row, key in enumerate(row_keys):
-            groups.setdefault(key, []).append(row)
-        self.keys = list(groups)
-        self._groups = list(groups.values())
+    def set(
+        self, row_keys: list[str], frozen: frozenset[str] = frozenset(), row_tokens: list[int] | None = None
+    ) -> None:
+        """Route rows to adapters; with `row_tokens`, the rows are consecutive token ranges of one sequence."""
+        index = {}
+        group_R = torch.tensor([index.setdefault(key, len(index)) for key in row_keys], dtype=torch.long)
+        self.keys = list(index)
         self.single = self.keys[0] if len(self.keys) == 1 else None
-        sizes = {len(g) for g in self._groups}
-        self.in_order = len(sizes) == 1 and [r for g in self._groups for r in g] == list(range(len(row_keys)))
         self.frozen = frozen
-        self._indices, self._rows = {}, {}
+        self._group_U = group_R if row_tokens is None else group_R.repeat_interleave(torch.tensor(row_tokens))
+        self._layouts, self._rows = {}, {}
+
+    @property
+    def num_units(self) -> int:
+        return int(self._group_U.shape[0])
+
+    @contextmanager
+    def narrow(self, units_S: torch.Tensor):
+        """Route only these units (e.g. the scored tokens a slice of the LM head sees) inside the block.
+
+        NOTE: a checkpointed function that calls LoRA layers on a subset must enter this itself, so
+        that its recomputation in backward sees the same routing."""
+        if self.single is not None:
+            yield
+            return
+        saved = self._group_U, self._layouts, self._rows
+        self._group_U, self._layouts, self._rows = self._group_U[units_S.cpu()], {}, {}
+        try:
+            yield
+        finally:
+            self._group_U, self._layouts, self._rows = saved
 
     def rows(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """(key, its row indices) for every key of the batch, in `keys` order (built once per batch)."""
+        """(key, its unit indices) for every key of the batch, in `keys` order (built once per batch)."""
         if device not in self._rows:
             self._rows[device] = [
-                (key, torch.tensor(rows, device=device)) for key, rows in zip(self.keys, self._groups)
+                (key, torch.nonzero(self._group_U == g)[:, 0].to(device)) for g, key in enumerate(self.keys)
             ]
         return self._rows[device]
 
-    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """gather [groups, max rows] (pad: the zero row, index = number of rows) and, per row,
-        its position in the flattened [groups * max rows] layout."""
-        if device not in self._indices:
-            num_rows = sum(len(g) for g in self._groups)
-            width = max(len(g) for g in self._groups)
-            gather = torch.full((len(self._groups), width), num_rows, dtype=torch.long)
-            scatter = torch.empty(num_rows, dtype=torch.long)
-            for i, rows in enumerate(self._groups):
-                gather[i, : len(rows)] = torch.tensor(rows)
-                scatter[rows] = torch.arange(len(rows)) + i * width
-            self._indices[device] = (gather.to(device), scatter.to(device))
-        return self._indices[device]
+    def layout(self, device: torch.device) -> GroupedLayout:
+        if device not in self._layouts:
+            self._layouts[device] = GroupedLayout.of(self._group_U, len(self.keys), device)
+        return self._layouts[device]
 
 
 @dataclass
@@ -120,19 +160,19 @@ class LoraLinear(nn.Module):
             pad = rank - A.shape[0]
             A_stack.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
             B_stack.append((F.pad(B, (0, pad)) if pad else B) * lora.scaling)  # scale the small side
-        gather, scatter = self.routing.indices(x.device)
-        groups, width = gather.shape
-        rest = x.shape[1:-1]
-        x32 = x.to(torch.float32)
-        if self.routing.in_order:  # rows already grouped, no padding: reshape instead of copying
-            grouped = x32.reshape(groups, -1, self.base.in_features)
+        layout = self.routing.layout(x.device)
+        groups, width = layout.gather.shape
+        # [units, tokens per unit, in]: rows of a padded batch, or single tokens of a packed pass
+        x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
+        if layout.in_order:  # units already grouped, no padding: reshape instead of copying
+            grouped = x_U.reshape(groups, -1, self.base.in_features)
         else:
-            grouped = torch.cat([x32, x32.new_zeros(1, *x.shape[1:])])[gather].reshape(
+            grouped = torch.cat([x_U, x_U.new_zeros(1, *x_U.shape[1:])])[layout.gather].reshape(
                 groups, -1, self.base.in_features
             )
         hidden = torch.bmm(grouped, torch.stack(A_stack).transpose(1, 2))  # [groups, width * tokens, rank]
-        delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2)).reshape(groups * width, *rest, -1)
-        return delta if self.routing.in_order else delta[scatter]
+        delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2)).reshape(groups * width, x_U.shape[1], -1)
+        return (delta if layout.in_order else delta[layout.scatter]).reshape(*x.shape[:-1], -1)
 
 
 def init_lora_weights(

@@ -148,11 +148,17 @@ class BaseModelConfig(StrictConfig):
     cross_adapter_batching: bool = Field(
         True, description="Run forward/forward_backward requests of different adapters together in one pass."
     )
+    packed_passes: bool = Field(
+        True,
+        description="HF backend: run a forward/forward_backward pass with its rows back to back in one sequence "
+        "(attention kept to each row) instead of padded to the longest row, so mixed lengths cost no padding. "
+        "Models with sliding-window attention or a non-sdpa attention always run padded.",
+    )
     max_pass_tokens: int = Field(
         1024,
         ge=1,
-        description="Padded tokens (rows x longest row) in one base-model pass; bigger requests run as "
-        "micro-batches, interleaved with other tenants.",
+        description="Tokens in one base-model pass: real tokens of a packed pass, rows x longest row of a "
+        "padded one; bigger requests run as micro-batches, interleaved with other tenants.",
     )
     batch_window_s: float = Field(
         0.25,

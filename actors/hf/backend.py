@@ -3,26 +3,38 @@
 - One copy of the frozen base weights serves every adapter; each forward_backward routes the
   batch rows to their adapter (see `actors.lora.Routing`) and gradients land on that adapter's
   parameters only. Sampling decodes many requests, each with its own adapter, in one batch.
+- A pass runs packed by default (`packed_passes`): its rows back to back in one sequence with
+  attention kept to each row (`actors.hf.packed_attention`), so no compute goes to padding.
 - Adapters travel in and out as PEFT files (`actors.peft_format`); storage is the caller's job.
 - Called from one thread at a time (the model actor's compute thread).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from actors.batch import loss_inputs, pack_pass, request_logprobs, request_result, validate_data
+from actors.batch import (
+    RequestSpan,
+    loss_inputs,
+    pack_flat,
+    pack_pass,
+    request_logprobs,
+    request_result,
+    validate_data,
+)
 from actors.decoding import DecodeEngine
 from actors.generation import GenRow, generate, sample_result
 from actors.hf.adapters import AdapterTable
 from actors.hf.base_model import load_base_model
+from actors.hf.packed_attention import install_packed_attention, packed_forward_kwargs
 from actors.hf.samplers import SamplerTable
 from actors.hf.spill import remove_leftovers
-from actors.logprobs import target_logprobs
+from actors.logprobs import scored_logprobs, target_logprobs
 from actors.lora import LoraWeights, Routing, install_lora_layers
 from actors.peft_format import (
     OPTIMIZER_FILE,
@@ -48,6 +60,8 @@ from configs.errors import ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from losses import loss_spec
 
+logger = logging.getLogger(__name__)
+
 
 def pick_device(config: BaseModelConfig) -> torch.device:
     if config.num_gpus > 0 and torch.cuda.is_available():
@@ -70,6 +84,9 @@ class HFBackend:
         self.tokenizer = _load_tokenizer(loaded.tokenizer_dir)
         self.model = loaded.model.to(self.device).eval()
         self.model.requires_grad_(False)
+        self.packed = config.packed_passes and install_packed_attention(self.model)
+        if config.packed_passes and not self.packed:
+            logger.warning("%s: this model's attention cannot run packed passes; they run padded", config.name)
         self.routing = Routing()
         self.lora_layers = install_lora_layers(self.model, self.routing)
         if not self.lora_layers:
@@ -185,13 +202,12 @@ class HFBackend:
 
     def _run_pass(self, ready: list, outcomes: list) -> None:
         self.adapters.make_resident([work.model_id for _, work, _, _ in ready])
-        batch = pack_pass([(work.model_id, work.data) for _, work, _, _ in ready], self.device)
-        training = {work.model_id for _, work, _, _ in ready if not work.forward_only}
-        self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
+        requests = [(work.model_id, work.data) for _, work, _, _ in ready]
+        training = frozenset(work.model_id for _, work, _, _ in ready if not work.forward_only)
         with torch.set_grad_enabled(bool(training)):
-            flat = target_logprobs(self.model, batch.tokens_BT, batch.targets_BTK)[batch.mask_BT]
+            flat, spans = self._pass_logprobs(requests, training)
             total, trained = None, set()
-            for (i, work, spec, config), span in zip(ready, batch.spans):
+            for (i, work, spec, config), span in zip(ready, spans):
                 logprobs = request_logprobs(span, flat)
                 try:
                     out = spec(logprobs, loss_inputs(work.data, spec, self.device), config)
@@ -211,6 +227,19 @@ class HFBackend:
                 total.backward()
             for model_id in trained:
                 self.adapters.get(model_id).has_grad = True
+
+    def _pass_logprobs(self, requests: list, training: frozenset[str]) -> tuple[torch.Tensor, list[RequestSpan]]:
+        """The target log-probs of every scored position of the pass, row by row ([S, K]), and each
+        request's span of them: packed, or padded to the longest row."""
+        if self.packed:
+            flat = pack_flat(requests, self.device)
+            self.routing.set(flat.row_keys, frozenset(flat.row_keys) - training, row_tokens=flat.row_lengths)
+            forward = packed_forward_kwargs(flat.row_lengths, self.device)
+            args = (self.model, flat.tokens_1N, flat.targets_SK, flat.scored_S, self.routing.narrow)
+            return scored_logprobs(*args, position_ids=flat.positions_1N, **forward), flat.spans
+        batch = pack_pass(requests, self.device)
+        self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
+        return target_logprobs(self.model, batch.tokens_BT, batch.targets_BTK)[batch.mask_BT], batch.spans
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))

@@ -1,0 +1,95 @@
+"""Block-diagonal causal attention for packed passes: the rows of a pass as one [1, N] sequence.
+
+- Registered with transformers' `AttentionInterface` as "thinker_packed"; the HF backend sets it
+  on its model once. A forward that carries `cu_seq_lens_q` (the rows' cumulative lengths, as
+  flash-attention's varlen kwargs, which transformers hands down to attention functions) attends
+  within each row only: one causal SDPA per row length, so no N x N mask is built and no score
+  across rows is computed.
+- Every other forward (sampling with its KV cache and left padding, padded passes) is exactly
+  transformers' sdpa: the attention falls back to `sdpa_attention_forward` and the mask function
+  registered beside it is `sdpa_mask`.
+- A packed forward passes an all-ones [1, N] attention mask: without one, transformers sees the
+  position ids restart and would build the N x N block mask; with it, sdpa's mask function returns
+  None (no padding, no cache). Packed position ids without `cu_seq_lens_q` and without a mask still
+  get that correct (slow) block mask, but only with `use_cache=False`: transformers detects packing
+  only without a cache, and `use_cache` defaults to True (as in stock transformers' sdpa).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+PACKED_ATTENTION = "thinker_packed"
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query_1HND: torch.Tensor,
+    key_1GND: torch.Tensor,
+    value_1GND: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: returns ([batch, tokens, heads, head_dim], None)."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        return sdpa_attention_forward(
+            module, query_1HND, key_1GND, value_1GND, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None or query_1HND.shape[0] != 1 or not getattr(module, "is_causal", True):
+        raise ValueError("packed attention takes one causal [1, N] sequence without an attention mask")
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("packed attention supports neither softcap nor a position bias")
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    rows_by_length: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        rows_by_length.setdefault(length, []).append(row)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    q_rows, k_rows, v_rows = (t.split(lengths, dim=2) for t in (query_1HND, key_1GND, value_1GND))
+    out_rows: list[torch.Tensor | None] = [None] * len(lengths)
+    for rows in rows_by_length.values():  # rows of one length share a call: [rows, heads, length, head_dim]
+        q, k, v = (torch.cat([parts[r] for r in rows]) for parts in (q_rows, k_rows, v_rows))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for row, row_out in zip(rows, out.split(1)):
+            out_rows[row] = row_out
+    return torch.cat(out_rows, dim=2).transpose(1, 2).contiguous(), None
+
+
+def packed_forward_kwargs(row_lengths: list[int], device: torch.device) -> dict:
+    """What a packed forward passes to the decoder besides input_ids and position_ids."""
+    cu_seqlens = torch.tensor([0, *row_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    longest = max(row_lengths)
+    return {
+        "attention_mask": torch.ones((1, sum(row_lengths)), dtype=torch.bool, device=device),
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def install_packed_attention(model) -> bool:
+    """Make `model` use packed attention (sdpa unless a forward carries `cu_seq_lens_q`); False, and
+    the model untouched, where packing would not be exact: another attention implementation, a
+    sliding window, or no `.model` decoder to run on its own."""
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    full_attention = all(kind == "full_attention" for kind in layer_types)
+    if (
+        config._attn_implementation != "sdpa"
+        or not full_attention
+        or getattr(config, "sliding_window", None) is not None
+        or getattr(model, "model", None) is None
+    ):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
