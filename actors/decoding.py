@@ -12,7 +12,9 @@ the moment they finish.
 - Rows of a request are admitted together, when the batch has room for all of them; the tenant
   that had the fewest rows admitted goes first.
 - At most `max_adapters` distinct adapters decode at once (they must all stay on the layers).
-- A step that fails unexpectedly fails the requests it held, never the engine: the batch is reset.
+- A request that cannot go on (bad input, cancelled, a fault in its own prefill or its adapter's
+  residency, one of its rows failed) fails alone and its rows leave; a fault in the batched
+  decode step fails the requests the batch held, never the engine.
 - NOTE: `submit` may be called from the event loop while `run` works on the compute thread; they
   share only a deque (atomic appends and pops). Read `busy` only while no `run` is in progress.
 """
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from actors.generation import (
+    CANCELLED,
     GenOutput,
     GenRow,
     RowState,
@@ -42,7 +45,7 @@ from actors.generation import (
 )
 from actors.lora import Routing
 from actors.work import SampleResult, SampleWork
-from configs.errors import ServerError, ThinkerError
+from configs.errors import ServerError, ThinkerError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +136,42 @@ class DecodeEngine:
     def step(self, finished: list) -> None:
         """One prefill chunk (when a request waits) and one decode step; finished requests are appended."""
         self._take_inbox(finished)
-        self._admit()
-        active = self._adapter_ids()
-        if active:
-            self._keep_resident(active)
+        self._admit(finished)
+        self._make_resident(finished)
         self._prefill(finished)
         if self._rows:
             self._decode_step(finished)
+
+    def _make_resident(self, finished: list) -> None:
+        """Every admitted request's adapter on the layers; the requests of one that cannot be fail."""
+        active = self._adapter_ids()
+        if not active:
+            return
+        try:
+            self._keep_resident(active)
+            return
+        except Exception:  # find the sampler(s) at fault
+            pass
+        for sampler_id in sorted(active):
+            try:
+                self._keep_resident({sampler_id})
+            except Exception as exc:
+                error = _as_error(exc, f"sampler {sampler_id!r} could not be loaded")
+                admitted = self._prefilling + list({id(r.request): r.request for r in self._rows}.values())
+                self._fail([r for r in admitted if r.work.sampler_id == sampler_id], error, finished)
+        remaining = self._adapter_ids()
+        if remaining:
+            self._keep_resident(remaining)
+
+    def _fail(self, requests: list[_Request], error: ThinkerError, finished: list) -> None:
+        """These requests fail with `error`; their rows leave the batch."""
+        failing = {id(r) for r in requests}
+        finished += [(r.token, error) for r in requests]
+        self._prefilling = [r for r in self._prefilling if id(r) not in failing]
+        self._waiting = [r for r in self._waiting if id(r) not in failing]
+        keep = [i for i, row in enumerate(self._rows) if id(row.request) not in failing]
+        if len(keep) < len(self._rows):
+            self._drop(keep)
 
     def _reset(self, finished: list, error: ThinkerError) -> None:
         failed = {id(r): r for r in self._prefilling} | {id(row.request): row.request for row in self._rows}
@@ -156,16 +188,19 @@ class DecodeEngine:
             request = self._inbox.popleft()
             try:
                 request.rows = self._rows_of(request.work)
-            except ThinkerError as exc:
-                finished.append((request.token, exc))
+                if len(request.rows) > self._max_rows:
+                    raise UserError(f"{len(request.rows)} samples in one request; at most {self._max_rows}")
+            except Exception as exc:  # NOTE: popped already: every way out must answer it
+                finished.append((request.token, _as_error(exc, "sampling request could not be prepared")))
                 continue
             request.states = [RowState() for _ in request.rows]
             self._waiting.append(request)
 
-    def _admit(self) -> None:
+    def _admit(self, finished: list) -> None:
         """Waiting requests in turn: the tenant that had the fewest rows admitted first (tenants
         with nothing waiting bank no credit), then arrival order; the chosen one waits (and the
         others behind it) until all its rows fit."""
+        self._fail([r for r in self._waiting if _cancelled(r)], UserError(CANCELLED), finished)
         while True:
             candidates = self._waiting
             if not candidates:
@@ -190,28 +225,38 @@ class DecodeEngine:
         for request in list(self._prefilling):
             if budget <= 0:
                 return
-            prompt = request.rows[0].prompt
-            start = request.prefilled
-            end = min(len(prompt), start + budget)
-            budget -= end - start
-            ids = torch.as_tensor(prompt[start:end], dtype=torch.long, device=self._device)[None]
-            positions = torch.arange(start, end, device=self._device)[None]
-            keep_all = scores_prompt(request.rows[0])
-            self._routing.set([request.rows[0].key])
-            out = self._model(
-                input_ids=ids,
-                position_ids=positions,
-                cache=request.cache,
-                use_cache=True,
-                logits_to_keep=0 if keep_all else 1,
-            )
-            request.prefilled = end
-            if keep_all:
-                request.logits.append(out.logits[0])
-            if end == len(prompt):
-                self._prefilling.remove(request)
-                last = out.logits[0, -1:].float()
-                self._join(request, last, finished)
+            if _cancelled(request):
+                self._fail([request], UserError(CANCELLED), finished)
+                continue
+            try:
+                budget -= self._prefill_chunk(request, budget, finished)
+            except Exception as exc:  # its own fault (e.g. out of memory for a long prompt): it fails alone
+                logger.exception("prefill failed")
+                self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+
+    def _prefill_chunk(self, request: _Request, budget: int, finished: list) -> int:
+        """Up to `budget` more prompt tokens of `request` into its cache (the rows join the batch
+        when the prompt is done); the tokens it took."""
+        prompt = request.rows[0].prompt
+        start = request.prefilled
+        end = min(len(prompt), start + budget)
+        ids = torch.as_tensor(prompt[start:end], dtype=torch.long, device=self._device)[None]
+        positions = torch.arange(start, end, device=self._device)[None]
+        keep_all = scores_prompt(request.rows[0])
+        self._routing.set([request.rows[0].key])
+        out = self._model(
+            input_ids=ids,
+            position_ids=positions,
+            cache=request.cache,
+            use_cache=True,
+            logits_to_keep=0 if keep_all else 1,
+        )
+        request.prefilled = end
+        if keep_all:
+            request.logits.append(out.logits[0])
+        if end == len(prompt):
+            self._join(request, out.logits[0, -1:].float(), finished)
+        return end - start
 
     def _join(self, request: _Request, last_1V: torch.Tensor, finished: list) -> None:
         """The prompt is in its cache: sample each row's first token and move the live rows into
@@ -222,8 +267,10 @@ class DecodeEngine:
         n = len(request.rows)
         sample_step(last_1V.expand(n, -1), request.rows, request.states, self._decode)
         live = [i for i, s in enumerate(request.states) if s.stop_reason is None]
-        request.live = len(live)
+        if any(s.error is not None for s in request.states):  # the request fails: no row goes on
+            live = []
         if not live:
+            self._prefilling.remove(request)
             finished.append((request.token, self._outputs(request)))
             return
         length = len(request.rows[0].prompt)
@@ -231,8 +278,10 @@ class DecodeEngine:
             (layer.keys.expand(len(live), -1, -1, -1), layer.values.expand(len(live), -1, -1, -1))
             for layer in request.cache.layers
         ]
+        self._merge(pairs, length)  # NOTE: the batch changes only once this succeeded
+        self._prefilling.remove(request)
         request.cache = None
-        self._merge(pairs, length)
+        request.live = len(live)
         self._rows += [_Row(request, i, length) for i in live]
 
     def _merge(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
@@ -245,10 +294,17 @@ class DecodeEngine:
             self._mask = new_mask
             return
         width = max(self._mask.shape[1], length)
-        for layer, (k, v) in zip(self._cache.layers, pairs):
-            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(k, width)])
-            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(v, width)])
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)])
+        merged = [
+            (
+                torch.cat([_left_pad(layer.keys, width), _left_pad(k, width)]),
+                torch.cat([_left_pad(layer.values, width), _left_pad(v, width)]),
+            )
+            for layer, (k, v) in zip(self._cache.layers, pairs)
+        ]
+        mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)])
+        for layer, (keys, values) in zip(self._cache.layers, merged):  # all built: now swap them in
+            layer.keys, layer.values = keys, values
+        self._mask = mask
 
     def _decode_step(self, finished: list) -> None:
         rows = self._rows
@@ -266,6 +322,10 @@ class DecodeEngine:
         gen_rows = [r.request.rows[r.index] for r in rows]
         states = [r.request.states[r.index] for r in rows]
         sample_step(logits_BV, gen_rows, states, self._decode)
+        failed = {id(r.request) for r, state in zip(rows, states) if state.error is not None}
+        for row, state in zip(rows, states):  # a request with a failed row fails: its other rows stop
+            if id(row.request) in failed and state.stop_reason is None:
+                state.stop_reason = "error"
         keep = [i for i, s in enumerate(states) if s.stop_reason is None]
         for i, row in enumerate(rows):
             if states[i].stop_reason is not None:
@@ -300,6 +360,17 @@ class DecodeEngine:
     @property
     def _device(self) -> torch.device:
         return next(self._model.parameters()).device
+
+
+def _cancelled(request: _Request) -> bool:
+    check = request.rows[0].cancelled
+    return check is not None and check()
+
+
+def _as_error(exc: Exception, what: str) -> ThinkerError:
+    if isinstance(exc, ThinkerError):
+        return exc
+    return ServerError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def _left_pad(kv_BHTD: torch.Tensor, width: int) -> torch.Tensor:

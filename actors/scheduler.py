@@ -13,8 +13,9 @@
   requests pending together (up to `max_rows` sequences) run as one batched generation.
 - Training work and sampling share the compute thread by weighted time shares (`actors.shares`,
   `sampling_share`): while both wait, each gets its share, to within one pass or one slice.
-- A barrier of a sampler or a model sampled live waits for that id's sampling requests submitted
-  before it; its sampling requests submitted after it wait for it (they are parked meanwhile).
+- Barriers and sampling requests of one id keep their submission order (`actors.id_order`): a
+  barrier waits for the id's earlier samples, a sample for its earlier barriers (it is parked
+  meanwhile); training work of other models goes on past a waiting barrier.
 - Per tenant, at most `max_queued_per_tenant` forward / sampling requests and
   `max_tokens_per_tenant` of their tokens are queued or running; more of that tenant's work waits
   in its own backlog (in order, with the later requests of the models it holds back) and is
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from actors.id_order import IdOrder
 from actors.metrics import ModelMetrics
 from actors.passes import PassPlanner, merge_results, run_train_pass
 from actors.sequencer import Sequencer
@@ -57,6 +59,8 @@ class _Job:
     fn: Callable[[], Any] | None = None  # a unit of compute (a barrier for its model)
     sample: SampleWork | None = None  # or a sampling request, batched with its neighbours
     train: ForwardBackwardWork | None = None  # or a forward/forward_backward, batched across adapters
+    ticket: int | None = None  # its place among its id's barriers and samples (actors.id_order)
+    started: bool = False  # a sampling job handed to the decoder or the static batch
     done_datums: int = 0  # datums already run in earlier micro-batches
     parts: list[ForwardBackwardResult] = field(default_factory=list)
 
@@ -119,8 +123,9 @@ class Scheduler:
         self._jobs: deque[_Job] = deque()  # training work and barriers, in order
         self._samples: deque[_Job] = deque()  # sampling requests for a static batch (no decoder)
         self._decoder = decoder  # actors.decoding.DecodeEngine, or None
-        self._sampling: dict[str, int] = {}  # sampler id -> its sampling jobs submitted, not settled
-        self._parked: list[_Job] = []  # sampling jobs submitted after a barrier of their sampler
+        self._order = IdOrder()
+        self._parked: list[_Job] = []  # sampling jobs waiting for an earlier barrier of their sampler
+        self._sampling = 0  # sampling jobs started and not settled
         self._shares = TimeShares({"train": 1 - limits.sampling_share, "sample": limits.sampling_share})
         self.trace: deque[tuple[str, float]] = deque(maxlen=10_000)  # (kind, seconds) of each unit run
         self._last_done: dict[str, float] = {}  # model id -> when its last request finished
@@ -159,6 +164,7 @@ class Scheduler:
         if key is not None and key in self._seen:
             return await asyncio.shield(self._seen[key])
         job = _Job(self._new_future(), sample=work)
+        job.ticket = self._order.sample(work.sampler_id)
         self._remember(key, job.future)
         self._open += 1
         self._enqueue(job)
@@ -195,6 +201,8 @@ class Scheduler:
             return await asyncio.shield(self._seen[key])
         self._remember(key, job.future)
         self._open += 1
+        if job.fn is not None and model_id is not None:
+            job.ticket = self._order.barrier(model_id)
         if seq_id is not None:
             self.note_seq(model_id, seq_id)
         for ready in self._sequencer.submit(model_id, seq_id, job):
@@ -246,34 +254,28 @@ class Scheduler:
             load[1] += job.tokens
         if job.sample is None:
             self._jobs.append(job)
-        elif job.sample.sampler_id in self._barrier_ids():
-            self._parked.append(job)
-        else:
+        elif self._order.sample_may_start(job.sample.sampler_id, job.ticket):
             self._start_sampling(job)
+        else:
+            self._parked.append(job)
         self._job_added.set()
 
     def _start_sampling(self, job: _Job) -> None:
-        sampler_id = job.sample.sampler_id
-        self._sampling[sampler_id] = self._sampling.get(sampler_id, 0) + 1
+        job.started = True
+        self._sampling += 1
         if self._decoder is not None:
             self._decoder.submit(job.sample, job)
         else:
             self._samples.append(job)
 
-    def _barrier_ids(self) -> set[str]:
-        return {job.model_id for job in self._jobs if job.fn is not None and job.model_id is not None}
-
     def _unpark(self) -> None:
-        """Sampling jobs whose sampler has no barrier queued any more go on, in their order."""
-        if not self._parked:
-            return
-        blocked = self._barrier_ids()
+        """Parked sampling jobs whose earlier barriers are all done go on, in their order."""
         parked, self._parked = self._parked, []
         for job in parked:
-            if job.sample.sampler_id in blocked:
-                self._parked.append(job)
-            else:
+            if self._order.sample_may_start(job.sample.sampler_id, job.ticket):
                 self._start_sampling(job)
+            else:
+                self._parked.append(job)
 
     def _release(self, job: _Job) -> None:
         """A job finished: give its tenant's room to the next jobs of its backlog."""
@@ -308,42 +310,53 @@ class Scheduler:
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            ready = [kind for kind, has in (("train", self._train_ready()), ("sample", self._sample_ready())) if has]
-            if not ready:
-                self._job_added.clear()
-                await self._job_added.wait()
-                continue
-            kind = self._shares.pick(ready)
-            start = time.monotonic()
-            if kind == "sample":
-                await self._run_sampling(loop)
-            else:
-                await self._run_training(loop)
-            elapsed = time.monotonic() - start
-            self._shares.charge(kind, elapsed)
-            self.trace.append((kind, elapsed))
+            try:
+                await self._dispatch_one(loop)
+            except Exception:  # a bug here must not stop every later request of this actor
+                logger.exception("the scheduler's dispatch failed; going on")
+                await asyncio.sleep(0.1)
 
-    def _train_ready(self) -> bool:
-        """Training work is queued and its first job may run (a barrier waits for the sampling
-        requests of its id submitted before it)."""
-        if not self._jobs:
-            return False
-        first = self._jobs[0]
-        return first.fn is None or not self._sampling.get(first.model_id)
+    async def _dispatch_one(self, loop: asyncio.AbstractEventLoop) -> None:
+        training = self._next_training()
+        ready = [kind for kind, has in (("train", training is not None), ("sample", self._sample_ready())) if has]
+        if not ready:
+            self._job_added.clear()
+            await self._job_added.wait()
+            return
+        kind = self._shares.pick(ready)
+        start = time.monotonic()
+        if kind == "sample":
+            await self._run_sampling(loop)
+        else:
+            await self._run_training(loop, training)
+        elapsed = time.monotonic() - start
+        self._shares.charge(kind, elapsed)
+        self.trace.append((kind, elapsed))
+
+    def _next_training(self) -> _Job | None:
+        """The first training job that may run: each model's jobs in order, and a barrier only
+        once the samples of its id submitted before it are done."""
+        blocked: set[str] = set()
+        for job in self._jobs:
+            if job.model_id in blocked:
+                continue
+            if job.ticket is not None and not self._order.barrier_may_run(job.model_id, job.ticket):
+                blocked.add(job.model_id)
+                continue
+            return job
+        return None
 
     def _sample_ready(self) -> bool:
         return bool(self._samples) or (self._decoder is not None and self._decoder.busy)
 
-    async def _run_training(self, loop: asyncio.AbstractEventLoop) -> None:
-        first = self._jobs[0]
+    async def _run_training(self, loop: asyncio.AbstractEventLoop, first: _Job) -> None:
         if first.train is not None:
             if not self._sample_ready():  # the wait would idle the thread: sampling could use it
                 await self._wait_for_other_tenants()
-            await self._run_train_pass(loop)
+            await self._run_train_pass(loop, first)
         else:
-            self._jobs.popleft()
+            self._jobs.remove(first)
             self._settle(first, await self._on_compute_thread(loop, first.fn, 1))
-            self._unpark()
 
     async def _wait_for_other_tenants(self) -> None:
         """Hold a pass briefly for tenants in the middle of a round trip: their last request just
@@ -363,14 +376,14 @@ class Scheduler:
             except TimeoutError:
                 return
 
-    async def _run_train_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_train_pass(self, loop: asyncio.AbstractEventLoop, first: _Job) -> None:
         for job in [job for job in self._jobs if job.train is not None and not job.train.data]:
             self._finish(job, UserError("forward_backward needs at least one datum"))
-        if not self._jobs or self._jobs[0].train is None:
+        if first not in self._jobs:
             return
         parts = self._planner.plan(list(self._jobs))
         if not parts:  # NOTE: never loop on a request no pass can advance: it fails, alone
-            self._finish(self._jobs[0], ServerError("this request could not be planned into a pass"))
+            self._finish(first, ServerError("this request could not be planned into a pass"))
             return
         runner = partial(run_train_pass, parts, self._train_batch, self._check_train)
         outcome = await self._on_compute_thread(loop, runner, len(parts))
@@ -392,8 +405,8 @@ class Scheduler:
         if self._decoder is None:
             await self._run_sample_batch(loop)
             return
-        running = sum(self._sampling.values())
-        outcome = await self._on_compute_thread(loop, partial(self._decoder.run, self._limits.decode_slice_s), running)
+        run = partial(self._decoder.run, self._limits.decode_slice_s)
+        outcome = await self._on_compute_thread(loop, run, self._sampling)
         if isinstance(outcome, BaseException):  # the engine keeps its requests; they fail on their own
             return
         self._record_sampling([(job, result) for job, result in outcome])
@@ -435,15 +448,17 @@ class Scheduler:
         self._settle(job, outcome)
 
     def _settle(self, job: _Job, outcome: Any) -> None:
+        if job.future.done():  # settled already (NOTE: releasing twice would corrupt the tenant's load)
+            return
         if job.model_id is not None:
             self._last_done[job.model_id] = time.monotonic()
-        sampler_id = job.sample.sampler_id if job.sample is not None else None
-        if sampler_id in self._sampling and not job.future.done():
-            self._sampling[sampler_id] -= 1
-            if not self._sampling[sampler_id]:
-                del self._sampling[sampler_id]
-        if not job.future.done():
-            self._open -= 1
+        self._open -= 1
+        if job.sample is not None:
+            self._order.sample_done(job.sample.sampler_id, job.ticket)
+            self._sampling -= job.started
+        elif job.ticket is not None:
+            self._order.barrier_done(job.model_id, job.ticket)
+            self._unpark()
         _settle(job, outcome)
         self._release(job)
 

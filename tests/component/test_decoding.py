@@ -8,7 +8,7 @@ import torch
 from actors.decoding import DecodeEngine
 from actors.hf.backend import HFBackend
 from actors.work import CreateModelWork, LoraSpec, SampleResult, SampleWork, SamplingParams
-from configs.errors import ThinkerError, UserError
+from configs.errors import ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
 from tests.conftest import TINY_LLAMA
 
@@ -225,3 +225,59 @@ def test_on_a_tiny_model_sampling_and_training_each_keep_their_share(backend):
     contended = trace[: max(i for i, (kind, _) in enumerate(trace) if kind == "train") + 1]
     used = {kind: sum(s for k, s in contended if k == kind) for kind in ("train", "sample")}
     assert used["sample"] / (used["sample"] + used["train"]) == pytest.approx(0.5, abs=0.2)
+
+
+def test_a_fault_in_one_request_fails_it_alone(backend, monkeypatch):
+    """An unexpected error while preparing, prefilling or joining one request (a full disk when a
+    spilled sampler comes back, out of memory for a long prompt) answers that request with a
+    ServerError; the others sample as alone, and nothing is left in the engine."""
+    eng = engine(backend)
+    rows_of = eng._rows_of
+
+    def flaky_rows_of(w):
+        if w.sampler_id == "b" and len(w.prompt) == 7:
+            raise OSError("No space left on device")
+        return rows_of(w)
+
+    eng._rows_of = flaky_rows_of
+    merge = eng._merge
+
+    def flaky_merge(pairs, length):
+        if length == 9:
+            raise RuntimeError("out of memory")
+        return merge(pairs, length)
+
+    eng._merge = flaky_merge
+    arrivals = {
+        0: [("good", work("a", 30, max_tokens=12)), ("disk", work("b", 31, length=7))],
+        2: [("oom", work("a", 32, length=9)), ("late", work("b", 33, length=4))],
+    }
+    results, _ = drive(eng, arrivals)
+    assert isinstance(results["disk"], ServerError) and "No space" in str(results["disk"])
+    assert isinstance(results["oom"], ServerError) and "out of memory" in str(results["oom"])
+    for name in ("good", "late"):
+        assert tokens(results[name]) == tokens(backend.sample([dict(arrivals[0] + arrivals[2])[name]])[0])
+    assert eng.running_rows == 0 and not eng.busy
+
+
+def test_a_request_cancelled_before_its_prefill_never_runs(backend):
+    cancelled = {"req-9"}
+    backend.cancelled = cancelled.__contains__
+    try:
+        eng = engine(backend, chunk=4, max_rows=2)
+        first = work("a", 34, n=2, max_tokens=6)
+        waiting = work("b", 35, length=40, max_tokens=6)
+        waiting.request_id = "req-9"
+        cancelled.clear()
+        eng.submit(first, "first")
+        eng.submit(waiting, "waiting")
+        finished = []
+        eng.step(finished)  # "waiting" has no room yet
+        cancelled.add("req-9")
+        while len(finished) < 2:
+            eng.step(finished)
+        outcomes = dict(finished)
+        assert isinstance(outcomes["waiting"], UserError) and "cancel" in str(outcomes["waiting"])
+        assert not eng.busy
+    finally:
+        backend.cancelled = HFBackend.cancelled

@@ -161,3 +161,92 @@ def test_a_sampler_barrier_waits_for_earlier_samples_and_later_ones_wait_for_it(
     ((_, finished_before_barrier),) = events
     assert finished_before_barrier.count("s") == 1  # the first sample, not the later one
     assert decoder.finished_ids.count("s") == 2
+
+
+def test_a_barrier_waiting_for_its_samples_does_not_hold_up_other_models():
+    backend, decoder = TimedBackend(pass_s=0.0), FakeDecoder(step_s=0.01, steps=30)
+    sched = scheduler(backend, decoder)
+    done = []
+
+    async def scenario():
+        sampling = asyncio.ensure_future(sched.sample(sample("a")))
+        await asyncio.sleep(0.01)
+        barrier = asyncio.ensure_future(sched.ordered("a", None, lambda: done.append(list(decoder.finished_ids))))
+        other = asyncio.ensure_future(sched.forward_backward(fb("b")))
+        await other
+        assert not sampling.done() and not barrier.done()  # b's pass did not wait for them
+        await asyncio.gather(sampling, barrier)
+
+    run(scenario())
+    assert done == [["a"]]  # the barrier ran after the sample it waited for
+
+
+def test_barriers_and_samples_of_an_id_keep_their_submission_order():
+    """B1, S, B2 of one id: S runs after B1 and before B2, though B2 is queued when B1 ends."""
+    backend, decoder = TimedBackend(pass_s=0.0), FakeDecoder(step_s=0.005, steps=3)
+    sched = scheduler(backend, decoder)
+    log = []
+    submit = decoder.submit
+    decoder.submit = lambda work, token: (log.append("S starts"), submit(work, token))
+
+    def barrier(name):
+        def fn():
+            time.sleep(0.03)
+            log.append(name)
+
+        return fn
+
+    async def scenario():
+        b0 = asyncio.ensure_future(sched.ordered("b", None, barrier("B0")))  # keeps the thread busy
+        await asyncio.sleep(0.005)
+        b1 = asyncio.ensure_future(sched.ordered("a", None, barrier("B1")))
+        s = asyncio.ensure_future(sched.sample(sample("a")))
+        b2 = asyncio.ensure_future(sched.ordered("a", None, barrier("B2")))
+        await asyncio.gather(b0, b1, s, b2)
+
+    run(scenario())
+    assert log == ["B0", "B1", "S starts", "B2"]
+
+
+def test_a_sample_waiting_in_its_tenants_backlog_still_goes_before_a_later_barrier():
+    backend, decoder = TimedBackend(pass_s=0.0), FakeDecoder(step_s=0.01, steps=5)
+    from actors.work import CreateModelWork, LoraSpec
+
+    for m in "ab":
+        backend.create_model(CreateModelWork(m, LoraSpec(rank=2)))
+    sched = Scheduler(
+        backend.forward_backward_batch,
+        backend.check_forward_backward,
+        backend.sample,
+        limits(max_queued_per_tenant=1),
+        decoder=decoder,
+    )
+    log = []
+
+    async def scenario():
+        first = asyncio.ensure_future(sched.sample(sample("other", tenant="T")))  # fills T's quota
+        await asyncio.sleep(0.005)
+        backlogged = asyncio.ensure_future(sched.sample(sample("a", tenant="T")))
+        barrier = asyncio.ensure_future(sched.ordered("a", None, lambda: log.append(list(decoder.finished_ids))))
+        await asyncio.gather(first, backlogged, barrier)
+
+    run(scenario())
+    assert log == [["other", "a"]]  # the barrier ran after the backlogged sample
+
+
+def test_a_job_reported_twice_is_answered_once_and_the_scheduler_goes_on():
+    class TwiceDecoder(FakeDecoder):
+        def run(self, seconds):
+            finished = super().run(seconds)
+            return finished + finished
+
+    backend = TimedBackend(pass_s=0.0)
+    sched = scheduler(backend, TwiceDecoder(step_s=0.001, steps=2))
+
+    async def scenario():
+        first = await sched.sample(sample("a"))
+        second = await sched.sample(sample("a"))
+        return first, second
+
+    first, second = run(scenario())
+    assert isinstance(first, SampleResult) and isinstance(second, SampleResult)
