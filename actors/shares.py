@@ -3,42 +3,30 @@
 Each kind (training, sampling) has a weight and a virtual time: the seconds it ran divided by its
 weight. When several kinds have work, the one with the least virtual time runs next, so over any
 stretch where both wait, each gets its weight's share of the thread (to within one unit of work:
-a training pass, or one slice of decode steps). A kind idle for longer than `grace_s` banks no
-credit: its virtual time is raised to the others' when it next has work, so a burst after an
-idle spell cannot monopolise the thread. Shorter gaps keep their credit: a training client's
-round trip between two requests (the thread ran sampling meanwhile) is paid back when its next
-request arrives, so clients that send one request at a time still get their share.
+a training pass, or one slice of decode steps). A kind with nothing to do banks no credit: its
+virtual time is raised to the others' when it next has work, so a burst after an idle spell
+cannot monopolise the thread.
 """
 
 from __future__ import annotations
 
-import time
-
 
 class TimeShares:
-    def __init__(self, weights: dict[str, float], grace_s: float = 1.0, clock=time.monotonic):
+    def __init__(self, weights: dict[str, float]):
         if not weights or any(w <= 0 for w in weights.values()):
             raise ValueError(f"every kind needs a positive weight, got {weights}")
         total = sum(weights.values())
         self.weights = {kind: w / total for kind, w in weights.items()}
         self._vtime = dict.fromkeys(weights, 0.0)
         self.used = dict.fromkeys(weights, 0.0)  # seconds each kind ran (for tests and metrics)
-        self._grace_s = grace_s
-        self._clock = clock
-        self._idle_since: dict[str, float] = {}  # kind -> when it last had nothing to do
 
     def pick(self, ready: list[str]) -> str:
         """The kind to run next among those with work."""
         if not ready:
             raise ValueError("no kind of work is ready")
-        now = self._clock()
         floor = min(self._vtime[kind] for kind in ready)
         for kind in self._vtime:
-            if kind in ready:
-                self._idle_since.pop(kind, None)
-                continue
-            since = self._idle_since.setdefault(kind, now)
-            if now - since > self._grace_s:  # idle for a while: no credit to bank
+            if kind not in ready:  # idle: no credit to bank
                 self._vtime[kind] = max(self._vtime[kind], floor)
         return min(ready, key=lambda kind: self._vtime[kind])
 
