@@ -8,8 +8,8 @@ sampling alone, both together. Printed: training steps/s and sampled tokens/s in
 each kind's rate together as a share of its rate alone (the scheduler's `sampling_share` is 0.5:
 when both wait, each should keep at least about half).
 
-    python bench/rl_mix.py                       # 8 + 8 clients, 4x128 training, 4x64 sampling
-    python bench/rl_mix.py --seconds 20 --repeats 1
+    python bench/rl_mix.py                       # 8 + 8 clients, 1x64 training, 2 x 4x16 sampling each
+    python bench/rl_mix.py --shape 4x128 --tokens 64 --seconds 120   # heavier: a GPU, or patience
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def phase(trainers, datas, samplers, prompt, args, train: bool, sample: bool) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=8, help="training clients, and as many sampling clients")
-    parser.add_argument("--shape", default="4x128", help="datums x tokens of each forward_backward")
+    parser.add_argument("--shape", default="1x64", help="datums x tokens of each forward_backward")
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per sample")
-    parser.add_argument("--in-flight", type=int, default=4, help="sampling requests each sampling client keeps pending")
-    parser.add_argument("--seconds", type=float, default=40.0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per sample")
+    parser.add_argument("--in-flight", type=int, default=2, help="sampling requests each sampling client keeps pending")
+    parser.add_argument("--seconds", type=float, default=45.0)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
     import tinker
