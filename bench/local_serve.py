@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 
 def serve_thinker(config) -> str:
@@ -12,7 +16,11 @@ def serve_thinker(config) -> str:
 
 
 def serve_thinker_apps(configs: dict) -> dict[str, str]:
-    """Several apps side by side (name -> ThinkerConfig), each under /name; name -> base URL."""
+    """Several apps side by side (name -> ThinkerConfig), each under /name; name -> base URL.
+    Each app whose config names no database or checkpoint root gets its own, in a temporary
+    folder removed at exit: a benchmark measures a fresh service, not the runs, samplers and
+    pending requests that earlier runs left in the default database (a restarted service
+    restores those)."""
     import ray
     from ray import serve
 
@@ -26,7 +34,21 @@ def serve_thinker_apps(configs: dict) -> dict[str, str]:
     single = len(configs) == 1
     urls = {}
     for name, config in configs.items():
+        config = _fresh_state(config)
         prefix = "/" if single else f"/{name}"
         serve.run(build_thinker_app(config), name=name, route_prefix=prefix)
         urls[name] = f"http://127.0.0.1:{port}" + ("" if single else prefix)
     return urls
+
+
+def _fresh_state(config):
+    defaults = type(config).model_fields
+    update = {}
+    if config.database_url is None or config.checkpoint_root == defaults["checkpoint_root"].default:
+        folder = Path(tempfile.mkdtemp(prefix="thinker-bench-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        if config.database_url is None:
+            update["database_url"] = f"sqlite:///{folder / 'thinker.sqlite3'}"
+        if config.checkpoint_root == defaults["checkpoint_root"].default:
+            update["checkpoint_root"] = str(folder / "checkpoints")
+    return config.model_copy(update=update) if update else config
