@@ -126,6 +126,7 @@ class ModelActor:
             max_tokens_per_tenant=quotas.max_tokens_in_flight,
             sampling_share=config.sampling_share,
             decode_slice_s=config.decode_slice_s,
+            compute_nice=config.compute_thread_nice,
             packed_passes=getattr(self._backend, "packed", False),  # HF passes without padding
         )
         backend = self._backend

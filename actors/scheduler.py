@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -90,6 +92,7 @@ class SchedulerLimits:
     max_tokens_per_tenant: int = 1 << 62
     sampling_share: float = 0.5
     decode_slice_s: float = 0.05
+    compute_nice: int = 0  # the compute thread's (and its torch workers') nice increment
     packed_passes: bool = False  # the backend's passes cost their real tokens (no padding)
 
 
@@ -116,7 +119,9 @@ class Scheduler:
             limits.max_pass_tokens, limits.max_pass_adapters, limits.cross_adapter_batching, limits.packed_passes
         )
         self._compute = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="thinker-compute", initializer=init_compute_thread
+            max_workers=1,
+            thread_name_prefix="thinker-compute",
+            initializer=partial(_init_compute_thread, limits.compute_nice, init_compute_thread),
         )
         self._sequencer: Sequencer[_Job] = Sequencer(limits.gap_timeout_s)
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
@@ -488,6 +493,19 @@ def _settle(job: _Job, outcome: Any) -> None:
         job.future.set_exception(outcome)
     else:
         job.future.set_result(outcome)
+
+
+def _init_compute_thread(nice: int, then: Callable[[], None] | None) -> None:
+    """Lower the compute thread's CPU priority first, so the torch worker threads it starts inherit
+    it: on a CPU node the event loops (heartbeats, health, answering finished futures) preempt the
+    compute instead of queueing behind it. Linux applies a nice value per thread."""
+    if nice > 0 and sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        except OSError as exc:
+            logger.warning("could not lower the compute thread's priority: %s", exc)
+    if then is not None:
+        then()
 
 
 async def _run(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, fn: Callable[[], Any]) -> Any:

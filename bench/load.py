@@ -9,7 +9,7 @@ same ingress (healthz), interleaved in the same run, and prints p50/p99 of both 
 
 `--control`: the default model, idle first, then under load: 8 SDK training clients looping
 forward_backward (4x128) + optim_step while 200 sampling requests (16 samples x 240 tokens) are
-pending. Throughout, one probe after another: session_heartbeat, healthz, get_info and
+pending. Throughout, from a process of its own, one probe after another: session_heartbeat, healthz, get_info and
 retrieve_future of a finished future; prints p50/p99 of each, idle and under load (target: p99
 under 50 ms under load).
 
@@ -223,7 +223,16 @@ def probe_control_plane(url: str, seconds: float, base_model: str) -> dict[str, 
     return times
 
 
-def control(seconds: float) -> None:
+def probe_in_own_process(url: str, seconds: float, base_model: str) -> dict[str, list[float]]:
+    """`probe_control_plane` in a process of its own: the times are the server's answers, not this
+    process's SDK threads (the load's clients) holding the probe's GIL."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(probe_control_plane, (url, seconds, base_model))
+
+
+def control(seconds: float, nice: int | None) -> None:
     import threading
 
     import tinker
@@ -235,8 +244,9 @@ def control(seconds: float) -> None:
 
     os.environ.setdefault("TINKER_API_KEY", "tml-bench")
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL)]))
-    idle = probe_control_plane(url, seconds / 2, DEFAULT_MODEL)
+    extra = {} if nice is None else {"compute_thread_nice": nice}
+    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL, **extra)]))
+    idle = probe_in_own_process(url, seconds / 2, DEFAULT_MODEL)
     service = tinker.ServiceClient(base_url=url)
     trainers = [service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=16).result() for _ in range(8)]
     sampler = trainers[0].save_weights_and_get_sampling_client().result()
@@ -264,7 +274,7 @@ def control(seconds: float) -> None:
     prompt = types.ModelInput.from_ints(list(range(100, 140)))
     pending = [sampler.sample(prompt, 16, params) for _ in range(200)]
     time.sleep(5)  # the load is on: passes and decode steps under way
-    loaded = probe_control_plane(url, seconds, DEFAULT_MODEL)
+    loaded = probe_in_own_process(url, seconds, DEFAULT_MODEL)
     stop.set()
 
     def pct(xs, q):
@@ -286,10 +296,11 @@ def main() -> None:
     parser.add_argument("--per-session", type=int, default=10)
     parser.add_argument("--control", action="store_true", help="control-plane latency under training + sampling")
     parser.add_argument("--seconds", type=float, default=40.0, help="--control: how long to probe under load")
+    parser.add_argument("--nice", type=int, default=None, help="--control: compute_thread_nice (default: the config's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if args.control:
-        control(args.seconds)
+        control(args.seconds, args.nice)
         return
     from bench.local_serve import serve_thinker
     from configs.schema import BaseModelConfig, TenantQuotas, ThinkerConfig

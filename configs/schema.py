@@ -199,6 +199,14 @@ class BaseModelConfig(StrictConfig):
         description="Share of the compute thread's time sampling gets while training also waits (training "
         "gets the rest); a kind of work that is alone gets all of it.",
     )
+    compute_thread_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower (Linux nice) the compute thread and its torch workers run than the "
+        "actor's event loop, so that heartbeats, health checks and finished futures are answered at "
+        "once on a busy CPU node. 0: the same priority.",
+    )
     decode_slice_s: float = Field(
         0.05,
         gt=0,

@@ -1,6 +1,7 @@
 """The scheduler: cross-adapter passes, barriers, token budgets, micro-batches, the window."""
 
 import asyncio
+import sys
 import time
 
 import numpy as np
@@ -169,3 +170,22 @@ def test_a_packed_pass_is_budgeted_by_real_tokens_not_rows_times_the_longest(pac
 
     run(together())
     assert backend.passes == passes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_the_compute_thread_runs_at_a_lower_priority_than_the_event_loop():
+    import os
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    calls = []
+    sched = Scheduler(
+        FakeBackend().forward_backward_batch,
+        FakeBackend().check_forward_backward,
+        FakeBackend().sample,
+        limits(compute_nice=5),
+        init_compute_thread=lambda: calls.append(os.getpriority(os.PRIO_PROCESS, 0)),
+    )
+    compute_nice = run(sched.run_now(lambda: os.getpriority(os.PRIO_PROCESS, 0)))
+    assert compute_nice == min(19, loop_nice + 5)
+    assert calls == [compute_nice]  # the backend's own set-up runs after, on the lowered thread
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice  # the caller's thread is untouched
