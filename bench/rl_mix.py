@@ -2,9 +2,10 @@
 
 The shape of an asynchronous RL run (the cookbook's async mode): `--tenants` training clients
 each loop forward_backward (`datums x tokens`, cross_entropy) + optim_step, while as many
-sampling clients each keep `--in-flight` sampling requests (`samples x tokens`, stop=[]) pending,
-all through the official SDK. Three phases of `--seconds` each, repeated: training alone,
-sampling alone, both together. Printed: training steps/s and sampled tokens/s in each phase, and
+sampling clients each keep `--in-flight` sampling requests (`samples` x 1/2 to 3/2 `tokens`, drawn
+per request, so requests finish at different steps rather than in waves; stop=[]) pending, all
+through the official SDK. Three phases of `--seconds` each, repeated: training alone, sampling
+alone, both together. Printed: training steps/s and sampled tokens/s in each phase, and
 each kind's rate together as a share of its rate alone (the scheduler's `sampling_share` is 0.5:
 when both wait, each should keep at least about half).
 
@@ -22,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TINKER_API_KEY", "tml-bench")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -36,7 +39,10 @@ def phase(trainers, datas, samplers, prompt, args, train: bool, sample: bool) ->
     stop = threading.Event()
     started = threading.Barrier(len(trainers) * train + len(samplers) * sample + 1)
     steps, tokens = [], []
-    params = types.SamplingParams(max_tokens=args.tokens, temperature=1.0, stop=[])
+    low, high = max(1, args.tokens // 2), args.tokens * 3 // 2
+
+    def params(rng):  # lengths vary, so requests finish at different steps rather than in waves
+        return types.SamplingParams(max_tokens=int(rng.integers(low, high + 1)), temperature=1.0, stop=[])
 
     def trainer(client, data):
         started.wait()
@@ -47,18 +53,19 @@ def phase(trainers, datas, samplers, prompt, args, train: bool, sample: bool) ->
             op.result()
             steps.append(time.perf_counter())
 
-    def sampler(client):
+    def sampler(client, seed):
+        rng = np.random.default_rng(seed)
         started.wait()
-        pending = [client.sample(prompt, args.samples, params) for _ in range(args.in_flight)]
+        pending = [client.sample(prompt, args.samples, params(rng)) for _ in range(args.in_flight)]
         while not stop.is_set():
             result = pending.pop(0).result()
             tokens.append((time.perf_counter(), sum(len(s.tokens) for s in result.sequences)))
-            pending.append(client.sample(prompt, args.samples, params))
+            pending.append(client.sample(prompt, args.samples, params(rng)))
         for future in pending:
             future.result()
 
     threads = [threading.Thread(target=trainer, args=(c, d)) for c, d in zip(trainers, datas) if train]
-    threads += [threading.Thread(target=sampler, args=(c,)) for c in samplers if sample]
+    threads += [threading.Thread(target=sampler, args=(c, i)) for i, c in enumerate(samplers) if sample]
     for t in threads:
         t.start()
     started.wait()
@@ -79,10 +86,11 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=8, help="training clients, and as many sampling clients")
     parser.add_argument("--shape", default="1x64", help="datums x tokens of each forward_backward")
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per sample")
+    parser.add_argument("--tokens", type=int, default=16, help="mean tokens per sample (each request: 1/2x to 3/2x)")
     parser.add_argument("--in-flight", type=int, default=2, help="sampling requests each sampling client keeps pending")
-    parser.add_argument("--seconds", type=float, default=45.0)
+    parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--nice", type=int, default=None, help="compute_thread_nice (default: the config's)")
     args = parser.parse_args()
 
     import tinker
@@ -91,7 +99,8 @@ def main() -> None:
 
     from configs.schema import DEFAULT_MODEL_NAME, BaseModelConfig, ThinkerConfig
 
-    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME)]))
+    extra = {} if args.nice is None else {"compute_thread_nice": args.nice}
+    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, **extra)]))
     service = tinker.ServiceClient(base_url=url)
     trainers = [
         service.create_lora_training_client(base_model=DEFAULT_MODEL_NAME, rank=16, seed=i).result()

@@ -200,12 +200,13 @@ class BaseModelConfig(StrictConfig):
         "gets the rest); a kind of work that is alone gets all of it.",
     )
     compute_thread_nice: int = Field(
-        10,
+        0,
         ge=0,
         le=19,
         description="How much lower (Linux nice) the compute thread and its torch workers run than the "
-        "actor's event loop, so that heartbeats, health checks and finished futures are answered at "
-        "once on a busy CPU node. 0: the same priority.",
+        "actor's event loop: on a busy CPU node, 10 answers heartbeats, health checks and finished futures "
+        "sooner (p50 a fifth to a third lower, bench/load.py --control) at some cost in compute throughput "
+        "when other processes want the cores. 0: the same priority.",
     )
     decode_slice_s: float = Field(
         0.05,
