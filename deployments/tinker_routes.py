@@ -10,6 +10,7 @@
 """
 
 import asyncio
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,7 @@ PROTOBUF = "application/x-protobuf"
 CLONE_STRIDE = 1_000_000_000  # a sampling client clone numbers its samples from clone * 1e9
 CAPABILITIES_WAIT_S = 3.0  # how long capabilities wait for a model to describe itself (once per replica)
 HEALTH_WAIT_S = 0.2
+KNOWN_SESSIONS = 65_536  # (tenant, session) pairs a replica remembers as owned, for heartbeats
 RETRIEVE_FUTURES_WAIT_S = 25.0  # the longest retrieve_futures long-poll (the SDK reads for 45 s)
 
 
@@ -74,6 +76,7 @@ class TinkerRoutes:
         self._limits = Limits(config.limits)
         self._sequences = SampledSequences(tenancy.database)
         self._custom_losses = CustomLosses(tenancy.database)
+        self._known_sessions: OrderedDict[tuple[str, str], None] = OrderedDict()  # owned: no database read
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -124,7 +127,16 @@ class TinkerRoutes:
         return wire.CreateSessionResponse(session_id=session_id).model_dump()
 
     async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> dict:
-        await self._tenancy.run(self._registry.session, tenant, ids.check_id(body.session_id, "session_id"))
+        """A session the tenant owns is answered at once; the database is read only the first time
+        this replica sees the pair (a session never changes owner, and nothing deletes one)."""
+        key = (tenant, ids.check_id(body.session_id, "session_id"))
+        if key in self._known_sessions:
+            self._known_sessions.move_to_end(key)
+        else:
+            await self._tenancy.run(self._registry.session, *key)  # another tenant's, or unknown: 404
+            self._known_sessions[key] = None
+            while len(self._known_sessions) > KNOWN_SESSIONS:
+                self._known_sessions.popitem(last=False)
         return wire.HeartbeatResponse().model_dump()
 
     async def telemetry(self) -> dict:

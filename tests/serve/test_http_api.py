@@ -158,7 +158,10 @@ def test_session_routes_answer_what_the_sdk_expects(url):
         "sample_cancel_max_batch_size": 64,
     }
     session_id = post(url, "create_session", json={"tags": [], "sdk_version": "t"}).json()["session_id"]
-    assert post(url, "session_heartbeat", json={"session_id": session_id}).json() == {"type": "session_heartbeat"}
+    for _ in range(2):  # the second is answered from the replica's memory of owned sessions
+        assert post(url, "session_heartbeat", json={"session_id": session_id}).json() == {"type": "session_heartbeat"}
+    other_tenant = {"X-API-Key": "tml-someone-else"}  # open mode: another key is another tenant
+    assert_user_error(post(url, "session_heartbeat", json={"session_id": session_id}, headers=other_tenant), 404)
     assert_user_error(post(url, "session_heartbeat", json={"session_id": "never-made"}), 404)
     assert post(url, "telemetry", json={"events": []}).json() == {"status": "accepted"}
 
