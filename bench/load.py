@@ -9,9 +9,9 @@ same ingress (healthz), interleaved in the same run, and prints p50/p99 of both 
 
 `--control`: the default model, idle first, then under load: 8 SDK training clients looping
 forward_backward (4x128) + optim_step while 200 sampling requests (16 samples x 240 tokens) are
-pending. Throughout, from a process of its own, one probe after another: session_heartbeat, healthz, get_info and
-retrieve_future of a finished future; prints p50/p99 of each, idle and under load (target: p99
-under 50 ms under load).
+pending. Throughout, from a process of its own, one probe after another: session_heartbeat,
+healthz, get_info and retrieve_future of a finished future; prints p50/p99 of each, idle and
+under load (target: p99 under 50 ms under load). `--nice N` sets the compute_thread_nice.
 
 Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);
 a submission that meets the dying replica is sent again with the same seq_id, as the SDK's

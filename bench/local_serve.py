@@ -42,13 +42,15 @@ def serve_thinker_apps(configs: dict) -> dict[str, str]:
 
 
 def _fresh_state(config):
-    defaults = type(config).model_fields
+    default_db = config.database_url is None
+    default_root = config.checkpoint_root == type(config).model_fields["checkpoint_root"].default
+    if not (default_db or default_root):
+        return config
+    folder = Path(tempfile.mkdtemp(prefix="thinker-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     update = {}
-    if config.database_url is None or config.checkpoint_root == defaults["checkpoint_root"].default:
-        folder = Path(tempfile.mkdtemp(prefix="thinker-bench-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        if config.database_url is None:
-            update["database_url"] = f"sqlite:///{folder / 'thinker.sqlite3'}"
-        if config.checkpoint_root == defaults["checkpoint_root"].default:
-            update["checkpoint_root"] = str(folder / "checkpoints")
-    return config.model_copy(update=update) if update else config
+    if default_db:
+        update["database_url"] = f"sqlite:///{folder / 'thinker.sqlite3'}"
+    if default_root:
+        update["checkpoint_root"] = str(folder / "checkpoints")
+    return config.model_copy(update=update)

@@ -178,10 +178,11 @@ def test_the_compute_thread_runs_at_a_lower_priority_than_the_event_loop():
 
     loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
     calls = []
+    backend = FakeBackend()
     sched = Scheduler(
-        FakeBackend().forward_backward_batch,
-        FakeBackend().check_forward_backward,
-        FakeBackend().sample,
+        backend.forward_backward_batch,
+        backend.check_forward_backward,
+        backend.sample,
         limits(compute_nice=5),
         init_compute_thread=lambda: calls.append(os.getpriority(os.PRIO_PROCESS, 0)),
     )
