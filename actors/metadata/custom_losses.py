@@ -64,7 +64,7 @@ class CustomLosses:
         if not isinstance(loss_id, str):
             raise UserError("loss_fn custom needs loss_fn_config loss_id, the id create_custom_loss returned")
         ids.check_id(loss_id, "loss_id")
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = session.get(CustomLossRecord, loss_id)
         if row is None or row.tenant_id != tenant or row.session_id != session_id:
             raise UserError(f"unknown loss_id {loss_id!r} for this session (a custom loss serves its own session)")

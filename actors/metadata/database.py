@@ -6,6 +6,8 @@
 - `migrate()` brings the schema to alembic's head. Every process calls it at start; a lock (a
   file lock on SQLite, an advisory lock on PostgreSQL) keeps two processes from migrating at once.
 - NOTE: calls are synchronous; async code runs them in a thread (`asyncio.to_thread`).
+- A method that only reads uses `reading()`: on SQLite `transaction()` takes the one write lock
+  that every process shares, so a read there queues behind (and holds up) every writer.
 """
 
 from __future__ import annotations

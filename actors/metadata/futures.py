@@ -74,7 +74,7 @@ class FutureRecords:
         `after` when the snapshot has no seq_id); unsequenced ones still holding their payload (the
         snapshot trimmed exactly those it covers)."""
         query = select(Request).where(Request.model_id == model_id, Request.payload.is_not(None))
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             rows = list(session.scalars(query))
 
         def after_snapshot(row: Request) -> bool:
@@ -96,7 +96,7 @@ class FutureRecords:
             Request.status == "pending",
             Request.payload.is_not(None),
         )
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             rows = sorted(session.scalars(query), key=lambda r: r.created_at)
         return [(r.id, pickle.loads(r.payload)) for r in rows]
 
@@ -178,7 +178,7 @@ class FutureRecords:
 
     def get(self, tenant: str, request_id: str) -> Request:
         """The record, if `tenant` owns it and it has not expired (else as unknown as any other id)."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = session.get(Request, request_id)
         if row is None or row.tenant_id != tenant or utc_now() - row.created_at > self._ttl:
             raise NotFoundError(f"unknown or expired request_id {request_id!r}")

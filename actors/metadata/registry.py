@@ -57,7 +57,7 @@ class Registry:
         return session_id
 
     def session(self, tenant: str, session_id: str) -> Session:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
 
     def finish_session(
@@ -74,17 +74,17 @@ class Registry:
         """The tenant's sessions, newest first."""
         query = select(Session).where(Session.tenant_id == tenant)
         query = query.order_by(Session.created_at.desc(), Session.id.desc()).offset(offset).limit(limit)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query))
 
     def search_sessions(self, tenant: str, query) -> list[Session]:
         """The tenant's sessions that `query` (a SQLAlchemy select of Session, filtered) names."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query.where(Session.tenant_id == tenant)))
 
     def session_contents(self, tenant: str, session_id: str) -> tuple[Session, list[str], list[str]]:
         """A session, its training runs' ids and its samplers' ids."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
             runs = session.scalars(select(TrainingRun.id).where(TrainingRun.session_id == session_id))
             samplers = session.scalars(select(Sampler.id).where(Sampler.session_id == session_id))
@@ -98,7 +98,7 @@ class Registry:
             .where(Checkpoint.tenant_id == tenant, TrainingRun.session_id.in_(session_ids), _unexpired())
             .group_by(TrainingRun.session_id)
         )
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return {sid: (int(n), int(size)) for sid, n, size in session.execute(query)}
 
     def set_session_project(self, tenant: str, session_id: str, project_id: str) -> None:
@@ -134,7 +134,7 @@ class Registry:
                 session.add(row)
             return True
         except IntegrityError:
-            with self._db.transaction() as session:
+            with self._db.reading() as session:
                 existing = session.get(TrainingRun, run_id)
             if existing is not None and existing.tenant_id == tenant:
                 if existing.unloaded_at is not None:
@@ -143,17 +143,17 @@ class Registry:
             raise UserError(f"model_id {run_id!r} is taken; choose another") from None
 
     def run_exists(self, tenant: str, run_id: str) -> bool:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = session.get(TrainingRun, run_id)
             return row is not None and row.tenant_id == tenant
 
     def run(self, tenant: str, run_id: str) -> TrainingRun:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return _owned(session.get(TrainingRun, run_id), tenant, f"unknown model_id {run_id!r}")
 
     def find_run(self, run_id: str) -> TrainingRun | None:
         """Any tenant's run (for the model deployment's own bookkeeping, never for answering a client)."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return session.get(TrainingRun, run_id)
 
     def live_run(self, tenant: str, run_id: str) -> TrainingRun:
@@ -171,7 +171,7 @@ class Registry:
         order = (TrainingRun.created_at, TrainingRun.id)
         if newest_first:
             order = tuple(column.desc() for column in order)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
             rows = session.scalars(query.order_by(*order).offset(offset).limit(limit))
             return list(rows), int(total or 0)
@@ -180,13 +180,13 @@ class Registry:
         query = select(TrainingRun.id).where(TrainingRun.tenant_id == tenant, TrainingRun.unloaded_at.is_(None))
         if session_id is not None:
             query = query.where(TrainingRun.session_id == session_id)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query))
 
     def live_runs_of(self, base_model: str) -> list[TrainingRun]:
         """Every tenant's live training runs on a base model: what its restarted deployment restores."""
         query = select(TrainingRun).where(TrainingRun.base_model == base_model, TrainingRun.unloaded_at.is_(None))
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query.order_by(TrainingRun.created_at)))
 
     def unload_run(self, run_id: str) -> None:
@@ -239,7 +239,7 @@ class Registry:
         return counter
 
     def sampler(self, tenant: str, sampler_id: str) -> Sampler:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = _owned(session.get(Sampler, sampler_id), tenant, f"unknown sampling session {sampler_id!r}")
             if row.removed_at is not None:
                 raise NotFoundError(f"unknown sampling session {sampler_id!r}")
@@ -249,13 +249,13 @@ class Registry:
         query = select(Sampler.id).where(Sampler.tenant_id == tenant, Sampler.removed_at.is_(None))
         if session_id is not None:
             query = query.where(Sampler.session_id == session_id)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query))
 
     def live_samplers_of(self, base_model: str) -> list[Sampler]:
         """Every tenant's live sampling sessions on a base model (for a restarted deployment)."""
         query = select(Sampler).where(Sampler.base_model == base_model, Sampler.removed_at.is_(None))
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query))
 
     def remove_sampler(self, sampler_id: str) -> None:
@@ -278,14 +278,14 @@ class Registry:
         return row
 
     def checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> Checkpoint:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = _checkpoint_row(session, run_id, segment, name)
             return _owned(row, tenant, f"unknown checkpoint tinker://{run_id}/{segment}/{name}")
 
     def find_checkpoint(self, run_id: str, segment: str, name: str) -> Checkpoint | None:
         """Any tenant's live checkpoint: for the operator's command line, the expiry sweep and signed
         links (whose signature is the authorisation); never to answer a client's lookup by name."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return _checkpoint_row(session, run_id, segment, name)
 
     def checkpoints(self, tenant: str, run_id: str | None = None, offset: int = 0, limit: int = 1000):
@@ -293,7 +293,7 @@ class Registry:
         query = select(Checkpoint).where(Checkpoint.tenant_id == tenant, _unexpired())
         if run_id is not None:
             query = query.where(Checkpoint.training_run_id == run_id)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
             order = (Checkpoint.created_at.desc(), Checkpoint.id.desc())
             rows = session.scalars(query.order_by(*order).offset(offset).limit(limit))
@@ -306,7 +306,7 @@ class Registry:
 
     def readable_checkpoint(self, tenant: str, run_id: str, segment: str, name: str) -> Checkpoint:
         """A checkpoint `tenant` may load: its own, or one its owner published (else unknown)."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = _checkpoint_row(session, run_id, segment, name)
             if row is not None and row.public:
                 return row
@@ -315,7 +315,7 @@ class Registry:
     def accessible_run(self, tenant: str, run_id: str) -> tuple[TrainingRun, list[Checkpoint]]:
         """A run `tenant` may see with access_scope=accessible: its own (all checkpoints, newest
         first), or another tenant's with published checkpoints (those only). Else unknown."""
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             run = session.get(TrainingRun, run_id)
             if run is not None and run.tenant_id != tenant:
                 query = select(Checkpoint).where(Checkpoint.training_run_id == run_id, Checkpoint.public, _unexpired())
@@ -371,7 +371,7 @@ class Registry:
     def usage(self, tenant: str, since: datetime | None = None) -> dict[str, int]:
         """Totals per kind since `since` (default: 30 days), plus the bytes of stored checkpoints."""
         since = since or utc_now() - timedelta(days=30)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             totals = session.execute(
                 select(Usage.kind, func.sum(Usage.amount))
                 .where(Usage.tenant_id == tenant, Usage.bucket_start >= since)
@@ -390,14 +390,14 @@ class Registry:
             .where(Usage.tenant_id == tenant, Usage.bucket_start >= start, Usage.bucket_start < end)
             .order_by(Usage.bucket_start, Usage.id)
         )
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query))
 
     def session_metadata(self, tenant: str, session_ids: list[str]) -> dict[str, dict[str, Any]]:
         query = select(Session.id, Session.user_metadata).where(
             Session.tenant_id == tenant, Session.id.in_(session_ids)
         )
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return {sid: dict(metadata or {}) for sid, metadata in session.execute(query)}
 
     def checkpoint_events(self, tenant: str, start: datetime | None, end: datetime | None) -> list[Checkpoint]:
@@ -405,7 +405,7 @@ class Registry:
         query = select(Checkpoint).where(Checkpoint.tenant_id == tenant, _unexpired())
         if start is not None:
             query = query.where(Checkpoint.created_at >= start, Checkpoint.created_at < end)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return list(session.scalars(query.order_by(Checkpoint.created_at, Checkpoint.id)))
 
 

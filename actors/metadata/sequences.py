@@ -134,7 +134,7 @@ class SampledSequences:
 
     def _load(self, tenant: str, session_id: str | None, wanted: set[str]) -> dict[str, _Recorded]:
         query = select(SampledSequenceRecord).where(SampledSequenceRecord.id.in_(list(wanted)))
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             rows = {row.id: row for row in session.scalars(query)}
         fresh_after = utc_now() - KEEP_FOR
         records = {}

@@ -66,7 +66,7 @@ class Tenants:
                 raise AuthenticationError("this server needs an API key (X-API-Key); ask its operator for one")
             return self._ensure_tenant(ANONYMOUS, "anonymous")
         hashed = digest(key)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = session.scalars(select(ApiKey).where(ApiKey.key_hash == hashed)).one_or_none()
             if row is not None and row.revoked_at is not None:
                 raise AuthenticationError("this API key was revoked")
@@ -90,7 +90,7 @@ class Tenants:
         query = select(ApiKey).where(ApiKey.issued).order_by(ApiKey.id)
         if tenant_id is not None:
             query = query.where(ApiKey.tenant_id == tenant_id)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             return [_record(row) for row in session.scalars(query)]
 
     def revoke(self, key_id: int) -> KeyRecord:
@@ -105,7 +105,7 @@ class Tenants:
     def key_record(self, key: str) -> KeyRecord:
         """The record of a key that authenticates (issued, or seen in open mode)."""
         self.authenticate(key)
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest(key))).one()
             return _record(row)
 
@@ -128,7 +128,7 @@ class Tenants:
         return tenant_id
 
     def _ensure_tenant(self, tenant_id: str, kind: str) -> str:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             if session.get(Tenant, tenant_id) is not None:
                 return tenant_id
         try:
