@@ -5,10 +5,11 @@ the moment they finish.
   its samples' rows: a group of N samples of one prompt pays for one prefill, not N.
 - Prefill is chunked: each `step()` runs at most `prefill_chunk_tokens` prompt tokens, then one
   decode step of every running row, so a long prompt never stalls the rows already decoding.
-- The running batch is one KV cache, left-padded to its longest row: a joining row is padded to
-  the batch's width (or the batch to the row's), finished rows are dropped and columns no row
-  needs any more are trimmed. Each row keeps its own positions, adapter, sampling parameters
-  and generator, so a row's tokens do not depend on what it is batched with.
+- The running batch is one KV cache in slots (`actors.kv_slots`), left-padded to its longest
+  row and written in place: a joining row takes the next slot, a finished row's slot is filled
+  by the last row, and columns no row needs any more are given up. Each row keeps its own
+  positions, adapter, sampling parameters and generator, so a row's tokens do not depend on what
+  it is batched with.
 - Rows of a request are admitted together, when the batch has room for all of them; the tenant
   that had the fewest rows admitted goes first.
 - At most `max_adapters` distinct adapters decode at once (they must all stay on the layers).
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from actors.generation import (
@@ -43,6 +43,7 @@ from actors.generation import (
     sample_step,
     scores_prompt,
 )
+from actors.kv_slots import SlotCache
 from actors.lora import Routing
 from actors.work import SampleResult, SampleWork
 from configs.errors import ServerError, ThinkerError, UserError
@@ -96,9 +97,8 @@ class DecodeEngine:
         self._inbox: deque[_Request] = deque()
         self._waiting: list[_Request] = []  # validated, waiting for room
         self._prefilling: list[_Request] = []  # admitted, prompt not yet fully in a cache
-        self._rows: list[_Row] = []  # decoding now, one per row of the batch cache
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, width] 1 where the cache holds a real token
+        self._rows: list[_Row] = []  # decoding now, row i in slot i of the batch cache
+        self._kv: SlotCache | None = None
         self._served: dict[str | None, int] = {}  # tenant -> rows admitted (raised to the floor when idle)
         self.steps = 0  # decode steps run (for tests and metrics)
 
@@ -176,7 +176,7 @@ class DecodeEngine:
     def _reset(self, finished: list, error: ThinkerError) -> None:
         failed = {id(r): r for r in self._prefilling} | {id(row.request): row.request for row in self._rows}
         finished += [(request.token, error) for request in failed.values()]
-        self._prefilling, self._rows, self._cache, self._mask = [], [], None, None
+        self._prefilling, self._rows, self._kv = [], [], None
 
     def _adapter_ids(self) -> set[str]:
         """The sampler ids of the admitted requests that sample through an adapter."""
@@ -285,36 +285,22 @@ class DecodeEngine:
         self._rows += [_Row(request, i, length) for i in live]
 
     def _merge(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
-        """Append rows whose caches hold `length` tokens each to the batch cache, left-padding
-        whichever is narrower."""
-        count = pairs[0][0].shape[0]
-        new_mask = torch.ones((count, length), dtype=torch.long, device=self._device)
-        if self._cache is None:
-            self._cache = DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in pairs])
-            self._mask = new_mask
-            return
-        width = max(self._mask.shape[1], length)
-        merged = [
-            (
-                torch.cat([_left_pad(layer.keys, width), _left_pad(k, width)]),
-                torch.cat([_left_pad(layer.values, width), _left_pad(v, width)]),
-            )
-            for layer, (k, v) in zip(self._cache.layers, pairs)
-        ]
-        mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)])
-        for layer, (keys, values) in zip(self._cache.layers, merged):  # all built: now swap them in
-            layer.keys, layer.values = keys, values
-        self._mask = mask
+        """Append rows whose caches hold `length` tokens each to the batch cache (the next slots)."""
+        if self._kv is None:
+            self._kv = SlotCache(self._max_rows)
+        self._kv.append(pairs, length)
 
     def _decode_step(self, finished: list) -> None:
         rows = self._rows
         ids = torch.tensor([[r.request.states[r.index].tokens[-1]] for r in rows], device=self._device)
-        positions = torch.tensor([[r.cached] for r in rows], device=self._device)
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        cached = torch.tensor([r.cached for r in rows], device=self._device)
+        self._kv.reserve(1)
+        mask = self._kv.mask(cached, extra=1)
         self._routing.set([r.request.rows[r.index].key for r in rows])
         out = self._model(
-            input_ids=ids, attention_mask=self._mask, position_ids=positions, cache=self._cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=cached[:, None], cache=self._kv.cache, use_cache=True
         )
+        self._kv.advance(1)
         self.steps += 1
         for row in rows:
             row.cached += 1
@@ -336,18 +322,13 @@ class DecodeEngine:
             self._drop(keep)
 
     def _drop(self, keep: list[int]) -> None:
-        """Keep only these rows of the batch, and trim columns that are padding for every row left."""
-        self._rows = [self._rows[i] for i in keep]
+        """Keep only these rows of the batch (ascending), and give up columns that are padding for
+        every row left."""
         if not keep:
-            self._cache, self._mask = None, None
+            self._rows, self._kv = [], None
             return
-        index = torch.tensor(keep, device=self._device)
-        width = self._mask.shape[1]
-        cut = width - max(row.cached for row in self._rows)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, cut:]
-            layer.values = layer.values[index, :, cut:]
-        self._mask = self._mask[index, cut:]
+        width = max(self._rows[i].cached for i in keep)
+        self._rows = [self._rows[slot] for slot in self._kv.keep(keep, width)]
 
     def _outputs(self, request: _Request) -> SampleResult | ThinkerError:
         outputs = [finish(state, GenOutput(None)) for state in request.states]
@@ -371,13 +352,3 @@ def _as_error(exc: Exception, what: str) -> ThinkerError:
     if isinstance(exc, ThinkerError):
         return exc
     return ServerError(f"{what}: {type(exc).__name__}: {exc}")
-
-
-def _left_pad(kv_BHTD: torch.Tensor, width: int) -> torch.Tensor:
-    pad = width - kv_BHTD.shape[2]
-    return F.pad(kv_BHTD, (0, 0, pad, 0)) if pad else kv_BHTD
-
-
-def _left_pad_mask(mask_BT: torch.Tensor, width: int) -> torch.Tensor:
-    pad = width - mask_BT.shape[1]
-    return F.pad(mask_BT, (pad, 0)) if pad else mask_BT
