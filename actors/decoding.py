@@ -5,6 +5,9 @@ the moment they finish.
   its samples' rows: a group of N samples of one prompt pays for one prefill, not N.
 - Prefill is chunked: each `step()` runs at most `prefill_chunk_tokens` prompt tokens, then one
   decode step of every running row, so a long prompt never stalls the rows already decoding.
+  The prompts that fit the step's budget whole are prefilled in one batched forward (left-padded):
+  on a CPU a forward of a few tokens costs about as much as its weights take to read, so k
+  requests joining at once pay about one prefill, not k.
 - The running batch is one KV cache in slots (`actors.kv_slots`), left-padded to its longest
   row and written in place: a joining row takes the next slot, a finished row's slot is filled
   by the last row, and columns no row needs any more are given up. Each row keeps its own
@@ -221,18 +224,73 @@ class DecodeEngine:
             self._prefilling.append(request)
 
     def _prefill(self, finished: list) -> None:
+        """Prompt tokens of admitted requests, up to the chunk budget: the prompts that fit whole
+        go through one batched forward together, a longer one (or one whose prompt is scored) takes
+        a chunk of its own."""
         budget = self._chunk
+        together = []
         for request in list(self._prefilling):
             if budget <= 0:
-                return
+                break
             if _cancelled(request):
                 self._fail([request], UserError(CANCELLED), finished)
+                continue
+            remaining = len(request.rows[0].prompt) - request.prefilled
+            if request.prefilled == 0 and remaining <= budget and not scores_prompt(request.rows[0]):
+                together.append(request)
+                budget -= remaining
                 continue
             try:
                 budget -= self._prefill_chunk(request, budget, finished)
             except Exception as exc:  # its own fault (e.g. out of memory for a long prompt): it fails alone
                 logger.exception("prefill failed")
                 self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+        if len(together) > 1:
+            together = self._prefill_together(together, finished)
+        for request in together:  # alone, or again alone after a batched prefill failed
+            try:
+                self._prefill_chunk(request, len(request.rows[0].prompt), finished)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+
+    def _prefill_together(self, requests: list[_Request], finished: list) -> list[_Request]:
+        """Whole prompts of several requests in one forward (left-padded, like the static batch);
+        each request's rows then join with its own part of the keys and values. Returns the
+        requests to prefill alone instead: all of them if the batched forward failed (so that
+        only a request at fault fails), else none."""
+        lengths = [len(r.rows[0].prompt) for r in requests]
+        width = max(lengths)
+        ids = torch.zeros((len(requests), width), dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            ids[i, width - lengths[i] :] = torch.as_tensor(request.rows[0].prompt, dtype=torch.long)
+            mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        cache = DynamicCache()
+        try:
+            self._routing.set([r.rows[0].key for r in requests])
+            out = self._model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception:
+            logger.exception("a batched prefill failed; its requests are prefilled one by one")
+            return requests
+        for i, request in enumerate(requests):
+            start = width - lengths[i]
+            kv = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers]
+            request.prefilled, request.cache = lengths[i], None
+            try:
+                self._join(request, out.logits[i, -1:].float(), kv, finished)
+            except Exception as exc:  # e.g. no memory for its rows: it fails alone
+                logger.exception("joining the batch failed")
+                self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
+        return []
 
     def _prefill_chunk(self, request: _Request, budget: int, finished: list) -> int:
         """Up to `budget` more prompt tokens of `request` into its cache (the rows join the batch
@@ -255,12 +313,14 @@ class DecodeEngine:
         if keep_all:
             request.logits.append(out.logits[0])
         if end == len(prompt):
-            self._join(request, out.logits[0, -1:].float(), finished)
+            kv = [(layer.keys, layer.values) for layer in request.cache.layers]
+            self._join(request, out.logits[0, -1:].float(), kv, finished)
         return end - start
 
-    def _join(self, request: _Request, last_1V: torch.Tensor, finished: list) -> None:
-        """The prompt is in its cache: sample each row's first token and move the live rows into
-        the batch (one copy of the prompt's keys and values per row)."""
+    def _join(self, request: _Request, last_1V: torch.Tensor, kv: list, finished: list) -> None:
+        """The prompt is prefilled (`kv`: its keys and values per layer, [1, heads, prompt, dim]):
+        sample each row's first token and move the live rows into the batch (one copy of the
+        prompt's keys and values per row)."""
         logits = torch.cat(request.logits) if request.logits else None
         request.prompt = prompt_scores(logits, request.rows[0], 0) if logits is not None else GenOutput(None)
         request.logits = []
@@ -274,10 +334,7 @@ class DecodeEngine:
             finished.append((request.token, self._outputs(request)))
             return
         length = len(request.rows[0].prompt)
-        pairs = [
-            (layer.keys.expand(len(live), -1, -1, -1), layer.values.expand(len(live), -1, -1, -1))
-            for layer in request.cache.layers
-        ]
+        pairs = [(k.expand(len(live), -1, -1, -1), v.expand(len(live), -1, -1, -1)) for k, v in kv]
         self._merge(pairs, length)  # NOTE: the batch changes only once this succeeded
         self._prefilling.remove(request)
         request.cache = None
