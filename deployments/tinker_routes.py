@@ -10,10 +10,10 @@
 """
 
 import asyncio
-from collections import OrderedDict
 from functools import partial
 from typing import Any
 
+from cachetools import LRUCache
 from fastapi.responses import JSONResponse, Response
 
 from actors import ids
@@ -76,7 +76,7 @@ class TinkerRoutes:
         self._limits = Limits(config.limits)
         self._sequences = SampledSequences(tenancy.database)
         self._custom_losses = CustomLosses(tenancy.database)
-        self._known_sessions: OrderedDict[tuple[str, str], None] = OrderedDict()  # owned: no database read
+        self._known_sessions: LRUCache = LRUCache(KNOWN_SESSIONS)  # (tenant, session) seen owned: no database read
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -130,13 +130,9 @@ class TinkerRoutes:
         """A session the tenant owns is answered at once; the database is read only the first time
         this replica sees the pair (a session never changes owner, and nothing deletes one)."""
         key = (tenant, ids.check_id(body.session_id, "session_id"))
-        if key in self._known_sessions:
-            self._known_sessions.move_to_end(key)
-        else:
+        if self._known_sessions.get(key) is None:  # NOTE: get, not `in`: it marks the pair as used
             await self._tenancy.run(self._registry.session, *key)  # another tenant's, or unknown: 404
-            self._known_sessions[key] = None
-            while len(self._known_sessions) > KNOWN_SESSIONS:
-                self._known_sessions.popitem(last=False)
+            self._known_sessions[key] = True
         return wire.HeartbeatResponse().model_dump()
 
     async def telemetry(self) -> dict:

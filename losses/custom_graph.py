@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import operator
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cachetools import LRUCache
 
 from configs.errors import UserError
 from losses import graph_rules as rules
@@ -403,7 +403,7 @@ class GraphLossSpec(LossSpec):
         return LossOutput(value + linear - linear.detach(), metrics)
 
 
-_cache: OrderedDict[str, GraphLossSpec] = OrderedDict()
+_cache: LRUCache = LRUCache(CACHE_SIZE)
 
 
 def graph_loss(key: str, name: str, inputs: Any, graph: Any) -> GraphLossSpec:
@@ -420,10 +420,6 @@ def graph_loss(key: str, name: str, inputs: Any, graph: Any) -> GraphLossSpec:
             compiled=CompiledLoss(program),
         )
         _cache[key] = spec
-        if len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
     return spec
 
 
