@@ -228,20 +228,22 @@ class DecodeEngine:
         go through one batched forward together, a longer one (or one whose prompt is scored) takes
         a chunk of its own."""
         budget = self._chunk
-        together = []
+        together, width = [], 0  # the batched forward costs len(together) x width tokens, padding included
         for request in list(self._prefilling):
-            if budget <= 0:
+            left = budget - len(together) * width
+            if left <= 0:
                 break
             if _cancelled(request):
                 self._fail([request], UserError(CANCELLED), finished)
                 continue
             remaining = len(request.rows[0].prompt) - request.prefilled
-            if request.prefilled == 0 and remaining <= budget and not scores_prompt(request.rows[0]):
+            wider = max(width, remaining)
+            if request.prefilled == 0 and (len(together) + 1) * wider <= budget and not scores_prompt(request.rows[0]):
                 together.append(request)
-                budget -= remaining
+                width = wider
                 continue
             try:
-                budget -= self._prefill_chunk(request, budget, finished)
+                budget -= self._prefill_chunk(request, left, finished)
             except Exception as exc:  # its own fault (e.g. out of memory for a long prompt): it fails alone
                 logger.exception("prefill failed")
                 self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
@@ -384,8 +386,10 @@ class DecodeEngine:
         if not keep:
             self._rows, self._kv = [], None
             return
-        width = max(self._rows[i].cached for i in keep)
-        self._rows = [self._rows[slot] for slot in self._kv.keep(keep, width)]
+        kept = {slot: self._rows[slot] for slot in keep}
+        self._rows = list(kept.values())  # NOTE: first, so a failure below never answers a finished row twice
+        order = self._kv.keep(keep, max(row.cached for row in self._rows))
+        self._rows = [kept[slot] for slot in order]
 
     def _outputs(self, request: _Request) -> SampleResult | ThinkerError:
         outputs = [finish(state, GenOutput(None)) for state in request.states]

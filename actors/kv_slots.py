@@ -14,8 +14,9 @@
   joining row) the window moves into new buffers with room to spare: half its width again (at
   least `SPARE_COLUMNS`) and twice the row slots (up to `max_rows`), so the whole cache is copied
   once in many steps, not at every one. An empty batch frees its buffers.
-- Padding columns hold finite values (zeros, or keys of rows that left): a masked score must not
-  be NaN, which a NaN key would make it whatever the mask.
+- Padding columns inside the window hold zeros, written when a row joins or the window widens:
+  a slot or column a row left may hold its non-finite keys (a diverged adapter), and a masked
+  NaN still makes the attention NaN, which would fail the next request in that slot.
 """
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ class SlotCache:
         elif self.rows + count > self._keys[0].shape[0] or length > self.hi:
             self._move(self.rows + count, max(self.width, length))
         start = self.hi - length
+        lo = min(self.lo, start)
         for keys, values, (k, v) in zip(self._keys, self._values, pairs):
-            keys[self.rows : self.rows + count, :, start : self.hi].copy_(k)
-            values[self.rows : self.rows + count, :, start : self.hi].copy_(v)
+            for buffer, new in ((keys, k), (values, v)):
+                buffer[self.rows : self.rows + count, :, start : self.hi].copy_(new)
+                buffer[self.rows : self.rows + count, :, lo:start].zero_()  # a row that left may have left NaN
+                buffer[: self.rows, :, lo : self.lo].zero_()  # the window widens left: padding of the others
         self.rows += count
-        self.lo = min(self.lo, start)
+        self.lo = lo
         self._views()
 
     def reserve(self, columns: int) -> None:
@@ -137,7 +141,10 @@ class SlotCache:
 
 
 class _SlotLayer(DynamicLayer):
-    """One layer of a SlotCache as transformers' attention sees it: `update` writes in place."""
+    """One layer of a SlotCache as transformers' attention sees it: `update` writes in place.
+    The SlotCache alone changes rows and columns: the Cache API's own ways to do that refuse."""
+
+    is_croppable = False
 
     def __init__(self, owner: SlotCache, index: int):
         super().__init__()
@@ -162,3 +169,9 @@ class _SlotLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self._owner.width
+
+    def _owned_by_the_slot_cache(self, *args, **kwargs):
+        raise NotImplementedError("a SlotCache layer's rows and columns change only through its SlotCache")
+
+    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _owned_by_the_slot_cache
+    reset = offload = prefetch = _owned_by_the_slot_cache

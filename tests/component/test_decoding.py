@@ -313,3 +313,20 @@ def test_prompts_joining_together_share_one_prefill_and_a_fault_in_it_fails_only
     monkeypatch.setattr(backend.model, "forward", real)
     for name, w in prompts.items():
         assert tokens(results[name]) == tokens(again[name]) == tokens(backend.sample([w])[0]), name
+
+
+def test_a_step_prefills_at_most_its_budget_padding_included(backend, monkeypatch):
+    real = backend.model.forward
+    shapes = []
+
+    def forward(*args, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1 or kwargs.get("attention_mask") is None:
+            shapes.append(tuple(input_ids.shape))
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", forward)
+    shorts = [(f"short{i}", work("b", 51 + i, length=2)) for i in range(3)]
+    arrivals = {0: [("long", work("a", 50, length=60)), *shorts]}
+    results, _ = drive(engine(backend, chunk=64), arrivals)
+    assert all(rows * width <= 64 for rows, width in shapes), shapes
+    assert all(isinstance(r, SampleResult) for r in results.values())

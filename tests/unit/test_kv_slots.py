@@ -122,3 +122,21 @@ def test_a_decode_step_through_slots_matches_a_dynamic_cache():
         kv.advance(1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert kv.width == width + 1
+
+
+def test_keys_a_leaving_row_leaves_behind_never_reach_the_window_again():
+    """A row whose keys are not finite (a diverged adapter) leaves; the rows that take its slot,
+    and the window widened over its old columns, hold zeros where they pad, not its NaN."""
+    gen = torch.Generator().manual_seed(1)
+    kv = SlotCache(max_rows=4)
+    kv.append(_kv(1, 4, gen), 4)  # slot 0
+    diverged = [(torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))) for k, v in _kv(1, 10, gen)]
+    kv.append(diverged, 10)  # slot 1, 10 columns of NaN
+    assert kv.keep([0], 4) == [0]  # it leaves; the window narrows to 4
+    kv.append(_kv(1, 2, gen), 2)  # slot 1 again, padded over 2 of its old columns
+    assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in kv.cache.layers)
+    kv.append(_kv(1, 8, gen), 8)  # the window widens left over more of them
+    assert kv.width == 8
+    assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in kv.cache.layers)
+    mask = kv.mask(torch.tensor([4, 2, 8]))
+    assert mask.sum(1).tolist() == [4, 2, 8]
