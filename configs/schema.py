@@ -229,6 +229,13 @@ class ThinkerConfig(StrictConfig):
     future_ttl_s: float = Field(
         3600.0, gt=0, description="How long a request's result stays retrievable, also after a first fetch."
     )
+    session_expiry_s: float = Field(
+        3600.0,
+        ge=0,
+        description="A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is "
+        "finished as expired: its training models are unloaded and its samplers removed, as if the client had "
+        "finished it. Its checkpoints stay. 0: sessions never expire.",
+    )
     long_poll_s: float = Field(
         25.0, gt=0, le=40, description="How long retrieve_future holds a poll for a pending result."
     )

@@ -35,9 +35,11 @@ from typing import Any
 import ray
 from ray.util.client.common import ClientObjectRef
 
+from configs.errors import NotFoundError, UserError
 from deployments.ray_gateway import Gateway
 
 DEFAULT_APP = "thinker"
+HEARTBEAT_S = 10.0  # as the SDK
 
 
 class RayFuture(ray.ObjectRef):
@@ -105,6 +107,19 @@ class ServiceClient:
         self._model_seq = itertools.count()
         self._sampler_seq = itertools.count()
         self._tokenizers: dict[str, Any] = {}
+        self._closed = threading.Event()
+        threading.Thread(target=self._heartbeat, name="thinker-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """Every HEARTBEAT_S while the session is open, as the SDK does: a session whose client has
+        gone quiet for the server's `session_expiry_s` is finished and its models unloaded."""
+        while not self._closed.wait(HEARTBEAT_S):
+            try:
+                self._call("POST", "/api/v1/session_heartbeat", {"session_id": self.session_id})
+            except (UserError, NotFoundError):  # the session is finished (410) or unknown: nothing to keep alive
+                return
+            except Exception:  # the cluster is away for a moment: the next beat tries again
+                continue
 
     def _call(self, method: str, path: str, payload: Any = None) -> Any:
         return as_future(self._gateway.request.remote(method, path, payload)).result()
@@ -173,6 +188,7 @@ class ServiceClient:
 
     def close(self) -> None:
         """Finish the session: its training models and samplers are unloaded."""
+        self._closed.set()
         self._call("POST", f"/api/v1/sessions/{self.session_id}/finish", {})
         ray.kill(self._gateway)
 

@@ -4,8 +4,9 @@
   shows it (`access_scope=accessible` and the search's `accessible` owner see the same as `owned`:
   Thinker has no sharing between tenants).
 - A session's status: `active` until its client finishes it, then `client_finished` with the
-  first reason it gave (success, errored, interrupted). Thinker never cancels or fails a session
-  on its own, so those statuses match nothing.
+  first reason it gave (success, errored, interrupted); `cancelled` if the server expired it (no
+  heartbeat for `session_expiry_s`). Thinker never fails a session on its own, so `failed`
+  matches nothing.
 - `trace_export` answers `failed`: Thinker records no Perfetto traces.
 """
 
@@ -18,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from sqlalchemy import and_, false, or_, select
 
 from actors import ids
+from actors.metadata.registry import EXPIRED
 from actors.metadata.tables import Session
 from configs.errors import UserError
 from deployments import wire
@@ -174,14 +176,18 @@ def _status_clause(status: StatusQuery):
     if status.type == "active":
         return Session.finished_at.is_(None)
     if status.type == "client_finished":
-        finished = Session.finished_at.is_not(None)
+        finished = and_(Session.finished_at.is_not(None), Session.finish_reason.is_distinct_from(EXPIRED))
         return and_(finished, Session.finish_reason.in_(status.reasons)) if status.reasons else finished
-    return false()  # cancelled, failed: Thinker never cancels or fails a session on its own
+    if status.type == "cancelled":
+        return Session.finish_reason == EXPIRED
+    return false()  # failed: Thinker never fails a session on its own
 
 
 def _summary(row: Session, totals: tuple[int, int]) -> dict:
     status: dict[str, Any] = {"type": "active"}
-    if row.finished_at is not None:
+    if row.finish_reason == EXPIRED:
+        status = {"type": "cancelled", "detail": row.finish_detail}
+    elif row.finished_at is not None:
         status = {"type": "client_finished", "reason": {"type": row.finish_reason or "success"}}
         if row.finish_detail:
             status["detail"] = row.finish_detail

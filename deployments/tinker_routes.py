@@ -10,6 +10,9 @@
 """
 
 import asyncio
+import logging
+import time
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -22,6 +25,7 @@ from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.custom_losses import CustomLosses
 from actors.metadata.futures import LoggedCall
 from actors.metadata.sequences import SampledSequences
+from actors.metadata.tables import utc_now
 from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
 from configs.errors import UserError
 from configs.schema import ThinkerConfig
@@ -33,11 +37,15 @@ from deployments.session_routes import FinishRequest
 from deployments.tenancy import Tenancy, Tenant
 from losses.graph_rules import CUSTOM
 
+logger = logging.getLogger(__name__)
+
 PROTOBUF = "application/x-protobuf"
 CLONE_STRIDE = 1_000_000_000  # a sampling client clone numbers its samples from clone * 1e9
 CAPABILITIES_WAIT_S = 3.0  # how long capabilities wait for a model to describe itself (once per replica)
 HEALTH_WAIT_S = 0.2
 KNOWN_SESSIONS = 65_536  # (tenant, session) pairs a replica remembers as owned, for heartbeats
+RECORD_HEARTBEAT_EVERY_S = 60.0  # the longest a session's heartbeats go unrecorded (per replica)
+EXPIRY_SWEEP_EVERY_S = 60.0  # the longest between two session expiry sweeps of a replica (while heartbeats come)
 RETRIEVE_FUTURES_WAIT_S = 25.0  # the longest retrieve_futures long-poll (the SDK reads for 45 s)
 
 
@@ -76,7 +84,12 @@ class TinkerRoutes:
         self._limits = Limits(config.limits)
         self._sequences = SampledSequences(tenancy.database)
         self._custom_losses = CustomLosses(tenancy.database)
-        self._known_sessions: LRUCache = LRUCache(KNOWN_SESSIONS)  # (tenant, session) seen owned: no database read
+        # (tenant, session) -> when this replica last recorded its heartbeat (owned: no database read till the next)
+        self._known_sessions: LRUCache = LRUCache(KNOWN_SESSIONS)
+        expiry = config.session_expiry_s
+        self._record_every = min(RECORD_HEARTBEAT_EVERY_S, expiry / 10) if expiry else float("inf")
+        self._next_expiry = 0.0
+        self._expiring: asyncio.Task | None = None
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -126,14 +139,47 @@ class TinkerRoutes:
         )
         return wire.CreateSessionResponse(session_id=session_id).model_dump()
 
-    async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> dict:
-        """A session the tenant owns is answered at once; the database is read only the first time
-        this replica sees the pair (a session never changes owner, and nothing deletes one)."""
+    async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> Any:
+        """Recorded (the session's last sign of life, for `session_expiry_s`) at most every
+        `_record_every` per session and replica; in between, a session this replica has seen owned
+        is answered without reading the database (a session never changes owner). 404 for an
+        unknown or another tenant's session, 410 for a finished one (the SDK then stops)."""
         key = (tenant, ids.check_id(body.session_id, "session_id"))
-        if self._known_sessions.get(key) is None:  # NOTE: get, not `in`: it marks the pair as used
-            await self._tenancy.run(self._registry.session, *key)  # another tenant's, or unknown: 404
-            self._known_sessions[key] = True
+        recorded = self._known_sessions.get(key)  # NOTE: get, not `in`: it marks the pair as used
+        now = time.monotonic()
+        if recorded is None or now - recorded >= self._record_every:
+            row = await self._tenancy.run(self._registry.touch_session, *key)
+            if row.finished_at is not None:
+                self._known_sessions.pop(key, None)
+                error = f"session {key[1]!r} is finished ({row.finish_reason or 'by its client'}); start a new one"
+                return JSONResponse({"error": error, "category": "user"}, status_code=410)
+            self._known_sessions[key] = now
+        self._expire_now_and_then()
         return wire.HeartbeatResponse().model_dump()
+
+    def _expire_now_and_then(self) -> None:
+        """Start an expiry sweep in the background when one is due (heartbeats drive it: while any
+        client is connected, idle sessions expire within `session_expiry_s` + a sweep period)."""
+        expiry = self._config.session_expiry_s
+        if not expiry or time.monotonic() < self._next_expiry or (self._expiring and not self._expiring.done()):
+            return
+        self._next_expiry = time.monotonic() + min(EXPIRY_SWEEP_EVERY_S, expiry / 4)
+        self._expiring = asyncio.get_running_loop().create_task(self.expire_sessions())
+
+    async def expire_sessions(self) -> int:
+        """Finish the sessions idle for `session_expiry_s` and release what they held (their
+        training models unloaded, their samplers removed, everywhere); how many were released."""
+        try:
+            before = utc_now() - timedelta(seconds=self._config.session_expiry_s)
+            await self._tenancy.run(self._registry.expire_idle_sessions, before)
+            released = await self._tenancy.run(self._registry.expired_with_live_state)
+            for tenant, session_id in released:
+                logger.info("session %s of tenant %s expired: releasing its models and samplers", session_id, tenant)
+                await self._release_session(tenant, session_id)
+            return len(released)
+        except Exception:  # a sweep that fails is tried again at the next one
+            logger.exception("the session expiry sweep failed")
+            return 0
 
     async def telemetry(self) -> dict:
         return wire.TelemetryResponse().model_dump()
@@ -143,12 +189,16 @@ class TinkerRoutes:
         ids.check_id(session_id, "session_id")
         reason, detail = (body.reason_type(), body.detail) if body is not None else (None, None)
         await self._tenancy.run(self._registry.finish_session, tenant, session_id, reason, detail)
+        await self._release_session(tenant, session_id)
+        return {}
+
+    async def _release_session(self, tenant: str, session_id: str) -> None:
+        """A finished session's training models unloaded and samplers removed, everywhere."""
         await asyncio.gather(*(h.release_session.remote(session_id) for h in self._models.all()))
         for run_id in await self._tenancy.run(self._registry.live_runs, tenant, session_id):
             await self._tenancy.run(self._registry.unload_run, run_id)
         for sampler_id in await self._tenancy.run(self._registry.live_samplers, tenant, session_id):
             await self._tenancy.run(self._registry.remove_sampler, sampler_id)
-        return {}
 
     async def healthz(self) -> dict:
         """At once, whatever the models are doing; each base model's state."""

@@ -24,6 +24,8 @@ from actors.metadata.tables import Checkpoint, Sampler, Session, TrainingRun, Us
 from actors.work import LoraSpec
 from configs.errors import NotFoundError, UserError
 
+EXPIRED = "expired"  # the finish reason of a session the server ended (no heartbeat for session_expiry_s)
+
 MAX_CLONES = 10**9 - 1  # a clone numbers its samples' seq_ids from clone * 1e9
 
 
@@ -59,6 +61,45 @@ class Registry:
     def session(self, tenant: str, session_id: str) -> Session:
         with self._db.reading() as session:
             return _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+
+    def touch_session(self, tenant: str, session_id: str) -> Session:
+        """A heartbeat: an open session's last sign of life is now. The session, finished or not."""
+        with self._db.transaction() as session:
+            row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
+            if row.finished_at is None:
+                row.last_seen_at = utc_now()
+            return row
+
+    def expire_idle_sessions(self, before: datetime, limit: int = 100) -> int:
+        """Finish (reason `expired`) up to `limit` open sessions with no sign of life (a recorded
+        heartbeat, else their start) since `before`; how many. Each is claimed by a conditional
+        update, so two sweeps never both expire one session."""
+        seen = func.coalesce(Session.last_seen_at, Session.created_at)
+        idle = (Session.finished_at.is_(None), seen < before)
+        with self._db.reading() as session:
+            candidates = list(session.scalars(select(Session.id).where(*idle).limit(limit)))
+        expired = 0
+        detail = "no heartbeat from its client for longer than the server's session_expiry_s"
+        for session_id in candidates:
+            claim = update(Session).where(Session.id == session_id, *idle)
+            with self._db.transaction() as session:
+                now = utc_now()
+                done = claim.values(finished_at=now, finish_reason=EXPIRED, finish_detail=detail)
+                expired += session.execute(done).rowcount
+        return expired
+
+    def expired_with_live_state(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(tenant, session id) of expired sessions that still have a live training run or
+        sampler: what an expiry sweep releases (also the ones a sweep cut short left)."""
+        runs = select(TrainingRun.session_id).where(TrainingRun.unloaded_at.is_(None))
+        samplers = select(Sampler.session_id).where(Sampler.removed_at.is_(None))
+        query = (
+            select(Session.tenant_id, Session.id)
+            .where(Session.finish_reason == EXPIRED, Session.id.in_(runs.union(samplers)))
+            .limit(limit)
+        )
+        with self._db.reading() as session:
+            return [(tenant, session_id) for tenant, session_id in session.execute(query)]
 
     def finish_session(
         self, tenant: str, session_id: str, reason: str | None = None, detail: str | None = None

@@ -92,8 +92,12 @@ class Session(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     project_id: Mapped[str | None] = mapped_column(String(128), default=None)
     display_name: Mapped[str | None] = mapped_column(String(256), default=None)
-    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)  # success | errored | interrupted
+    # success | errored | interrupted (its client's word), or expired (no heartbeat for session_expiry_s)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
     finish_detail: Mapped[str | None] = mapped_column(String(1024), default=None)
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)  # its last heartbeat recorded
+
+    __table_args__ = (Index("ix_sessions_open", "finished_at", "last_seen_at"),)
 
 
 class TrainingRun(Base):

@@ -173,3 +173,26 @@ def keys_app_name(serve_instance, tmp_path_factory):
     from ray import serve
 
     serve.delete("raykeys")
+
+
+def test_the_ray_client_keeps_its_session_alive_with_heartbeats(tiny_config, monkeypatch):
+    """As the SDK does: a notebook's session is not expired while its client lives."""
+    import time
+
+    import deployments.ray_client as ray_client
+    from actors.metadata.database import Database
+    from actors.metadata.registry import Registry
+    from actors.metadata.tenants import open_tenant_id
+
+    monkeypatch.setattr(ray_client, "HEARTBEAT_S", 0.2)
+    key = "tml-ray-client-heartbeat"
+    client = connect("tiny", api_key=key)
+    database = Database(tiny_config.database_url)
+    try:
+        registry, deadline = Registry(database), time.monotonic() + 30
+        while registry.session(open_tenant_id(key), client.session_id).last_seen_at is None:
+            assert time.monotonic() < deadline, "no heartbeat was recorded"
+            time.sleep(0.2)
+    finally:
+        client.close()
+        database.close()

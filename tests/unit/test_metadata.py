@@ -47,7 +47,7 @@ def test_migrating_again_or_from_many_threads_at_once_is_harmless(database_url):
     databases[0].migrate()
     assert errors == []
     with databases[0].engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0011"
 
 
 def test_open_mode_gives_each_key_its_own_tenant(db):
@@ -124,6 +124,36 @@ def test_other_tenants_rows_look_exactly_like_missing_ones(db):
         registry.delete_checkpoint(bob, run_id, "weights", "a")
     registry.delete_checkpoint(alice, run_id, "weights", "a")
     assert registry.checkpoints(alice) == ([], 0)
+
+
+def test_sessions_without_heartbeats_expire_once_and_list_what_they_still_hold(db):
+    from datetime import timedelta
+
+    from actors.metadata.tables import utc_now
+
+    registry, tenants = Registry(db), Tenants(db, "open")
+    alice, bob = tenants.authenticate("tml-alice"), tenants.authenticate("tml-bob")
+    quiet, beating, done = (registry.create_session(alice, "0.38.0", [], {}) for _ in range(3))
+    registry.add_run(alice, f"{quiet}:train:0", quiet, "base", LoraSpec(rank=4), {})
+    registry.add_sampler(alice, f"{quiet}:sample:0", quiet, "base", None)
+    registry.finish_session(alice, done, "success")
+    with pytest.raises(NotFoundError):
+        registry.touch_session(bob, beating)  # another tenant's: as unknown
+    cutoff = utc_now() + timedelta(milliseconds=50)  # all three started before it
+    while utc_now() <= cutoff:
+        pass
+    assert registry.touch_session(alice, beating).last_seen_at > cutoff
+    assert registry.touch_session(alice, done).last_seen_at is None  # a finished one is not revived
+    assert registry.expire_idle_sessions(cutoff) == 1  # the quiet one only
+    assert registry.expire_idle_sessions(cutoff) == 0  # claimed once
+    row = registry.session(alice, quiet)
+    assert row.finish_reason == "expired" and row.finished_at is not None
+    assert registry.session(alice, done).finish_reason == "success"
+    assert registry.expired_with_live_state() == [(alice, quiet)]
+    registry.unload_run(f"{quiet}:train:0")
+    assert registry.expired_with_live_state() == [(alice, quiet)]  # its sampler is still there
+    registry.remove_sampler(f"{quiet}:sample:0")
+    assert registry.expired_with_live_state() == []
 
 
 def test_a_save_under_the_same_name_replaces_the_record(db):
