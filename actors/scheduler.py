@@ -13,6 +13,8 @@
   requests pending together (up to `max_rows` sequences) run as one batched generation.
 - Training work and sampling share the compute thread by weighted time shares (`actors.shares`,
   `sampling_share`): while both wait, each gets its share, to within one pass or one slice.
+  Short training units waiting in a row (the optimizer steps of many adapters after their pass)
+  run together for up to one slice: one turn of the shares, not one turn each.
 - Barriers and sampling requests of one id keep their submission order (`actors.id_order`): a
   barrier waits for the id's earlier samples, a sample for its earlier barriers (it is parked
   meanwhile); training work of other models goes on past a waiting barrier.
@@ -359,9 +361,18 @@ class Scheduler:
             if not self._sample_ready():  # the wait would idle the thread: sampling could use it
                 await self._wait_for_other_tenants()
             await self._run_train_pass(loop, first)
-        else:
-            self._jobs.remove(first)
-            self._settle(first, await self._on_compute_thread(loop, first.fn, 1))
+            return
+        # A run of short units (optimizer steps, saves, loads: the steps of many adapters come
+        # in a row after their pass) for up to one slice: one turn of the shares, not one each,
+        # so that training's round trips do not wait out a decode slice per adapter.
+        deadline = time.monotonic() + self._limits.decode_slice_s
+        job: _Job | None = first
+        while job is not None and job.train is None:
+            self._jobs.remove(job)
+            self._settle(job, await self._on_compute_thread(loop, job.fn, 1))
+            if time.monotonic() >= deadline:
+                return
+            job = self._next_training()
 
     async def _wait_for_other_tenants(self) -> None:
         """Hold a pass briefly for tenants in the middle of a round trip: their last request just

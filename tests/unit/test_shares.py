@@ -250,3 +250,30 @@ def test_a_job_reported_twice_is_answered_once_and_the_scheduler_goes_on():
 
     first, second = run(scenario())
     assert isinstance(first, SampleResult) and isinstance(second, SampleResult)
+
+
+def test_short_training_units_in_a_row_take_one_turn_of_the_shares_not_one_each():
+    """The optimizer steps of six adapters, queued together while sampling keeps waiting, run as
+    one training turn (within one slice), not six turns each behind a decode slice."""
+    backend, decoder = TimedBackend(pass_s=0.02), FakeDecoder(step_s=0.005, steps=40)
+    sched = scheduler(backend, decoder, slice_s=0.05)
+    ran = []
+
+    def optimizer_step(model_id):
+        def step():
+            time.sleep(0.002)
+            ran.append(model_id)
+            return model_id
+
+        return step
+
+    async def go():
+        sampling = asyncio.ensure_future(sched.sample(sample()))
+        await asyncio.sleep(0.03)  # the decoder is busy: sampling waits for every turn it can get
+        models = list("abcdef")
+        assert await asyncio.gather(*(sched.ordered(m, None, optimizer_step(m)) for m in models)) == models
+        await sampling
+
+    run(go())
+    assert ran == list("abcdef")
+    assert runs(list(sched.trace), "train") == (1, 1)
