@@ -56,7 +56,7 @@ from actors.work import (
     SamplerInfo,
     SampleWork,
 )
-from configs.errors import ThinkerError, UserError
+from configs.errors import NotFoundError, ThinkerError, UserError
 from configs.schema import BaseModelConfig, TenantQuotas
 
 logger = logging.getLogger(__name__)
@@ -524,10 +524,18 @@ class ModelActor:
         """Unload the session's models and samplers that live here (its client has finished)."""
         await self._ready()
         models = [m for m in self._backend.list_models() if ids.session_of(m) == session_id]
-        released = [await self.unload_model(m) for m in models]
+        released = []
+        for model_id in models:
+            try:
+                released.append(await self.unload_model(model_id))
+            except NotFoundError:  # a release running beside this one (an expiry sweep, the client's finish) was first
+                pass
         for sampler_id in [s for s in self._backend.list_samplers() if ids.session_of(s) == session_id]:
             source = self._source_of(sampler_id)
-            await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
+            try:
+                await self._scheduler.ordered(sampler_id, None, partial(self._backend.remove_sampler, sampler_id))
+            except NotFoundError:
+                continue
             released.append(sampler_id)
             run = await asyncio.to_thread(self._registry.find_run, source) if source else None
             if self._durability is not None and run is not None:

@@ -24,6 +24,10 @@ class LimitExceededError(UserError):
     the limit and its value. A user error (400), never 429: the SDK retries 429 for minutes."""
 
 
+class SessionFinishedError(UserError):
+    """The session was finished (by its client, or expired by the server): no new work (410)."""
+
+
 class AuthenticationError(ThinkerError, PermissionError):
     """No usable API key: missing (where keys are required), unknown or revoked (401)."""
 

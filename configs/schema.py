@@ -232,9 +232,10 @@ class ThinkerConfig(StrictConfig):
     session_expiry_s: float = Field(
         3600.0,
         ge=0,
-        description="A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is "
-        "finished as expired: its training models are unloaded and its samplers removed, as if the client had "
-        "finished it. Its checkpoints stay. 0: sessions never expire.",
+        description="A session with no sign of life (a heartbeat, which the SDK sends every 10 s, or a request for "
+        "one of its models or samplers) for this long is finished as expired: its training models are unloaded and "
+        "its samplers removed, as if the client had finished it; its checkpoints stay. Keep it well above the "
+        "SDK's 10 s (minutes). 0: sessions never expire. Apps that share one database share their expiry.",
     )
     long_poll_s: float = Field(
         25.0, gt=0, le=40, description="How long retrieve_future holds a poll for a pending result."

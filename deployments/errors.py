@@ -16,6 +16,7 @@ from configs.errors import (
     NotFoundError,
     RequestTooLargeError,
     ServerError,
+    SessionFinishedError,
     ThinkerError,
     UserError,
 )
@@ -39,6 +40,8 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 404, {"error": str(exc), "category": "user"}
     if isinstance(exc, RequestTooLargeError):
         return 413, {"error": str(exc), "category": "user"}
+    if isinstance(exc, SessionFinishedError):  # the SDK stops its heartbeats on a 410
+        return 410, {"error": str(exc), "category": "user"}
     if isinstance(exc, UserError):
         return 400, {"error": str(exc), "category": "user"}
     if isinstance(exc, CapacityError):
@@ -49,6 +52,7 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 def exception_of(status: int, body: dict) -> ThinkerError:
     """The Thinker error an error answer (`status`, `{"error", "category"}`) stands for."""
-    kinds = {401: AuthenticationError, 404: NotFoundError, 413: RequestTooLargeError, 429: CapacityError}
+    kinds = {401: AuthenticationError, 404: NotFoundError, 410: SessionFinishedError, 413: RequestTooLargeError}
+    kinds[429] = CapacityError
     kind = kinds.get(status, UserError if 400 <= status < 500 else ServerError)
     return kind(str(body.get("error") or body.get("detail") or f"HTTP {status}"))

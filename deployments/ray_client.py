@@ -29,13 +29,14 @@ import itertools
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.client.common import ClientObjectRef
 
-from configs.errors import NotFoundError, UserError
+from configs.errors import AuthenticationError, NotFoundError, UserError
 from deployments.ray_gateway import Gateway
 
 DEFAULT_APP = "thinker"
@@ -108,18 +109,9 @@ class ServiceClient:
         self._sampler_seq = itertools.count()
         self._tokenizers: dict[str, Any] = {}
         self._closed = threading.Event()
-        threading.Thread(target=self._heartbeat, name="thinker-heartbeat", daemon=True).start()
-
-    def _heartbeat(self) -> None:
-        """Every HEARTBEAT_S while the session is open, as the SDK does: a session whose client has
-        gone quiet for the server's `session_expiry_s` is finished and its models unloaded."""
-        while not self._closed.wait(HEARTBEAT_S):
-            try:
-                self._call("POST", "/api/v1/session_heartbeat", {"session_id": self.session_id})
-            except (UserError, NotFoundError):  # the session is finished (410) or unknown: nothing to keep alive
-                return
-            except Exception:  # the cluster is away for a moment: the next beat tries again
-                continue
+        beat = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._closed), daemon=True)
+        beat.name = "thinker-heartbeat"
+        beat.start()
 
     def _call(self, method: str, path: str, payload: Any = None) -> Any:
         return as_future(self._gateway.request.remote(method, path, payload)).result()
@@ -191,6 +183,24 @@ class ServiceClient:
         self._closed.set()
         self._call("POST", f"/api/v1/sessions/{self.session_id}/finish", {})
         ray.kill(self._gateway)
+
+
+def _heartbeat(client_ref: weakref.ref, closed: threading.Event) -> None:
+    """A ServiceClient's session heartbeat, every HEARTBEAT_S as the SDK does (a session whose
+    client goes quiet for the server's `session_expiry_s` is finished and its models unloaded).
+    It holds the client weakly, so a client nobody holds goes (and its session then expires),
+    and it stops with the session, with Ray, or when the key no longer authenticates."""
+    while not closed.wait(HEARTBEAT_S):
+        client = client_ref()
+        if client is None or not ray.is_initialized():  # NOTE: a call would start Ray again
+            return
+        try:
+            client._call("POST", "/api/v1/session_heartbeat", {"session_id": client.session_id})
+        except (UserError, NotFoundError, AuthenticationError):  # finished (410), unknown, or refused
+            return
+        except Exception:  # the cluster is away for a moment: the next beat tries again
+            pass
+        del client
 
 
 class TrainingClient:

@@ -24,10 +24,11 @@ from actors.age_files import parse_recipients
 from actors.checkpoint_store import parse_tinker_path
 from actors.metadata.custom_losses import CustomLosses
 from actors.metadata.futures import LoggedCall
+from actors.metadata.registry import finished_message
 from actors.metadata.sequences import SampledSequences
 from actors.metadata.tables import utc_now
 from actors.work import CreateModelWork, LoraSpec, OptimStepWork, SampleWork
-from configs.errors import UserError
+from configs.errors import NotFoundError, SessionFinishedError, UserError
 from configs.schema import ThinkerConfig
 from deployments import wire, wire_proto
 from deployments.futures import Futures, deployment_call
@@ -90,6 +91,7 @@ class TinkerRoutes:
         self._record_every = min(RECORD_HEARTBEAT_EVERY_S, expiry / 10) if expiry else float("inf")
         self._next_expiry = 0.0
         self._expiring: asyncio.Task | None = None
+        self._started = time.monotonic()
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -139,47 +141,73 @@ class TinkerRoutes:
         )
         return wire.CreateSessionResponse(session_id=session_id).model_dump()
 
-    async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> Any:
-        """Recorded (the session's last sign of life, for `session_expiry_s`) at most every
-        `_record_every` per session and replica; in between, a session this replica has seen owned
-        is answered without reading the database (a session never changes owner). 404 for an
-        unknown or another tenant's session, 410 for a finished one (the SDK then stops)."""
-        key = (tenant, ids.check_id(body.session_id, "session_id"))
-        recorded = self._known_sessions.get(key)  # NOTE: get, not `in`: it marks the pair as used
-        now = time.monotonic()
-        if recorded is None or now - recorded >= self._record_every:
-            row = await self._tenancy.run(self._registry.touch_session, *key)
-            if row.finished_at is not None:
-                self._known_sessions.pop(key, None)
-                error = f"session {key[1]!r} is finished ({row.finish_reason or 'by its client'}); start a new one"
-                return JSONResponse({"error": error, "category": "user"}, status_code=410)
-            self._known_sessions[key] = now
+    async def session_heartbeat(self, body: wire.SessionRequest, tenant: Tenant) -> dict:
+        """A sign of life of the session (for `session_expiry_s`): 404 for an unknown or another
+        tenant's session, 410 for a finished one (the SDK then stops). Also drives the expiry sweep."""
+        await self._seen(tenant, ids.check_id(body.session_id, "session_id"), answer=True)
         self._expire_now_and_then()
         return wire.HeartbeatResponse().model_dump()
 
-    def _expire_now_and_then(self) -> None:
-        """Start an expiry sweep in the background when one is due (heartbeats drive it: while any
-        client is connected, idle sessions expire within `session_expiry_s` + a sweep period)."""
-        expiry = self._config.session_expiry_s
-        if not expiry or time.monotonic() < self._next_expiry or (self._expiring and not self._expiring.done()):
+    async def _seen(self, tenant: str, session_id: str, answer: bool = False) -> None:
+        """A sign of life of the session (its heartbeat, or a request for one of its models or
+        samplers), recorded at most every `_record_every` per session and replica; in between, a
+        session this replica has seen owned and open is answered without the database (a session
+        never changes owner). With `answer`, an unknown or another tenant's session raises
+        NotFoundError and a finished one SessionFinishedError; else they are let be."""
+        key = (tenant, session_id)
+        recorded = self._known_sessions.get(key)  # NOTE: get, not `in`: it marks the pair as used
+        now = time.monotonic()
+        if recorded is not None and now - recorded < self._record_every:
             return
-        self._next_expiry = time.monotonic() + min(EXPIRY_SWEEP_EVERY_S, expiry / 4)
+        try:
+            row = await self._tenancy.run(self._registry.touch_session, tenant, session_id)
+        except NotFoundError:
+            if answer:
+                raise
+            return
+        if row.finished_at is not None:
+            self._known_sessions.pop(key, None)
+            if answer:
+                raise SessionFinishedError(finished_message(row))
+            return
+        self._known_sessions[key] = now
+
+    def _expire_now_and_then(self) -> None:
+        """Start an expiry sweep in the background when one is due. Heartbeats drive it: while any
+        client is connected, idle sessions expire within `session_expiry_s` + a sweep period. A
+        replica sweeps only once it has been up for `session_expiry_s`: a client that could not
+        reach the server while it was down is not idle for that time."""
+        expiry = self._config.session_expiry_s
+        now = time.monotonic()
+        if not expiry or now < self._next_expiry or now - self._started < expiry:
+            return
+        if self._expiring is not None and not self._expiring.done():
+            return
+        self._next_expiry = now + min(EXPIRY_SWEEP_EVERY_S, expiry / 4)
         self._expiring = asyncio.get_running_loop().create_task(self.expire_sessions())
 
     async def expire_sessions(self) -> int:
-        """Finish the sessions idle for `session_expiry_s` and release what they held (their
-        training models unloaded, their samplers removed, everywhere); how many were released."""
+        """Finish the sessions idle for `session_expiry_s` and release what they held (training
+        models unloaded, samplers removed, everywhere); how many were released. A release that
+        fails (a model deployment restarting) is tried again by the next sweep."""
         try:
             before = utc_now() - timedelta(seconds=self._config.session_expiry_s)
             await self._tenancy.run(self._registry.expire_idle_sessions, before)
-            released = await self._tenancy.run(self._registry.expired_with_live_state)
-            for tenant, session_id in released:
-                logger.info("session %s of tenant %s expired: releasing its models and samplers", session_id, tenant)
-                await self._release_session(tenant, session_id)
-            return len(released)
-        except Exception:  # a sweep that fails is tried again at the next one
-            logger.exception("the session expiry sweep failed")
+            pending = await self._tenancy.run(self._registry.sessions_to_release)
+        except Exception:
+            logger.exception("the session expiry sweep failed; the next one tries again")
             return 0
+        released = 0
+        for tenant, session_id in pending:
+            try:
+                await self._release_session(tenant, session_id)
+                await self._tenancy.run(self._registry.mark_released, session_id)
+                released += 1
+            except Exception as exc:
+                logger.warning("expired session %s: release failed, the next sweep tries again: %s", session_id, exc)
+        if released:
+            logger.info("released %d expired sessions", released)
+        return released
 
     async def telemetry(self) -> dict:
         return wire.TelemetryResponse().model_dump()
@@ -215,7 +243,7 @@ class TinkerRoutes:
         body.optimizer_config.check()
         self._models.base(body.base_model)  # an unknown base model is a 404 here
         session_id = ids.check_id(body.session_id, "session_id")
-        await self._tenancy.run(self._registry.session, tenant, session_id)
+        await self._tenancy.run(self._registry.open_session, tenant, session_id)
         model_id = ids.model_id(session_id, body.model_seq_id)
         lora = body.lora_config.to_spec()
         metadata = dict(body.user_metadata or {})
@@ -259,7 +287,7 @@ class TinkerRoutes:
         """The SDK's traced loss graph, checked against the allow-list and kept for the session's
         forward_backward(loss_fn="custom"); a future of {loss_id}, failed (user) if the graph is refused."""
         session_id = ids.check_id(body.session_id, "session_id")
-        await self._tenancy.run(self._registry.session, tenant, session_id)
+        await self._tenancy.run(self._registry.open_session, tenant, session_id)
         args = (tenant, session_id, body.custom_loss_seq_id, body.name, body.inputs, body.graph)
         try:
             outcome = await self._tenancy.run(self._custom_losses.create, *args)
@@ -344,7 +372,7 @@ class TinkerRoutes:
         if body.session_id is None or body.model_seq_id is None:
             raise UserError("load_weights needs a model_id, or a session_id and model_seq_id")
         session_id = ids.check_id(body.session_id, "session_id")
-        await self._tenancy.run(self._registry.session, tenant, session_id)
+        await self._tenancy.run(self._registry.open_session, tenant, session_id)
         base_model = body.base_model or checkpoint.base_model
         self._models.base(base_model)  # an unknown base model is a 404 here
         model_id = ids.model_id(session_id, body.model_seq_id)
@@ -361,7 +389,7 @@ class TinkerRoutes:
 
     async def create_sampling_session(self, body: wire.CreateSamplingSessionRequest, tenant: Tenant) -> dict:
         session_id = ids.check_id(body.session_id, "session_id")
-        await self._tenancy.run(self._registry.session, tenant, session_id)
+        await self._tenancy.run(self._registry.open_session, tenant, session_id)
         if body.model_path is not None:  # the path wins when both are given
             run_id, segment, name = parse_tinker_path(body.model_path)
             checkpoint = await self._tenancy.run(self._registry.readable_checkpoint, tenant, run_id, segment, name)
@@ -420,6 +448,8 @@ class TinkerRoutes:
         logged = LoggedCall(None, None, "sample", (work,)) if self._config.durable_training else None
         clone = (body.seq_id or 0) // CLONE_STRIDE  # a sampling client's clone numbers its seq_ids from clone * 1e9
         target = _sampling_target(sampler_id, clone) if body.sampling_session_id is not None else None
+        if (session_id := ids.session_of(sampler_id)) is not None:
+            await self._seen(tenant, session_id)
         request_id = await self._futures.submit("sample", tenant, base, call, logged, target, last_n=last_n)
         ids_ = [f"{request_id}:{i}" for i in range(body.num_samples)]
         return wire.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids_).model_dump(exclude_none=True)
@@ -473,6 +503,8 @@ class TinkerRoutes:
     ) -> dict:
         """Record the request (in the model's request log, run again if the deployment restarts) and
         start `verb(*args)` on the deployment of `base`; its future's id."""
+        if (session_id := ids.session_of(model_id)) is not None:
+            await self._seen(tenant, session_id)
         call = partial(deployment_call, self._models.base(base), verb, *args)
         logged = LoggedCall(model_id, _seq_of(args), verb, args) if self._config.durable_training else None
         request_id = await self._futures.submit(kind, tenant, base, call, logged, **meta)

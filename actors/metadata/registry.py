@@ -22,7 +22,7 @@ from actors import ids
 from actors.metadata.database import Database
 from actors.metadata.tables import Checkpoint, Sampler, Session, TrainingRun, Usage, utc_now
 from actors.work import LoraSpec
-from configs.errors import NotFoundError, UserError
+from configs.errors import NotFoundError, SessionFinishedError, UserError
 
 EXPIRED = "expired"  # the finish reason of a session the server ended (no heartbeat for session_expiry_s)
 
@@ -62,44 +62,63 @@ class Registry:
         with self._db.reading() as session:
             return _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
 
-    def touch_session(self, tenant: str, session_id: str) -> Session:
-        """A heartbeat: an open session's last sign of life is now. The session, finished or not."""
-        with self._db.transaction() as session:
-            row = _owned(session.get(Session, session_id), tenant, f"unknown session {session_id!r}")
-            if row.finished_at is None:
-                row.last_seen_at = utc_now()
-            return row
+    def open_session(self, tenant: str, session_id: str) -> Session:
+        """The session, if the tenant owns it and it is not finished (SessionFinishedError, a 410:
+        a finished session takes no new models or samplers)."""
+        row = self.session(tenant, session_id)
+        if row.finished_at is not None:
+            raise SessionFinishedError(finished_message(row))
+        return row
 
-    def expire_idle_sessions(self, before: datetime, limit: int = 100) -> int:
-        """Finish (reason `expired`) up to `limit` open sessions with no sign of life (a recorded
-        heartbeat, else their start) since `before`; how many. Each is claimed by a conditional
-        update, so two sweeps never both expire one session."""
-        seen = func.coalesce(Session.last_seen_at, Session.created_at)
-        idle = (Session.finished_at.is_(None), seen < before)
-        with self._db.reading() as session:
-            candidates = list(session.scalars(select(Session.id).where(*idle).limit(limit)))
-        expired = 0
-        detail = "no heartbeat from its client for longer than the server's session_expiry_s"
-        for session_id in candidates:
-            claim = update(Session).where(Session.id == session_id, *idle)
+    def touch_session(self, tenant: str, session_id: str) -> Session:
+        """A sign of life: an open session's last_seen_at is now (read first, so an unknown,
+        another tenant's or a finished session costs no write). The session, finished or not."""
+        row = self.session(tenant, session_id)
+        if row.finished_at is None:
             with self._db.transaction() as session:
                 now = utc_now()
-                done = claim.values(finished_at=now, finish_reason=EXPIRED, finish_detail=detail)
-                expired += session.execute(done).rowcount
+                seen = update(Session).where(Session.id == session_id, Session.finished_at.is_(None))
+                if session.execute(seen.values(last_seen_at=now)).rowcount:
+                    row.last_seen_at = now
+                else:  # finished meanwhile
+                    row = session.get(Session, session_id)
+        return row
+
+    def expire_idle_sessions(self, before: datetime, batch: int = 100, batches: int = 10) -> int:
+        """Finish (reason `expired`) the open sessions with no sign of life since `before`, oldest
+        first, up to `batches` x `batch` of them; how many. Each is claimed by a conditional update,
+        so two sweeps never both expire one session."""
+        idle = (Session.finished_at.is_(None), Session.last_seen_at < before)
+        detail = "no heartbeat from its client for longer than the server's session_expiry_s"
+        expired = 0
+        for _ in range(batches):
+            query = select(Session.id).where(*idle).order_by(Session.last_seen_at).limit(batch)
+            with self._db.reading() as session:
+                candidates = list(session.scalars(query))
+            for session_id in candidates:
+                claim = update(Session).where(Session.id == session_id, *idle)
+                with self._db.transaction() as session:
+                    done = claim.values(finished_at=utc_now(), finish_reason=EXPIRED, finish_detail=detail)
+                    expired += session.execute(done).rowcount
+            if len(candidates) < batch:
+                break
         return expired
 
-    def expired_with_live_state(self, limit: int = 100) -> list[tuple[str, str]]:
-        """(tenant, session id) of expired sessions that still have a live training run or
-        sampler: what an expiry sweep releases (also the ones a sweep cut short left)."""
-        runs = select(TrainingRun.session_id).where(TrainingRun.unloaded_at.is_(None))
-        samplers = select(Sampler.session_id).where(Sampler.removed_at.is_(None))
+    def sessions_to_release(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(tenant, session id) of expired sessions whose models and samplers are not released
+        yet (also those a sweep could not finish), oldest first."""
         query = (
             select(Session.tenant_id, Session.id)
-            .where(Session.finish_reason == EXPIRED, Session.id.in_(runs.union(samplers)))
+            .where(Session.finish_reason == EXPIRED, Session.released_at.is_(None))
+            .order_by(Session.finished_at)
             .limit(limit)
         )
         with self._db.reading() as session:
             return [(tenant, session_id) for tenant, session_id in session.execute(query)]
+
+    def mark_released(self, session_id: str) -> None:
+        with self._db.transaction() as session:
+            session.execute(update(Session).where(Session.id == session_id).values(released_at=utc_now()))
 
     def finish_session(
         self, tenant: str, session_id: str, reason: str | None = None, detail: str | None = None
@@ -448,6 +467,11 @@ class Registry:
             query = query.where(Checkpoint.created_at >= start, Checkpoint.created_at < end)
         with self._db.reading() as session:
             return list(session.scalars(query.order_by(Checkpoint.created_at, Checkpoint.id)))
+
+
+def finished_message(row: Session) -> str:
+    how = "expired: no heartbeat from its client" if row.finish_reason == EXPIRED else "finished by its client"
+    return f"session {row.id!r} is {how}; start a new session"
 
 
 def _clean(text: str | None, length: int) -> str | None:

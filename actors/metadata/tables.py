@@ -95,9 +95,13 @@ class Session(Base):
     # success | errored | interrupted (its client's word), or expired (no heartbeat for session_expiry_s)
     finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
     finish_detail: Mapped[str | None] = mapped_column(String(1024), default=None)
-    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)  # its last heartbeat recorded
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=utc_now)  # its start, then its last sign of life
+    released_at: Mapped[datetime | None] = mapped_column(default=None)  # expired, and its models released
 
-    __table_args__ = (Index("ix_sessions_open", "finished_at", "last_seen_at"),)
+    __table_args__ = (
+        Index("ix_sessions_open", "finished_at", "last_seen_at"),
+        Index("ix_sessions_release", "finish_reason", "released_at"),
+    )
 
 
 class TrainingRun(Base):

@@ -1,7 +1,7 @@
 """session_expiry_s over plain HTTP: a client that went away without finishing its session (no
-heartbeat for the expiry) has its session finished as expired (410 to its heartbeats, `cancelled`
-in the sessions search) and its training models and samplers released everywhere; a session
-that keeps sending heartbeats lives on."""
+heartbeat for the expiry) has its session finished as expired (410 to its heartbeats and to new
+models in it, `cancelled` in the sessions search) and its training models and samplers released
+everywhere; a session that keeps sending heartbeats lives on."""
 
 import time
 
@@ -66,6 +66,9 @@ def test_a_session_without_heartbeats_expires_and_releases_its_models(url):
     finished = post(url, "session_heartbeat", json={"session_id": quiet})
     assert finished.status_code == 410 and "expired" in finished.json()["error"]
     assert post(url, "asample", json={**sample, "seq_id": 1}).status_code == 404
+    again = {"session_id": quiet, "model_seq_id": 1, "base_model": MODEL, "lora_config": {"rank": 2}}
+    refused = post(url, "create_model", json=again)
+    assert refused.status_code == 410 and "start a new session" in refused.json()["error"]
     assert post(url, "get_info", json={"model_id": alive_model}).status_code == 200
     search = {"statuses": [{"type": "cancelled"}], "limit": 10}
     (found,) = post(url, "sessions/search", json=search).json()["sessions"]

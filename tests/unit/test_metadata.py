@@ -126,34 +126,53 @@ def test_other_tenants_rows_look_exactly_like_missing_ones(db):
     assert registry.checkpoints(alice) == ([], 0)
 
 
-def test_sessions_without_heartbeats_expire_once_and_list_what_they_still_hold(db):
+def test_sessions_without_signs_of_life_expire_once_oldest_first_and_are_released_once(db):
     from datetime import timedelta
 
     from actors.metadata.tables import utc_now
+    from configs.errors import SessionFinishedError
 
     registry, tenants = Registry(db), Tenants(db, "open")
     alice, bob = tenants.authenticate("tml-alice"), tenants.authenticate("tml-bob")
     quiet, beating, done = (registry.create_session(alice, "0.38.0", [], {}) for _ in range(3))
-    registry.add_run(alice, f"{quiet}:train:0", quiet, "base", LoraSpec(rank=4), {})
-    registry.add_sampler(alice, f"{quiet}:sample:0", quiet, "base", None)
+    assert registry.session(alice, quiet).last_seen_at is not None  # its start is its first sign of life
     registry.finish_session(alice, done, "success")
     with pytest.raises(NotFoundError):
         registry.touch_session(bob, beating)  # another tenant's: as unknown
+    with pytest.raises(SessionFinishedError, match="finished by its client"):
+        registry.open_session(alice, done)  # no new models in a finished session (410)
     cutoff = utc_now() + timedelta(milliseconds=50)  # all three started before it
     while utc_now() <= cutoff:
         pass
     assert registry.touch_session(alice, beating).last_seen_at > cutoff
-    assert registry.touch_session(alice, done).last_seen_at is None  # a finished one is not revived
+    assert registry.touch_session(alice, done).finished_at is not None  # a finished one is not revived
     assert registry.expire_idle_sessions(cutoff) == 1  # the quiet one only
     assert registry.expire_idle_sessions(cutoff) == 0  # claimed once
     row = registry.session(alice, quiet)
     assert row.finish_reason == "expired" and row.finished_at is not None
+    with pytest.raises(SessionFinishedError, match="expired"):
+        registry.open_session(alice, quiet)
     assert registry.session(alice, done).finish_reason == "success"
-    assert registry.expired_with_live_state() == [(alice, quiet)]
-    registry.unload_run(f"{quiet}:train:0")
-    assert registry.expired_with_live_state() == [(alice, quiet)]  # its sampler is still there
-    registry.remove_sampler(f"{quiet}:sample:0")
-    assert registry.expired_with_live_state() == []
+    assert registry.sessions_to_release() == [(alice, quiet)]
+    registry.mark_released(quiet)
+    assert registry.sessions_to_release() == []
+
+
+def test_the_expiry_takes_the_oldest_idle_sessions_first(db):
+    from datetime import timedelta
+
+    from actors.metadata.tables import utc_now
+
+    registry, alice = Registry(db), Tenants(db, "open").authenticate("tml-alice")
+    old = registry.create_session(alice, "0.38.0", [], {})
+    newer = [registry.create_session(alice, "0.38.0", [], {}) for _ in range(5)]
+    cutoff = utc_now() + timedelta(milliseconds=10)
+    while utc_now() <= cutoff:
+        pass
+    assert registry.expire_idle_sessions(cutoff, batch=2, batches=1) == 2
+    assert registry.session(alice, old).finish_reason == "expired"  # the oldest went first
+    assert registry.expire_idle_sessions(cutoff, batch=2, batches=10) == 4  # batches go on while full
+    assert all(registry.session(alice, s).finish_reason == "expired" for s in newer)
 
 
 def test_a_save_under_the_same_name_replaces_the_record(db):
