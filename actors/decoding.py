@@ -41,6 +41,7 @@ from actors.generation import (
     GenRow,
     RowState,
     finish,
+    left_padded,
     prompt_scores,
     sample_result,
     sample_step,
@@ -242,19 +243,21 @@ class DecodeEngine:
                 together.append(request)
                 width = wider
                 continue
-            try:
-                budget -= self._prefill_chunk(request, left, finished)
-            except Exception as exc:  # its own fault (e.g. out of memory for a long prompt): it fails alone
-                logger.exception("prefill failed")
-                self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+            budget -= self._prefill_alone(request, left, finished)
         if len(together) > 1:
             together = self._prefill_together(together, finished)
         for request in together:  # alone, or again alone after a batched prefill failed
-            try:
-                self._prefill_chunk(request, len(request.rows[0].prompt), finished)
-            except Exception as exc:
-                logger.exception("prefill failed")
-                self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+            self._prefill_alone(request, len(request.rows[0].prompt), finished)
+
+    def _prefill_alone(self, request: _Request, budget: int, finished: list) -> int:
+        """`_prefill_chunk`, where a fault (e.g. out of memory for a long prompt) fails the request
+        alone; the prompt tokens it took."""
+        try:
+            return self._prefill_chunk(request, budget, finished)
+        except Exception as exc:
+            logger.exception("prefill failed")
+            self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+            return 0
 
     def _prefill_together(self, requests: list[_Request], finished: list) -> list[_Request]:
         """Whole prompts of several requests in one forward (left-padded, like the static batch);
@@ -262,20 +265,15 @@ class DecodeEngine:
         requests to prefill alone instead: all of them if the batched forward failed (so that
         only a request at fault fails), else none."""
         lengths = [len(r.rows[0].prompt) for r in requests]
-        width = max(lengths)
-        ids = torch.zeros((len(requests), width), dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, request in enumerate(requests):
-            ids[i, width - lengths[i] :] = torch.as_tensor(request.rows[0].prompt, dtype=torch.long)
-            mask[i, width - lengths[i] :] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
+        ids, mask, positions = left_padded([r.rows[0].prompt for r in requests], self._device)
+        width = ids.shape[1]
         cache = DynamicCache()
         try:
             self._routing.set([r.rows[0].key for r in requests])
             out = self._model(
                 input_ids=ids,
                 attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                position_ids=positions,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,

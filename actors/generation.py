@@ -66,15 +66,8 @@ class RowState:
 def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[GenOutput]:
     """Sample every row; `decode(tokens) -> str` is needed only for rows with stop strings."""
     device = next(model.parameters()).device
-    lengths = [len(r.prompt) for r in rows]
-    width = max(lengths)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - lengths[i] :] = torch.from_numpy(np.array(row.prompt, dtype=np.int64))
-        mask[i, width - lengths[i] :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded([r.prompt for r in rows], device)
+    width = ids.shape[1]
     routing.set([row.key for row in rows])
     cache = DynamicCache()
     want_prompt = any(scores_prompt(r) for r in rows)
@@ -101,6 +94,20 @@ def generate(model, routing: Routing, rows: list[GenRow], decode=None) -> list[G
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()
     return [finish(state, prompt) for state, prompt in zip(states, prompt_outputs)]
+
+
+def left_padded(prompts: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one batch, right-aligned: (ids, attention mask, positions), each [prompts, longest];
+    positions count from each prompt's first token."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - lengths[i] :] = torch.from_numpy(np.array(prompt, dtype=np.int64))
+        mask[i, width - lengths[i] :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_step(logits_BV: torch.Tensor, rows: list[GenRow], states: list[RowState], decode) -> None:

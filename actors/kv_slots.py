@@ -104,9 +104,7 @@ class SlotCache:
         return order
 
     def _allocate(self, like: torch.Tensor, layers: int, rows: int, length: int) -> None:
-        slots = min(self._max_rows, max(rows, 2 * rows))
-        columns = length + max(SPARE_COLUMNS, length // 2)
-        shape = (max(slots, rows), like.shape[1], columns, like.shape[3])
+        shape = (max(rows, min(self._max_rows, 2 * rows)), like.shape[1], _with_room(length), like.shape[3])
         self._keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
         self._values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
         self.rows, self.lo, self.hi = 0, length, length
@@ -117,8 +115,7 @@ class SlotCache:
         spare; the live window is copied over."""
         old = self._keys[0]
         slots = max(rows, min(self._max_rows, 2 * old.shape[0])) if rows > old.shape[0] else old.shape[0]
-        columns = width + max(SPARE_COLUMNS, width // 2)
-        shape = (slots, old.shape[1], columns, old.shape[3])
+        shape = (slots, old.shape[1], _with_room(width), old.shape[3])
         hi = width
         moved = []
         for buffers in (self._keys, self._values):
@@ -138,6 +135,11 @@ class SlotCache:
 
     def layer_buffers(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._keys[index], self._values[index]
+
+
+def _with_room(width: int) -> int:
+    """Columns for a window of `width`: half as many again to spare, at least SPARE_COLUMNS."""
+    return width + max(SPARE_COLUMNS, width // 2)
 
 
 class _SlotLayer(DynamicLayer):
