@@ -47,6 +47,7 @@ from actors.generation import (
     sample_step,
     scores_prompt,
 )
+from actors.hf.packed_attention import FOLDED_STEP, PACKED_ATTENTION, FoldedStep
 from actors.kv_slots import SlotCache
 from actors.lora import Routing
 from actors.work import SampleResult, SampleWork
@@ -88,6 +89,7 @@ class DecodeEngine:
         max_adapters: int,
         prefill_chunk_tokens: int = 512,
         decode: Callable[[list[int]], str] | None = None,
+        fold_prefill: bool = True,
     ):
         self._model = model
         self._routing = routing
@@ -105,6 +107,8 @@ class DecodeEngine:
         self._kv: SlotCache | None = None
         self._served: dict[str | None, int] = {}  # tenant -> rows admitted (raised to the floor when idle)
         self.steps = 0  # decode steps run (for tests and metrics)
+        # joining prompts prefill inside the decode step's forward, where the attention can (packed)
+        self._folds = fold_prefill and getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION
 
     # ---- the event loop's side -----------------------------------------------------------------
 
@@ -142,7 +146,13 @@ class DecodeEngine:
         self._take_inbox(finished)
         self._admit(finished)
         self._make_resident(finished)
-        self._prefill(finished)
+        together = self._prefill(finished)
+        if self._folds and (together or self._rows) and self._folded_step(together, finished):
+            return
+        if len(together) > 1:
+            together = self._prefill_together(together, finished)
+        for request in together:  # alone, or again alone after a batched prefill failed
+            self._prefill_alone(request, len(request.rows[0].prompt), finished)
         if self._rows:
             self._decode_step(finished)
 
@@ -224,10 +234,10 @@ class DecodeEngine:
             request.cache = DynamicCache()
             self._prefilling.append(request)
 
-    def _prefill(self, finished: list) -> None:
-        """Prompt tokens of admitted requests, up to the chunk budget: the prompts that fit whole
-        go through one batched forward together, a longer one (or one whose prompt is scored) takes
-        a chunk of its own."""
+    def _prefill(self, finished: list) -> list[_Request]:
+        """Prompt tokens of admitted requests, up to the chunk budget: a prompt longer than what is
+        left (or one whose prompt is scored) takes a chunk of its own now; the prompts that fit
+        whole are returned, to be prefilled together."""
         budget = self._chunk
         together, width = [], 0  # the batched forward costs len(together) x width tokens, padding included
         for request in list(self._prefilling):
@@ -244,10 +254,7 @@ class DecodeEngine:
                 width = wider
                 continue
             budget -= self._prefill_alone(request, left, finished)
-        if len(together) > 1:
-            together = self._prefill_together(together, finished)
-        for request in together:  # alone, or again alone after a batched prefill failed
-            self._prefill_alone(request, len(request.rows[0].prompt), finished)
+        return together
 
     def _prefill_alone(self, request: _Request, budget: int, finished: list) -> int:
         """`_prefill_chunk`, where a fault (e.g. out of memory for a long prompt) fails the request
@@ -357,11 +364,66 @@ class DecodeEngine:
         out = self._model(
             input_ids=ids, attention_mask=mask, position_ids=cached[:, None], cache=self._kv.cache, use_cache=True
         )
+        self._decoded(out.logits[:, -1, :].float(), finished)
+
+    def _folded_step(self, together: list[_Request], finished: list) -> bool:
+        """One forward that is the decode step of the running rows and the whole prefill of the
+        `together` prompts (`actors.hf.packed_attention.FoldedStep`): on a CPU each forward costs
+        about as much as reading the weights, so joining prompts no longer cost a forward of their
+        own. False, and nothing changed, if the forward failed: the caller runs them apart, so
+        that only a request at fault fails."""
+        rows = self._rows
+        n = len(rows)
+        device = self._device
+        lengths = [len(r.rows[0].prompt) for r in together]
+        cached = torch.tensor([r.cached for r in rows], dtype=torch.long)
+        ids = [r.request.states[r.index].tokens[-1] for r in rows]
+        positions = [cached]
+        for request, length in zip(together, lengths):
+            ids += [int(t) for t in request.rows[0].prompt]
+            positions.append(torch.arange(length))
+        ids_1N = torch.tensor(ids, dtype=torch.long, device=device)[None]
+        positions_1N = torch.cat(positions).to(device)[None]
+        keep_K = torch.cat([torch.arange(n), n + torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1]).to(device)
+        mask = None
+        if n:
+            self._kv.reserve(1)
+            mask = self._kv.mask(cached.to(device), extra=1).bool()[:, None, None, :]
+        fold = FoldedStep(self._kv if n else None, mask, n, lengths)
+        keys = [r.request.rows[r.index].key for r in rows] + [r.rows[0].key for r in together]
+        try:
+            self._routing.set(keys, row_tokens=[1] * n + lengths)
+            hidden_1ND = self._model.model(
+                input_ids=ids_1N,
+                position_ids=positions_1N,
+                attention_mask=torch.ones_like(ids_1N, dtype=torch.bool),
+                use_cache=False,
+                **{FOLDED_STEP: fold},
+            ).last_hidden_state
+            with self._routing.narrow(keep_K):
+                logits_KV = self._model.get_output_embeddings()(hidden_1ND[0, keep_K]).float()
+        except Exception:
+            logger.exception("a folded step failed; its prefills and decode step run apart")
+            return False
+        if n:
+            self._decoded(logits_KV[:n], finished)
+        for i, request in enumerate(together):
+            request.prefilled, request.cache = lengths[i], None
+            try:
+                self._join(request, logits_KV[n + i : n + i + 1], fold.prompt_cache(i), finished)
+            except Exception as exc:  # e.g. no memory for its rows: it fails alone
+                logger.exception("joining the batch failed")
+                self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
+        return True
+
+    def _decoded(self, logits_BV: torch.Tensor, finished: list) -> None:
+        """The decode step's forward is done (its keys and values written at hi): sample each row's
+        next token from its logits; finished rows leave."""
+        rows = self._rows
         self._kv.advance(1)
         self.steps += 1
         for row in rows:
             row.cached += 1
-        logits_BV = out.logits[:, -1, :].float()
         gen_rows = [r.request.rows[r.index] for r in rows]
         states = [r.request.states[r.index] for r in rows]
         sample_step(logits_BV, gen_rows, states, self._decode)

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 SPARE_COLUMNS = 64  # at least this many columns of room after a move, so moves are rare
@@ -71,6 +72,24 @@ class SlotCache:
         """Room for a forward that writes `columns` more tokens per row (call before it)."""
         if self.hi + columns > self._keys[0].shape[2]:
             self._move(self.rows, self.width + columns)
+
+    def attend_step(
+        self, layer: int, query_1HRD: torch.Tensor, key_1GRD: torch.Tensor, value_1GRD: torch.Tensor, **sdpa
+    ) -> torch.Tensor:
+        """One decode step's attention in `layer` without the Cache API (a step folded with other
+        tokens into one [1, N] forward): each row's new key and value ([1, kv heads, rows, head dim],
+        one token per row) are written at column hi (`reserve(1)` before the forward, `advance(1)`
+        after it), and its query attends to its window and that token. `sdpa` carries `attn_mask`
+        ([rows, 1, 1, width + 1], from `mask`) and `scale`. Returns [1, rows, heads, head dim]."""
+        keys, values = self._keys[layer], self._values[layer]
+        end = self.hi + 1
+        keys[: self.rows, :, self.hi].copy_(key_1GRD[0].transpose(0, 1))
+        values[: self.rows, :, self.hi].copy_(value_1GRD[0].transpose(0, 1))
+        query_RH1D = query_1HRD[0].transpose(0, 1).unsqueeze(2)
+        keys_RGWD, values_RGWD = keys[: self.rows, :, self.lo : end], values[: self.rows, :, self.lo : end]
+        gqa = query_RH1D.shape[1] != keys_RGWD.shape[1]
+        out_RH1D = F.scaled_dot_product_attention(query_RH1D, keys_RGWD, values_RGWD, enable_gqa=gqa, **sdpa)
+        return out_RH1D[:, :, 0].unsqueeze(0)
 
     def advance(self, columns: int) -> None:
         """The forward wrote `columns` tokens per row at hi: they are part of the window now."""

@@ -8,6 +8,11 @@
 - Every other forward (sampling with its KV cache and left padding, padded passes) is exactly
   transformers' sdpa: the attention falls back to `sdpa_attention_forward` and the mask function
   registered beside it is `sdpa_mask`.
+- A forward that carries a `FoldedStep` (kwarg `FOLDED_STEP`) is a decode step and the prefill of
+  whole prompts in one [1, N] sequence: one token per decode row first, each attending to its
+  row's keys and values in the continuous batch's slot cache, then the prompts back to back,
+  each attending causally within itself (as a packed pass). Each layer's prompt keys and values
+  are kept for the prompts' rows to join the batch.
 - A packed forward passes an all-ones [1, N] attention mask: without one, transformers sees the
   position ids restart and would build the N x N block mask; with it, sdpa's mask function returns
   None (no padding, no cache). Packed position ids without `cu_seq_lens_q` and without a mask still
@@ -17,6 +22,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -24,6 +32,44 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 PACKED_ATTENTION = "thinker_packed"
+FOLDED_STEP = "thinker_folded_step"  # the forward kwarg that carries a FoldedStep
+
+
+@dataclass
+class FoldedStep:
+    """What a folded forward's attention needs (see the module): `rows` decode tokens first, whose
+    keys and values `slots` (a SlotCache, `attend_step`) writes and attends over with `attn_mask`,
+    then prompts of `prompt_lengths` tokens. Filled during the forward: each layer's prompt keys
+    and values."""
+
+    slots: Any
+    attn_mask: torch.Tensor | None  # [rows, 1, 1, width + 1], from SlotCache.mask
+    rows: int
+    prompt_lengths: list[int]
+    prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def prompt_cache(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prompt `index`'s keys and values per layer, [1, kv heads, its length, head dim]."""
+        start = sum(self.prompt_lengths[:index])
+        end = start + self.prompt_lengths[index]
+        return [(k[:, :, start:end], v[:, :, start:end]) for _, (k, v) in sorted(self.prompt_kv.items())]
+
+    def attend(self, module, query_1HND, key_1GND, value_1GND, scaling: float | None) -> torch.Tensor:
+        n = self.rows
+        parts = []
+        if n:
+            sdpa = {"attn_mask": self.attn_mask, "scale": scaling}
+            parts.append(
+                self.slots.attend_step(
+                    module.layer_idx, *(t[:, :, :n] for t in (query_1HND, key_1GND, value_1GND)), **sdpa
+                )
+            )
+        if self.prompt_lengths:
+            q, k, v = (t[:, :, n:] for t in (query_1HND, key_1GND, value_1GND))
+            self.prompt_kv[module.layer_idx] = (k, v)
+            bounds = torch.tensor([0, *self.prompt_lengths]).cumsum(0)
+            parts.append(packed_attention_forward(module, q, k, v, None, scaling=scaling, cu_seq_lens_q=bounds)[0])
+        return torch.cat(parts, dim=1)
 
 
 def packed_attention_forward(
@@ -37,6 +83,9 @@ def packed_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: returns ([batch, tokens, heads, head_dim], None)."""
+    folded = kwargs.get(FOLDED_STEP)
+    if folded is not None:
+        return folded.attend(module, query_1HND, key_1GND, value_1GND, scaling), None
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
         return sdpa_attention_forward(

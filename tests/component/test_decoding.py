@@ -7,6 +7,7 @@ import torch
 
 from actors.decoding import DecodeEngine
 from actors.hf.backend import HFBackend
+from actors.hf.packed_attention import FOLDED_STEP
 from actors.work import CreateModelWork, LoraSpec, SampleResult, SampleWork, SamplingParams
 from configs.errors import ServerError, ThinkerError, UserError
 from configs.schema import BaseModelConfig
@@ -106,8 +107,8 @@ def test_a_short_request_leaves_without_waiting_for_a_long_one(backend):
     results, done_at = drive(
         eng, {0: [("long", work("a", 7, max_tokens=40))], 3: [("short", work("b", 8, max_tokens=2))]}
     )
-    assert done_at["short"] <= 3 + 2  # its prefill step samples the first token, one decode step the second
-    assert done_at["long"] == 38  # step 0 samples two tokens (after the prefill, then a decode step)
+    assert done_at["short"] <= 3 + 1  # its prefill (in step 3's forward) samples the first token, step 4 the second
+    assert done_at["long"] == 39  # step 0 prefills and samples the first token, each later step one more
     assert len(results["long"].sequences[0].tokens) == 40
     assert eng.running_rows == 0 and not eng.busy
 
@@ -283,50 +284,69 @@ def test_a_request_cancelled_before_its_prefill_never_runs(backend):
         backend.cancelled = HFBackend.cancelled
 
 
-def test_prompts_joining_together_share_one_prefill_and_a_fault_in_it_fails_only_its_cause(backend, monkeypatch):
-    """Requests admitted in one step are prefilled in one batched forward. If that forward fails,
-    each is prefilled alone: only the request at fault fails; the others sample as alone."""
+def record_forwards(backend, monkeypatch, poison=None) -> list[tuple]:
+    """Patch the decoder's forward: each call is recorded as ("fold", decode rows, prompt lengths),
+    ("prefill", rows, width) or ("decode", rows); one whose prompts hold `poison` raises."""
+    real = backend.model.model.forward
+    calls = []
+
+    def forward(*args, input_ids=None, **kwargs):
+        fold = kwargs.get(FOLDED_STEP)
+        if fold is not None:
+            calls.append(("fold", fold.rows, tuple(fold.prompt_lengths)))
+            prompts = input_ids[:, fold.rows :]
+        elif input_ids.shape[1] > 1 or kwargs.get("attention_mask") is None:
+            calls.append(("prefill", *input_ids.shape))
+            prompts = input_ids
+        else:
+            calls.append(("decode", input_ids.shape[0]))
+            prompts = input_ids[:, :0]
+        if poison is not None and (prompts == poison).any():
+            raise RuntimeError("injected fault")
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(backend.model.model, "forward", forward)
+    return calls
+
+
+def test_joining_prompts_ride_in_the_decode_step_and_a_fault_in_one_fails_only_its_cause(backend, monkeypatch):
+    """The prompts admitted in one step are prefilled in the forward of that step's decode step
+    (one forward a step). If that forward fails, they are prefilled apart (batched, then alone)
+    and the decode step runs on its own: only the request at fault fails, the running rows and
+    the others sample as alone."""
     poison = 255  # any prefill holding this token faults
     prompts = {"x": work("a", 40, length=5), "y": work("b", 41, length=11, n=2), "z": work("tiny", 42, length=3)}
     for w in prompts.values():
         w.prompt = np.where(w.prompt == poison, 1, w.prompt)
-    real = backend.model.forward
-    prefills = []
-
-    def forward(*args, input_ids=None, **kwargs):
-        if input_ids.shape[1] > 1:
-            prefills.append(input_ids.shape[0])
-            if (input_ids == poison).any():
-                raise RuntimeError("injected fault")
-        return real(*args, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(backend.model, "forward", forward)
+    calls = record_forwards(backend, monkeypatch, poison)
     results, _ = drive(engine(backend), {0: list(prompts.items())})
-    assert prefills == [3]  # one forward for the three prompts
-    bad = work("a", 43, length=6)
-    bad.prompt[2] = poison
-    prefills.clear()
-    arrivals = {0: [*prompts.items(), ("bad", bad)]}
+    assert calls[0] == ("fold", 0, (5, 11, 3))  # the three prompts in one forward
+    assert {c[:2] for c in calls[1:]} <= {("fold", 4), ("fold", 3), ("fold", 2), ("fold", 1)}  # one forward a step
+    bad, late_bad = work("a", 43, length=6), work("b", 44, length=8)
+    bad.prompt[2] = late_bad.prompt[0] = poison
+    calls.clear()
+    arrivals = {0: [*prompts.items(), ("bad", bad)], 2: [("late", work("tiny", 45, length=4)), ("late-bad", late_bad)]}
     again, _ = drive(engine(backend), arrivals)
-    assert prefills == [4, 1, 1, 1, 1]  # the batched one failed: each alone, in order
-    assert isinstance(again["bad"], ServerError) and "injected fault" in str(again["bad"])
-    monkeypatch.setattr(backend.model, "forward", real)
-    for name, w in prompts.items():
-        assert tokens(results[name]) == tokens(again[name]) == tokens(backend.sample([w])[0]), name
+    assert calls[:6] == [("fold", 0, (5, 11, 3, 6)), ("prefill", 4, 11)] + [("prefill", 1, n) for n in (5, 11, 3, 6)]
+    assert calls[5:7] == [("prefill", 1, 6), ("decode", 4)]  # the bad one failed alone; the others decode
+    step2 = calls.index(("fold", 4, (4, 8)))  # the four rows (10 tokens each) decode; two prompts join
+    apart = [("prefill", 2, 8), ("prefill", 1, 4), ("prefill", 1, 8), ("decode", 5)]  # "late" joined: 5 rows
+    assert calls[step2 + 1 : step2 + 5] == apart
+    for name in ("bad", "late-bad"):
+        assert isinstance(again[name], ServerError) and "injected fault" in str(again[name])
+    monkeypatch.undo()
+    alone = {**prompts, "late": arrivals[2][0][1]}
+    for name, w in alone.items():
+        assert tokens(again[name]) == tokens(backend.sample([w])[0]), name
+        if name in results:
+            assert tokens(results[name]) == tokens(again[name]), name
 
 
-def test_a_step_prefills_at_most_its_budget_padding_included(backend, monkeypatch):
-    real = backend.model.forward
-    shapes = []
-
-    def forward(*args, input_ids=None, **kwargs):
-        if input_ids.shape[1] > 1 or kwargs.get("attention_mask") is None:
-            shapes.append(tuple(input_ids.shape))
-        return real(*args, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(backend.model, "forward", forward)
+def test_a_step_prefills_at_most_its_budget(backend, monkeypatch):
+    calls = record_forwards(backend, monkeypatch)
     shorts = [(f"short{i}", work("b", 51 + i, length=2)) for i in range(3)]
     arrivals = {0: [("long", work("a", 50, length=60)), *shorts]}
     results, _ = drive(engine(backend, chunk=64), arrivals)
-    assert all(rows * width <= 64 for rows, width in shapes), shapes
+    prompt_tokens = [sum(c[2]) if c[0] == "fold" else c[1] * c[2] for c in calls if c[0] != "decode"]
+    assert all(n <= 64 for n in prompt_tokens), calls
     assert all(isinstance(r, SampleResult) for r in results.values())
