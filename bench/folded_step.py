@@ -6,8 +6,10 @@ step's decode forward, one forward a step) and once without (they are prefilled 
 forward of their own first). Both serve the same closed loop, as RL samplers do: `--pending`
 requests of `--samples` samples always waiting, each with `max_tokens` drawn from `--tokens`
 (seeded, no early stop), a new one submitted as each finishes, `--requests` in all, spread over
-`--adapters` LoRA adapters. Rounds alternate the two, so machine noise hits both alike. Printed:
-median sampled tokens/s of each, forwards per step, and the ratio folded / apart.
+`--adapters` LoRA adapters. Each round runs both in lockstep, a step of one and then a step of
+the other (the first alternating), so machine noise hits both alike; each counts only its own
+steps' time. Printed: median sampled tokens/s of each, forwards per step, and the median of the
+rounds' ratios folded / apart.
 
     python bench/folded_step.py                        # default model, 16 pending x 4 samples x 8..24 tokens
     python bench/folded_step.py --model tiny --rounds 1  # plumbing check, seconds
@@ -59,45 +61,58 @@ def works(backend, args) -> list:
     return out
 
 
-def serve(engine, stream: list, pending: int) -> tuple[float, int, int]:
-    """The closed loop: seconds, sampled tokens, forwards (decoder calls)."""
-    queue = list(stream)
-    for _ in range(min(pending, len(queue))):
-        engine.submit(queue.pop(0), None)
-    tokens, forwards = 0, 0
-    decoder = engine._model.model
-    real = decoder.forward
+class Loop:
+    """One engine's closed loop: `pending` requests always waiting, a new one as each finishes."""
+
+    def __init__(self, engine, stream: list, pending: int):
+        self.engine, self.queue = engine, list(stream)
+        self.seconds, self.tokens, self.forwards = 0.0, 0, 0
+        for _ in range(min(pending, len(self.queue))):
+            engine.submit(self.queue.pop(0), None)
+
+    def step(self) -> None:
+        finished = []
+        start = time.perf_counter()
+        self.engine.step(finished)
+        self.seconds += time.perf_counter() - start
+        for _, result in finished:
+            assert not isinstance(result, Exception), result
+            self.tokens += sum(len(s.tokens) for s in result.sequences)
+            if self.queue:
+                self.engine.submit(self.queue.pop(0), None)
+
+
+def lockstep(loops: dict[str, Loop], decoder) -> None:
+    """Step the loops in turn (the first to go alternating) until all are done: machine noise
+    over seconds hits each alike. Each loop counts its own step time and decoder forwards."""
+    real, current = decoder.forward, [None]
 
     def counted(*a, **k):
-        nonlocal forwards
-        forwards += 1
+        current[0].forwards += 1
         return real(*a, **k)
 
     decoder.forward = counted
-    start = time.perf_counter()
     try:
-        while engine.busy:
-            finished = []
-            engine.step(finished)
-            for _, result in finished:
-                assert not isinstance(result, Exception), result
-                tokens += sum(len(s.tokens) for s in result.sequences)
-                if queue:
-                    engine.submit(queue.pop(0), None)
+        order = list(loops.values())
+        while any(loop.engine.busy for loop in order):
+            for loop in order:
+                if loop.engine.busy:
+                    current[0] = loop
+                    loop.step()
+            order.reverse()
     finally:
         del decoder.forward
-    return time.perf_counter() - start, tokens, forwards
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["default", "tiny"], default="default")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--pending", type=int, default=16)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, nargs=2, default=[8, 24])
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
@@ -119,19 +134,24 @@ def main() -> None:
     stream = works(backend, args)
     rates = {"folded": [], "apart": []}
     per_step = {}
-    for r in range(args.rounds):
-        for name in ("folded", "apart") if r % 2 == 0 else ("apart", "folded"):
-            engine = make_engine(backend, name == "folded", max_rows)
-            seconds, tokens, forwards = serve(engine, stream, args.pending)
-            rates[name].append(tokens / seconds)
-            per_step[name] = forwards / engine.steps
-            print(f"round {r} {name}: {tokens / seconds:.1f} tok/s ({forwards} forwards, {engine.steps} steps)")
+    for _ in range(args.rounds):
+        loops = {name: Loop(make_engine(backend, name == "folded", max_rows), stream, args.pending) for name in rates}
+        lockstep(loops, backend.model.model)
+        for name, loop in loops.items():
+            rates[name].append(loop.tokens / loop.seconds)
+            per_step[name] = loop.forwards / loop.engine.steps
+        print(
+            " ".join(
+                f"{n} {loop.tokens / loop.seconds:.1f} tok/s ({loop.forwards} forwards);" for n, loop in loops.items()
+            )
+        )
     folded, apart = (statistics.median(rates[k]) for k in ("folded", "apart"))
+    ratio = statistics.median(f / a for f, a in zip(rates["folded"], rates["apart"]))
     print(
         f"{args.requests} requests ({args.pending} pending) x {args.samples} samples"
         f" x {args.tokens[0]}..{args.tokens[1]} tokens, {args.adapters} adapters:"
         f" folded {folded:.1f} tok/s ({per_step['folded']:.2f} forwards a step),"
-        f" apart {apart:.1f} tok/s ({per_step['apart']:.2f}), ratio {folded / apart:.2f}x"
+        f" apart {apart:.1f} tok/s ({per_step['apart']:.2f}), ratio {ratio:.2f}x"
     )
 
 
