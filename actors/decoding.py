@@ -3,11 +3,14 @@ the moment they finish.
 
 - A request's prompt is prefilled once (batch 1, no padding) and its KV cache copied to each of
   its samples' rows: a group of N samples of one prompt pays for one prefill, not N.
-- Prefill is chunked: each `step()` runs at most `prefill_chunk_tokens` prompt tokens, then one
+- Prefill is chunked: each `step()` runs at most `prefill_chunk_tokens` prompt tokens and one
   decode step of every running row, so a long prompt never stalls the rows already decoding.
-  The prompts that fit the step's budget whole are prefilled in one batched forward (left-padded):
-  on a CPU a forward of a few tokens costs about as much as its weights take to read, so k
-  requests joining at once pay about one prefill, not k.
+- Where the model's attention can run packed (`actors.hf.packed_attention`), a step is one
+  forward: a token per decode row, then the step's prompt chunks back to back (a prompt's later
+  chunk attends to its earlier ones, kept with the request). A forward of a few tokens costs
+  about as much as its weights take to read, so prompts that join cost no forward of their own
+  (`bench/folded_step.py`). Elsewhere the prompts that fit the budget whole share one batched
+  forward (left-padded) before the decode step, and a longer one takes a chunk of its own.
 - The running batch is one KV cache in slots (`actors.kv_slots`), left-padded to its longest
   row and written in place: a joining row takes the next slot, a finished row's slot is filled
   by the last row, and columns no row needs any more are given up. Each row keeps its own
@@ -67,6 +70,7 @@ class _Request:
     cache: DynamicCache | None = None  # its own cache while its prompt is prefilled
     prefilled: int = 0  # prompt tokens in that cache
     logits: list[torch.Tensor] = field(default_factory=list)  # prefill logits kept for prompt scores
+    past: list | None = None  # folded prefill: the prompt's keys and values so far, per layer
 
 
 @dataclass
@@ -146,9 +150,10 @@ class DecodeEngine:
         self._take_inbox(finished)
         self._admit(finished)
         self._make_resident(finished)
-        together = self._prefill(finished)
-        if self._folds and (together or self._rows) and self._folded_step(together, finished):
+        if self._folds:
+            self._folded_step(self._chunks(finished), finished)
             return
+        together = self._prefill(finished)
         if len(together) > 1:
             together = self._prefill_together(together, finished)
         for request in together:  # alone, or again alone after a batched prefill failed
@@ -366,55 +371,117 @@ class DecodeEngine:
         )
         self._decoded(out.logits[:, -1, :].float(), finished)
 
-    def _folded_step(self, together: list[_Request], finished: list) -> bool:
-        """One forward that is the decode step of the running rows and the whole prefill of the
-        `together` prompts (`actors.hf.packed_attention.FoldedStep`): on a CPU each forward costs
-        about as much as reading the weights, so joining prompts no longer cost a forward of their
-        own. False, and nothing changed, if the forward failed: the caller runs them apart, so
-        that only a request at fault fails."""
-        rows = self._rows
-        n = len(rows)
-        device = self._device
-        lengths = [len(r.rows[0].prompt) for r in together]
+    def _chunks(self, finished: list) -> list[tuple[_Request, int]]:
+        """The prompt tokens this step prefills, up to the chunk budget, in admission order: each
+        (request, end), its tokens from `prefilled` to `end`; the chunks that start a prompt first."""
+        budget, chunks = self._chunk, []
+        for request in list(self._prefilling):
+            if budget <= 0:
+                break
+            if _cancelled(request):
+                self._fail([request], UserError(CANCELLED), finished)
+                continue
+            end = min(len(request.rows[0].prompt), request.prefilled + budget)
+            chunks.append((request, end))
+            budget -= end - request.prefilled
+        return sorted(chunks, key=lambda chunk: chunk[0].prefilled > 0)
+
+    def _folded_step(self, chunks: list[tuple[_Request, int]], finished: list) -> None:
+        """One forward that is the decode step of the running rows and the prefill of this step's
+        prompt chunks (`actors.hf.packed_attention.FoldedStep`): on a CPU each forward costs about
+        as much as reading the weights, so joining prompts no longer cost a forward of their own.
+        If it fails, the chunks run one by one and then the decode step, so that only a request at
+        fault fails (a fault in the decode step alone fails the batch, as `run` handles)."""
+        if not chunks and not self._rows:
+            return
+        try:
+            fold, logits_KV = self._fold_forward(self._rows, chunks)
+        except Exception:
+            if not chunks:
+                raise
+            logger.exception("a folded step failed; its prompt chunks and decode step run apart")
+        else:
+            n = len(self._rows)
+            if n:
+                self._decoded(logits_KV[:n], finished)
+            self._prefilled(chunks, fold, logits_KV[n:], finished)
+            return
+        for chunk in chunks:
+            try:
+                fold, logits_KV = self._fold_forward([], [chunk])
+            except Exception as exc:
+                logger.exception("prefill failed")
+                self._fail([chunk[0]], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+                continue
+            self._prefilled([chunk], fold, logits_KV, finished)
+        if self._rows:
+            fold, logits_KV = self._fold_forward(self._rows, [])
+            self._decoded(logits_KV, finished)
+
+    def _fold_forward(self, rows: list[_Row], chunks: list[tuple[_Request, int]]) -> tuple[FoldedStep, torch.Tensor]:
+        """The folded forward of a decode step of `rows` and these prompt chunks (changes no state
+        but the keys and values written after the slot cache's window): its FoldedStep (the chunks'
+        keys and values) and the logits [K, vocab] of the rows, then of each chunk's positions that
+        need one (all of a scored prompt's, else a finished prompt's last)."""
+        device, n = self._device, len(rows)
         cached = torch.tensor([r.cached for r in rows], dtype=torch.long)
         ids = [r.request.states[r.index].tokens[-1] for r in rows]
-        positions = [cached]
-        for request, length in zip(together, lengths):
-            ids += [int(t) for t in request.rows[0].prompt]
-            positions.append(torch.arange(length))
+        positions, keep, lengths = [cached], list(range(n)), []
+        for request, end in chunks:
+            start = request.prefilled
+            ids += [int(t) for t in request.rows[0].prompt[start:end]]
+            positions.append(torch.arange(start, end))
+            at = n + sum(lengths)
+            if scores_prompt(request.rows[0]):
+                keep += range(at, at + end - start)
+            elif end == len(request.rows[0].prompt):
+                keep.append(at + end - start - 1)
+            lengths.append(end - start)
         ids_1N = torch.tensor(ids, dtype=torch.long, device=device)[None]
-        positions_1N = torch.cat(positions).to(device)[None]
-        keep_K = torch.cat([torch.arange(n), n + torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1]).to(device)
+        keep_K = torch.tensor(keep, dtype=torch.long, device=device)
         mask = None
         if n:
             self._kv.reserve(1)
             mask = self._kv.mask(cached.to(device), extra=1).bool()[:, None, None, :]
-        fold = FoldedStep(self._kv if n else None, mask, n, lengths)
-        keys = [r.request.rows[r.index].key for r in rows] + [r.rows[0].key for r in together]
-        try:
-            self._routing.set(keys, row_tokens=[1] * n + lengths)
-            hidden_1ND = self._model.model(
-                input_ids=ids_1N,
-                position_ids=positions_1N,
-                attention_mask=torch.ones_like(ids_1N, dtype=torch.bool),
-                use_cache=False,
-                **{FOLDED_STEP: fold},
-            ).last_hidden_state
-            with self._routing.narrow(keep_K):
-                logits_KV = self._model.get_output_embeddings()(hidden_1ND[0, keep_K]).float()
-        except Exception:
-            logger.exception("a folded step failed; its prefills and decode step run apart")
-            return False
-        if n:
-            self._decoded(logits_KV[:n], finished)
-        for i, request in enumerate(together):
-            request.prefilled, request.cache = lengths[i], None
+        fold = FoldedStep(self._kv if n else None, mask, n, lengths, [request.past for request, _ in chunks])
+        keys = [r.request.rows[r.index].key for r in rows] + [request.rows[0].key for request, _ in chunks]
+        self._routing.set(keys, row_tokens=[1] * n + lengths)
+        hidden_1ND = self._model.model(
+            input_ids=ids_1N,
+            position_ids=torch.cat(positions).to(device)[None],
+            attention_mask=torch.ones_like(ids_1N, dtype=torch.bool),
+            use_cache=False,
+            **{FOLDED_STEP: fold},
+        ).last_hidden_state
+        if not keep:
+            return fold, hidden_1ND.new_zeros(0, 0)
+        with self._routing.narrow(keep_K):
+            return fold, self._model.get_output_embeddings()(hidden_1ND[0, keep_K]).float()
+
+    def _prefilled(
+        self, chunks: list[tuple[_Request, int]], fold: FoldedStep, logits_KV: torch.Tensor, finished: list
+    ) -> None:
+        """A folded forward prefilled these chunks (`logits_KV`: the positions `_fold_forward`
+        kept, from the first chunk's on): a prompt that is done joins the batch, one that is not
+        keeps its keys and values for its next chunk."""
+        at = 0
+        for i, (request, end) in enumerate(chunks):
+            row = request.rows[0]
+            kept = end - request.prefilled if scores_prompt(row) else int(end == len(row.prompt))
+            logits = logits_KV[at : at + kept]
+            at += kept
+            request.prefilled = end
+            if scores_prompt(row):
+                request.logits.append(logits)
+            request.past = fold.prompt_cache(i)
+            if end < len(row.prompt):
+                continue
+            kv, request.past = request.past, None
             try:
-                self._join(request, logits_KV[n + i : n + i + 1], fold.prompt_cache(i), finished)
+                self._join(request, logits[-1:], kv, finished)
             except Exception as exc:  # e.g. no memory for its rows: it fails alone
                 logger.exception("joining the batch failed")
                 self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
-        return True
 
     def _decoded(self, logits_BV: torch.Tensor, finished: list) -> None:
         """The decode step's forward is done (its keys and values written at hi): sample each row's

@@ -39,36 +39,63 @@ FOLDED_STEP = "thinker_folded_step"  # the forward kwarg that carries a FoldedSt
 class FoldedStep:
     """What a folded forward's attention needs (see the module): `rows` decode tokens first, whose
     keys and values `slots` (a SlotCache, `attend_step`) writes and attends over with `attn_mask`,
-    then prompts of `prompt_lengths` tokens. Filled during the forward: each layer's prompt keys
-    and values."""
+    then prompt chunks of `prompt_lengths` tokens. A chunk with a `past` (its prompt's earlier
+    chunks' keys and values per layer, [1, kv heads, past, head dim]) attends to that too; the
+    chunks without one come first. Filled during the forward: each layer's prompt keys and values."""
 
     slots: Any
     attn_mask: torch.Tensor | None  # [rows, 1, 1, width + 1], from SlotCache.mask
     rows: int
     prompt_lengths: list[int]
+    pasts: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = field(default_factory=list)
     prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.pasts = self.pasts or [None] * len(self.prompt_lengths)
+        self._fresh = sum(1 for past in self.pasts if past is None)
+        self._with_past: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if any(past is not None for past in self.pasts[: self._fresh]):
+            raise ValueError("the prompt chunks that start their prompt come first")
+
     def prompt_cache(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Prompt `index`'s keys and values per layer, [1, kv heads, its length, head dim]."""
+        """Chunk `index`'s prompt so far (its past and itself): keys and values per layer."""
+        if self.pasts[index] is not None:
+            return [self._with_past[layer, index] for layer in sorted(self.prompt_kv)]
         start = sum(self.prompt_lengths[:index])
         end = start + self.prompt_lengths[index]
         return [(k[:, :, start:end], v[:, :, start:end]) for _, (k, v) in sorted(self.prompt_kv.items())]
 
     def attend(self, module, query_1HND, key_1GND, value_1GND, scaling: float | None) -> torch.Tensor:
-        n = self.rows
+        n, layer = self.rows, module.layer_idx
         parts = []
         if n:
             sdpa = {"attn_mask": self.attn_mask, "scale": scaling}
             parts.append(
-                self.slots.attend_step(
-                    module.layer_idx, *(t[:, :, :n] for t in (query_1HND, key_1GND, value_1GND)), **sdpa
-                )
+                self.slots.attend_step(layer, *(t[:, :, :n] for t in (query_1HND, key_1GND, value_1GND)), **sdpa)
             )
-        if self.prompt_lengths:
-            q, k, v = (t[:, :, n:] for t in (query_1HND, key_1GND, value_1GND))
-            self.prompt_kv[module.layer_idx] = (k, v)
-            bounds = torch.tensor([0, *self.prompt_lengths]).cumsum(0)
-            parts.append(packed_attention_forward(module, q, k, v, None, scaling=scaling, cu_seq_lens_q=bounds)[0])
+        if not self.prompt_lengths:
+            return torch.cat(parts, dim=1)
+        q, k, v = (t[:, :, n:] for t in (query_1HND, key_1GND, value_1GND))
+        self.prompt_kv[layer] = (k, v)
+        fresh = sum(self.prompt_lengths[: self._fresh])
+        if fresh:  # whole prompts, or first chunks: a packed pass
+            bounds = torch.tensor([0, *self.prompt_lengths[: self._fresh]]).cumsum(0)
+            head = (t[:, :, :fresh] for t in (q, k, v))
+            parts.append(packed_attention_forward(module, *head, None, scaling=scaling, cu_seq_lens_q=bounds)[0])
+        start = fresh
+        for index in range(self._fresh, len(self.prompt_lengths)):
+            length = self.prompt_lengths[index]
+            chunk_q, chunk_k, chunk_v = (t[:, :, start : start + length] for t in (q, k, v))
+            past_k, past_v = self.pasts[index][layer]
+            keys, values = torch.cat([past_k, chunk_k], dim=2), torch.cat([past_v, chunk_v], dim=2)
+            self._with_past[layer, index] = (keys, values)
+            before = past_k.shape[2]  # query i sees the past and the chunk's tokens up to i
+            columns = torch.arange(before + length, device=q.device)
+            mask = columns[None] <= before + torch.arange(length, device=q.device)[:, None]
+            gqa = chunk_q.shape[1] != keys.shape[1]
+            out = F.scaled_dot_product_attention(chunk_q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            parts.append(out.transpose(1, 2))
+            start += length
         return torch.cat(parts, dim=1)
 
 

@@ -27,7 +27,7 @@ def backend(tmp_path_factory):
     return be
 
 
-def engine(backend, chunk=512, max_rows=12):
+def engine(backend, chunk=512, max_rows=12, fold=True):
     return DecodeEngine(
         backend.model,
         backend.routing,
@@ -37,6 +37,7 @@ def engine(backend, chunk=512, max_rows=12):
         max_adapters=8,
         prefill_chunk_tokens=chunk,
         decode=backend._decode,
+        fold_prefill=fold,
     )
 
 
@@ -76,11 +77,15 @@ WORKS = {
 }
 
 
-def test_requests_joining_a_running_batch_sample_what_each_samples_alone(backend):
+APART = pytest.mark.parametrize("fold", [True, False], ids=["folded", "apart"])  # prompts in the decode forward or not
+
+
+@APART
+def test_requests_joining_a_running_batch_sample_what_each_samples_alone(backend, fold):
     arrivals = {0: [("a-long", WORKS["a-long"])], 2: [("b-short", WORKS["b-short"]), ("base", WORKS["base"])]}
     arrivals[5] = [("a-greedy", WORKS["a-greedy"])]
     arrivals[6] = [("b-topk", WORKS["b-topk"])]
-    together, _ = drive(engine(backend), arrivals)
+    together, _ = drive(engine(backend, fold=fold), arrivals)
     for name, w in WORKS.items():
         (alone,) = backend.sample([w])  # the static path, this request by itself
         assert tokens(together[name]) == tokens(alone), name
@@ -89,11 +94,16 @@ def test_requests_joining_a_running_batch_sample_what_each_samples_alone(backend
             assert mine.stop_reason == its.stop_reason
 
 
-def test_chunked_prefill_gives_the_same_samples_and_prompt_scores(backend):
+@APART
+def test_chunked_prefill_gives_the_same_samples_and_prompt_scores(backend, fold, monkeypatch):
     w = work("a", 5, length=23, n=2, max_tokens=6)
     w.prompt_logprobs, w.topk_prompt_logprobs = True, 3
     other = work("b", 6, length=4, max_tokens=20)
-    chunked, _ = drive(engine(backend, chunk=5), {0: [("other", other)], 1: [("w", w)]})
+    calls = record_forwards(backend, monkeypatch)
+    chunked, _ = drive(engine(backend, chunk=5, fold=fold), {0: [("other", other)], 1: [("w", w)]})
+    if fold:  # each chunk rides in a decode step of "other"
+        assert [c for c in calls if c[2]] == [("fold", 0, (4,)), *[("fold", 1, (5,))] * 4, ("fold", 1, (3,))]
+    monkeypatch.undo()
     (alone,) = backend.sample([w])
     assert tokens(chunked["w"]) == tokens(alone)
     np.testing.assert_allclose(chunked["w"].prompt_logprobs, alone.prompt_logprobs, rtol=1e-4, atol=1e-5)
@@ -122,11 +132,12 @@ def test_rows_wait_for_room_and_then_join(backend):
         assert tokens(results[name]) == tokens(backend.sample([arrivals[0][["first", "second"].index(name)][1]])[0])
 
 
-def test_a_bad_request_fails_alone(backend):
+@APART
+def test_a_bad_request_fails_alone(backend, fold):
     bad = work("a", 11)
     bad.prompt = np.array([1, 2, 10_000])
     missing = work("nobody", 12)
-    results, _ = drive(engine(backend), {0: [("good", work("b", 13)), ("bad", bad), ("missing", missing)]})
+    results, _ = drive(engine(backend, fold=fold), {0: [("good", work("b", 13)), ("bad", bad), ("missing", missing)]})
     assert isinstance(results["bad"], UserError)
     assert isinstance(results["missing"], ThinkerError)
     assert tokens(results["good"]) == tokens(backend.sample([work("b", 13)])[0])
@@ -228,11 +239,12 @@ def test_on_a_tiny_model_sampling_and_training_each_keep_their_share(backend):
     assert used["sample"] / (used["sample"] + used["train"]) == pytest.approx(0.5, abs=0.2)
 
 
-def test_a_fault_in_one_request_fails_it_alone(backend, monkeypatch):
+@APART
+def test_a_fault_in_one_request_fails_it_alone(backend, monkeypatch, fold):
     """An unexpected error while preparing, prefilling or joining one request (a full disk when a
     spilled sampler comes back, out of memory for a long prompt) answers that request with a
     ServerError; the others sample as alone, and nothing is left in the engine."""
-    eng = engine(backend)
+    eng = engine(backend, fold=fold)
     rows_of = eng._rows_of
 
     def flaky_rows_of(w):
@@ -311,9 +323,9 @@ def record_forwards(backend, monkeypatch, poison=None) -> list[tuple]:
 
 def test_joining_prompts_ride_in_the_decode_step_and_a_fault_in_one_fails_only_its_cause(backend, monkeypatch):
     """The prompts admitted in one step are prefilled in the forward of that step's decode step
-    (one forward a step). If that forward fails, they are prefilled apart (batched, then alone)
-    and the decode step runs on its own: only the request at fault fails, the running rows and
-    the others sample as alone."""
+    (one forward a step). If that forward fails, each is prefilled alone and then the decode step
+    runs on its own: only the request at fault fails, the running rows and the others sample as
+    alone."""
     poison = 255  # any prefill holding this token faults
     prompts = {"x": work("a", 40, length=5), "y": work("b", 41, length=11, n=2), "z": work("tiny", 42, length=3)}
     for w in prompts.values():
@@ -327,11 +339,10 @@ def test_joining_prompts_ride_in_the_decode_step_and_a_fault_in_one_fails_only_i
     calls.clear()
     arrivals = {0: [*prompts.items(), ("bad", bad)], 2: [("late", work("tiny", 45, length=4)), ("late-bad", late_bad)]}
     again, _ = drive(engine(backend), arrivals)
-    assert calls[:6] == [("fold", 0, (5, 11, 3, 6)), ("prefill", 4, 11)] + [("prefill", 1, n) for n in (5, 11, 3, 6)]
-    assert calls[5:7] == [("prefill", 1, 6), ("decode", 4)]  # the bad one failed alone; the others decode
+    alone = [("fold", 0, (n,)) for n in (5, 11, 3, 6)]  # each prompt in a forward of its own, in order
+    assert calls[:6] == [("fold", 0, (5, 11, 3, 6)), *alone, ("fold", 4, ())]  # the bad one failed alone
     step2 = calls.index(("fold", 4, (4, 8)))  # the four rows (10 tokens each) decode; two prompts join
-    apart = [("prefill", 2, 8), ("prefill", 1, 4), ("prefill", 1, 8), ("decode", 5)]  # "late" joined: 5 rows
-    assert calls[step2 + 1 : step2 + 5] == apart
+    assert calls[step2 + 1 : step2 + 4] == [("fold", 0, (4,)), ("fold", 0, (8,)), ("fold", 5, ())]  # "late" joined
     for name in ("bad", "late-bad"):
         assert isinstance(again[name], ServerError) and "injected fault" in str(again[name])
     monkeypatch.undo()
