@@ -12,6 +12,7 @@ steps' time. Printed: median sampled tokens/s of each, forwards per step, and th
 rounds' ratios folded / apart.
 
     python bench/folded_step.py                        # default model, 16 pending x 4 samples x 8..24 tokens
+    python bench/folded_step.py --context 600 --requests 24    # long prompts: prefilled in chunks
     python bench/folded_step.py --model tiny --rounds 1  # plumbing check, seconds
 """
 
@@ -54,6 +55,7 @@ def works(backend, args) -> list:
     low, high = args.tokens
     out = []
     for i, prompt in enumerate(prompts):
+        prompt = [int(t) for t in rng.integers(100, 10_000, args.context)] + prompt if args.context else prompt
         params = SamplingParams(max_tokens=int(rng.integers(low, high + 1)), stop_at_eos=False, temperature=1.0, seed=i)
         out.append(
             SampleWork(f"a{i % args.adapters}", None, np.array(prompt), args.samples, params, tenant=f"t{i % 8}")
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, nargs=2, default=[8, 24])
     parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--context", type=int, default=0, help="random tokens before each prompt (a document)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -149,7 +152,8 @@ def main() -> None:
     ratio = statistics.median(f / a for f, a in zip(rates["folded"], rates["apart"]))
     print(
         f"{args.requests} requests ({args.pending} pending) x {args.samples} samples"
-        f" x {args.tokens[0]}..{args.tokens[1]} tokens, {args.adapters} adapters:"
+        f" x {args.tokens[0]}..{args.tokens[1]} tokens, {args.adapters} adapters"
+        f"{f', {args.context} tokens of context' if args.context else ''}:"
         f" folded {folded:.1f} tok/s ({per_step['folded']:.2f} forwards a step),"
         f" apart {apart:.1f} tok/s ({per_step['apart']:.2f}), ratio {ratio:.2f}x"
     )
