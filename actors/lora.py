@@ -8,6 +8,9 @@
   with a zero unit), each group is multiplied by its own stacked A and B (ranks zero-padded to
   the largest; zero rows and columns change nothing and get zero gradient), and the result is
   gathered back per unit. Two `bmm`s per layer, whatever the number of adapters.
+- Unless the groups are so uneven that padding would be most of the grouped layout (a long
+  prompt of one adapter beside a decode token each of others'): then each adapter's units go
+  through two matmuls of their own, written into the delta at their places; no padding.
 - Adapters marked frozen for a pass (forward-only requests) contribute without taking gradients.
 - Init follows PEFT: A ~ kaiming_uniform(a=sqrt(5)), B = 0, scaling = alpha / rank.
 """
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.work import target_scope
+
+UNEVEN = 2  # padded layout over this many times the units: each adapter apart instead
 
 
 @dataclass
@@ -149,6 +154,9 @@ class LoraLinear(nn.Module):
         return lora.A, lora.B
 
     def _grouped_delta(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
+        layout = self.routing.layout(x.device)
+        if layout.gather.numel() > UNEVEN * self.routing.num_units:
+            return self._delta_per_adapter(x, loras)
         rank = max(lora.A.shape[0] for lora in loras if lora is not None)
         A_stack, B_stack = [], []
         for key, lora in zip(self.routing.keys, loras):
@@ -160,7 +168,6 @@ class LoraLinear(nn.Module):
             pad = rank - A.shape[0]
             A_stack.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
             B_stack.append((F.pad(B, (0, pad)) if pad else B) * lora.scaling)  # scale the small side
-        layout = self.routing.layout(x.device)
         groups, width = layout.gather.shape
         # [units, tokens per unit, in]: rows of a padded batch, or single tokens of a packed pass
         x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
@@ -173,6 +180,16 @@ class LoraLinear(nn.Module):
         hidden = torch.bmm(grouped, torch.stack(A_stack).transpose(1, 2))  # [groups, width * tokens, rank]
         delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2)).reshape(groups * width, x_U.shape[1], -1)
         return (delta if layout.in_order else delta[layout.scatter]).reshape(*x.shape[:-1], -1)
+
+    def _delta_per_adapter(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
+        """The grouped delta without padding: two matmuls per adapter over its own units."""
+        x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
+        delta = x_U.new_zeros(*x_U.shape[:2], self.base.out_features)
+        for (key, units), lora in zip(self.routing.rows(x.device), loras):
+            if lora is not None:
+                A, B = self._weights(key, lora)
+                delta.index_copy_(0, units, F.linear(F.linear(x_U[units], A), B) * lora.scaling)
+        return delta.reshape(*x.shape[:-1], -1)
 
 
 def init_lora_weights(
