@@ -52,6 +52,7 @@ from actors.generation import (
 )
 from actors.hf.packed_attention import FOLDED_STEP, PACKED_ATTENTION, FoldedStep
 from actors.kv_slots import SlotCache
+from actors.logprobs import head_logits
 from actors.lora import Routing
 from actors.work import SampleResult, SampleWork
 from configs.errors import ServerError, ThinkerError, UserError
@@ -236,7 +237,6 @@ class DecodeEngine:
                 return
             self._waiting.remove(request)
             self._served[request.work.tenant] = self._served.get(request.work.tenant, floor) + len(request.rows)
-            request.cache = DynamicCache()
             self._prefilling.append(request)
 
     def _prefill(self, finished: list) -> list[_Request]:
@@ -313,6 +313,8 @@ class DecodeEngine:
         ids = torch.as_tensor(prompt[start:end], dtype=torch.long, device=self._device)[None]
         positions = torch.arange(start, end, device=self._device)[None]
         keep_all = scores_prompt(request.rows[0])
+        if request.cache is None:
+            request.cache = DynamicCache()
         self._routing.set([request.rows[0].key])
         out = self._model(
             input_ids=ids,
@@ -384,7 +386,7 @@ class DecodeEngine:
             end = min(len(request.rows[0].prompt), request.prefilled + budget)
             chunks.append((request, end))
             budget -= end - request.prefilled
-        return sorted(chunks, key=lambda chunk: chunk[0].prefilled > 0)
+        return sorted(chunks, key=lambda chunk: chunk[0].past is not None)  # as FoldedStep wants them
 
     def _folded_step(self, chunks: list[tuple[_Request, int]], finished: list) -> None:
         """One forward that is the decode step of the running rows and the prefill of this step's
@@ -419,10 +421,11 @@ class DecodeEngine:
             self._decoded(logits_KV, finished)
 
     def _fold_forward(self, rows: list[_Row], chunks: list[tuple[_Request, int]]) -> tuple[FoldedStep, torch.Tensor]:
-        """The folded forward of a decode step of `rows` and these prompt chunks (changes no state
-        but the keys and values written after the slot cache's window): its FoldedStep (the chunks'
-        keys and values) and the logits [K, vocab] of the rows, then of each chunk's positions that
-        need one (all of a scored prompt's, else a finished prompt's last)."""
+        """The folded forward of a decode step of `rows` and these prompt chunks: its FoldedStep
+        (the chunks' keys and values) and the logits [K, vocab] of the rows, then of each chunk's
+        positions that need one (all of a scored prompt's, else a finished prompt's last). What it
+        changes stays invisible if it fails: the routing, the slot cache's room (`reserve`) and
+        the keys and values written just after its window."""
         device, n = self._device, len(rows)
         cached = torch.tensor([r.cached for r in rows], dtype=torch.long)
         ids = [r.request.states[r.index].tokens[-1] for r in rows]
@@ -456,7 +459,7 @@ class DecodeEngine:
         if not keep:
             return fold, hidden_1ND.new_zeros(0, 0)
         with self._routing.narrow(keep_K):
-            return fold, self._model.get_output_embeddings()(hidden_1ND[0, keep_K]).float()
+            return fold, head_logits(self._model, hidden_1ND[0, keep_K]).float()
 
     def _prefilled(
         self, chunks: list[tuple[_Request, int]], fold: FoldedStep, logits_KV: torch.Tensor, finished: list
@@ -472,11 +475,12 @@ class DecodeEngine:
             at += kept
             request.prefilled = end
             if scores_prompt(row):
-                request.logits.append(logits)
-            request.past = fold.prompt_cache(i)
-            if end < len(row.prompt):
+                request.logits.append(logits.clone())  # not a view that keeps the whole step's logits
+            kv = fold.prompt_cache(i)
+            if end < len(row.prompt):  # copies, not views that keep the whole step's keys and values
+                request.past = [(k.clone(), v.clone()) for k, v in kv]
                 continue
-            kv, request.past = request.past, None
+            request.past = None
             try:
                 self._join(request, logits[-1:], kv, finished)
             except Exception as exc:  # e.g. no memory for its rows: it fails alone

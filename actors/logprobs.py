@@ -27,19 +27,54 @@ def target_logprobs_from_logits(logits_BTV: torch.Tensor, targets_BTK: torch.Ten
     return logits.gather(-1, targets_BTK) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits of decoder outputs `hidden` as the model's own forward makes them: its LM head,
+    then the output scaling some architectures apply (Granite divides by `logits_scaling`, Cohere
+    multiplies by `logit_scale`, Gemma 2 soft-caps at `final_logit_softcapping`)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(model, "logit_scale", None) is not None:
+        logits = logits * model.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def head_is_separable(model) -> bool:
+    """Whether the model's decoder (`.model`) and `head_logits` give its own forward's logits,
+    checked once on a few tokens: then the head can run on chosen positions only (packed passes,
+    folded decode steps). An architecture that does anything else to its logits is not."""
+    if getattr(model, "model", None) is None or model.get_output_embeddings() is None:
+        return False
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 9, device=device) % model.config.vocab_size)[None]
+    want = model(input_ids=ids, use_cache=False).logits.float()
+    got = head_logits(model, model.model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
 def target_logprobs(
-    model, tokens_BT: torch.Tensor, targets_BTK: torch.Tensor, logits_per_slice: int = LOGITS_PER_SLICE
+    model,
+    tokens_BT: torch.Tensor,
+    targets_BTK: torch.Tensor,
+    logits_per_slice: int = LOGITS_PER_SLICE,
+    separable: bool = True,
 ) -> torch.Tensor:
-    """[B, T, K] log-probs of the targets under a causal LM with a `.model` decoder and an LM head."""
+    """[B, T, K] log-probs of the targets under a causal LM with a `.model` decoder and an LM head
+    (`separable`: see `head_is_separable`)."""
     decoder, head = getattr(model, "model", None), model.get_output_embeddings()
-    if decoder is None or head is None:  # an unusual architecture: the plain, memory-hungry way
+    if decoder is None or head is None or not separable:  # an unusual architecture: the plain, memory-hungry way
         return target_logprobs_from_logits(model(input_ids=tokens_BT, use_cache=False).logits, targets_BTK)
     hidden_BTH = decoder(input_ids=tokens_BT, use_cache=False).last_hidden_state
     B, T, _ = hidden_BTH.shape
     step = max(1, logits_per_slice // (B * head.weight.shape[0]))
 
     def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return target_logprobs_from_logits(head(hidden), targets)
+        return target_logprobs_from_logits(head_logits(model, hidden), targets)
 
     slices = []
     for start in range(0, T, step):
@@ -70,7 +105,7 @@ def scored_logprobs(
 
     def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with narrow(positions):  # inside the checkpointed function: its recompute routes the same way
-            return target_logprobs_from_logits(head(hidden), targets)
+            return target_logprobs_from_logits(head_logits(model, hidden), targets)
 
     slices = []
     for start in range(0, S, step):

@@ -55,7 +55,8 @@ def works(backend, args) -> list:
     low, high = args.tokens
     out = []
     for i, prompt in enumerate(prompts):
-        prompt = [int(t) for t in rng.integers(100, 10_000, args.context)] + prompt if args.context else prompt
+        context = rng.integers(0, min(10_000, backend.vocab_size), args.context)
+        prompt = [int(t) for t in context] + prompt
         params = SamplingParams(max_tokens=int(rng.integers(low, high + 1)), stop_at_eos=False, temperature=1.0, seed=i)
         out.append(
             SampleWork(f"a{i % args.adapters}", None, np.array(prompt), args.samples, params, tenant=f"t{i % 8}")

@@ -34,7 +34,7 @@ from actors.hf.base_model import load_base_model
 from actors.hf.packed_attention import install_packed_attention, packed_forward_kwargs
 from actors.hf.samplers import SamplerTable
 from actors.hf.spill import remove_leftovers
-from actors.logprobs import scored_logprobs, target_logprobs
+from actors.logprobs import head_is_separable, scored_logprobs, target_logprobs
 from actors.lora import LoraWeights, Routing, install_lora_layers
 from actors.peft_format import (
     OPTIMIZER_FILE,
@@ -84,7 +84,8 @@ class HFBackend:
         self.tokenizer = _load_tokenizer(loaded.tokenizer_dir)
         self.model = loaded.model.to(self.device).eval()
         self.model.requires_grad_(False)
-        self.packed = config.packed_passes and install_packed_attention(self.model)
+        self.separable_head = head_is_separable(self.model)  # else logits only through the model's own forward
+        self.packed = config.packed_passes and self.separable_head and install_packed_attention(self.model)
         if config.packed_passes and not self.packed:
             logger.warning("%s: this model's attention cannot run packed passes; they run padded", config.name)
         self.routing = Routing()
@@ -239,7 +240,8 @@ class HFBackend:
             return scored_logprobs(*args, position_ids=flat.positions_1N, **forward), flat.spans
         batch = pack_pass(requests, self.device)
         self.routing.set(batch.row_keys, frozen=frozenset(batch.row_keys) - training)
-        return target_logprobs(self.model, batch.tokens_BT, batch.targets_BTK)[batch.mask_BT], batch.spans
+        logprobs = target_logprobs(self.model, batch.tokens_BT, batch.targets_BTK, separable=self.separable_head)
+        return logprobs[batch.mask_BT], batch.spans
 
     def optim_step(self, work: OptimStepWork) -> OptimStepResult:
         return OptimStepResult(metrics=self.adapters.get(work.model_id).optim_step(work.adam))

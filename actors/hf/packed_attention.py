@@ -10,9 +10,10 @@
   registered beside it is `sdpa_mask`.
 - A forward that carries a `FoldedStep` (kwarg `FOLDED_STEP`) is a decode step and the prefill of
   whole prompts in one [1, N] sequence: one token per decode row first, each attending to its
-  row's keys and values in the continuous batch's slot cache, then the prompts back to back,
-  each attending causally within itself (as a packed pass). Each layer's prompt keys and values
-  are kept for the prompts' rows to join the batch.
+  row's keys and values in the continuous batch's slot cache, then prompt chunks back to back,
+  each attending causally within its own prompt: a first chunk within itself (as a packed pass),
+  a later one to its prompt's earlier chunks too. Each layer's prompt keys and values are kept,
+  for the next chunk or for the prompt's rows to join the batch.
 - A packed forward passes an all-ones [1, N] attention mask: without one, transformers sees the
   position ids restart and would build the N x N block mask; with it, sdpa's mask function returns
   None (no padding, no cache). Packed position ids without `cu_seq_lens_q` and without a mask still
@@ -112,6 +113,8 @@ def packed_attention_forward(
     """transformers' attention-function contract: returns ([batch, tokens, heads, head_dim], None)."""
     folded = kwargs.get(FOLDED_STEP)
     if folded is not None:
+        if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or dropout:
+            raise ValueError("a folded step supports neither softcap, a position bias nor dropout")
         return folded.attend(module, query_1HND, key_1GND, value_1GND, scaling), None
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:

@@ -361,3 +361,52 @@ def test_a_step_prefills_at_most_its_budget(backend, monkeypatch):
     prompt_tokens = [sum(c[2]) if c[0] == "fold" else c[1] * c[2] for c in calls if c[0] != "decode"]
     assert all(n <= 64 for n in prompt_tokens), calls
     assert all(isinstance(r, SampleResult) for r in results.values())
+
+
+def test_apart_prompts_joining_together_share_one_prefill_and_a_fault_in_it_fails_only_its_cause(backend, monkeypatch):
+    """Without folded steps, requests admitted in one step are prefilled in one batched forward. If that forward fails,
+    each is prefilled alone: only the request at fault fails; the others sample as alone."""
+    poison = 255  # any prefill holding this token faults
+    prompts = {"x": work("a", 40, length=5), "y": work("b", 41, length=11, n=2), "z": work("tiny", 42, length=3)}
+    for w in prompts.values():
+        w.prompt = np.where(w.prompt == poison, 1, w.prompt)
+    real = backend.model.forward
+    prefills = []
+
+    def forward(*args, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefills.append(input_ids.shape[0])
+            if (input_ids == poison).any():
+                raise RuntimeError("injected fault")
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", forward)
+    results, _ = drive(engine(backend, fold=False), {0: list(prompts.items())})
+    assert prefills == [3]  # one forward for the three prompts
+    bad = work("a", 43, length=6)
+    bad.prompt[2] = poison
+    prefills.clear()
+    arrivals = {0: [*prompts.items(), ("bad", bad)]}
+    again, _ = drive(engine(backend, fold=False), arrivals)
+    assert prefills == [4, 1, 1, 1, 1]  # the batched one failed: each alone, in order
+    assert isinstance(again["bad"], ServerError) and "injected fault" in str(again["bad"])
+    monkeypatch.setattr(backend.model, "forward", real)
+    for name, w in prompts.items():
+        assert tokens(results[name]) == tokens(again[name]) == tokens(backend.sample([w])[0]), name
+
+
+def test_apart_a_step_prefills_at_most_its_budget_padding_included(backend, monkeypatch):
+    real = backend.model.forward
+    shapes = []
+
+    def forward(*args, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1 or kwargs.get("attention_mask") is None:
+            shapes.append(tuple(input_ids.shape))
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", forward)
+    shorts = [(f"short{i}", work("b", 51 + i, length=2)) for i in range(3)]
+    arrivals = {0: [("long", work("a", 50, length=60)), *shorts]}
+    results, _ = drive(engine(backend, chunk=64, fold=False), arrivals)
+    assert all(rows * width <= 64 for rows, width in shapes), shapes
+    assert all(isinstance(r, SampleResult) for r in results.values())

@@ -140,3 +140,41 @@ def test_keys_a_leaving_row_leaves_behind_never_reach_the_window_again():
     assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in kv.cache.layers)
     mask = kv.mask(torch.tensor([4, 2, 8]))
     assert mask.sum(1).tolist() == [4, 2, 8]
+
+
+def test_attend_step_writes_each_rows_token_and_attends_to_its_own_tokens_only():
+    """A folded step's attention (`attend_step`): each row's query sees its own real tokens and the
+    new one, never padding; the new key and value are in the window once it advances."""
+    gen = torch.Generator().manual_seed(3)
+    kv = SlotCache(max_rows=4)
+    lengths = [5, 2, 7]
+    rows = [_kv(1, n, gen) for n in lengths]
+    for pairs, n in zip(rows, lengths):
+        kv.append(pairs, n)
+    cached = torch.tensor(lengths)
+    queries = torch.randn(1, 2 * HEADS, len(lengths), DIM, generator=gen)  # grouped-query: 2 per kv head
+    new = [tuple(torch.randn(1, HEADS, len(lengths), DIM, generator=gen) for _ in "kv") for _ in range(LAYERS)]
+    kv.reserve(1)
+    mask = kv.mask(cached, extra=1).bool()[:, None, None, :]
+    for layer in range(LAYERS):
+        out = kv.attend_step(layer, queries, new[layer][0], new[layer][1], attn_mask=mask, scale=0.5)
+        assert out.shape == (1, len(lengths), 2 * HEADS, DIM)
+        for row in range(len(lengths)):
+            own = rows[row][layer]  # the row's keys and values [1, heads, n, dim], then the step's token
+            keys, values = (
+                torch.cat([own[i][0], new[layer][i][0, :, row : row + 1]], dim=1).repeat_interleave(2, dim=0)
+                for i in (0, 1)
+            )
+            want = torch.softmax(queries[0, :, row : row + 1] @ keys.transpose(1, 2) * 0.5, dim=-1) @ values
+            torch.testing.assert_close(out[0, row], want[:, 0], rtol=1e-5, atol=1e-5)
+    kv.advance(1)
+    _check(
+        kv,
+        [
+            [
+                (torch.cat([k[0], nk[0][0, :, r : r + 1]], 1), torch.cat([v[0], nk[1][0, :, r : r + 1]], 1))
+                for (k, v), nk in zip(rows[r], new)
+            ]
+            for r in range(len(lengths))
+        ],
+    )
