@@ -9,7 +9,7 @@
   transformers' sdpa: the attention falls back to `sdpa_attention_forward` and the mask function
   registered beside it is `sdpa_mask`.
 - A forward that carries a `FoldedStep` (kwarg `FOLDED_STEP`) is a decode step and the prefill of
-  whole prompts in one [1, N] sequence: one token per decode row first, each attending to its
+  prompt chunks in one [1, N] sequence: one token per decode row first, each attending to its
   row's keys and values in the continuous batch's slot cache, then prompt chunks back to back,
   each attending causally within its own prompt: a first chunk within itself (as a packed pass),
   a later one to its prompt's earlier chunks too. Each layer's prompt keys and values are kept,
