@@ -267,9 +267,12 @@ class DecodeEngine:
         try:
             return self._prefill_chunk(request, budget, finished)
         except Exception as exc:
-            logger.exception("prefill failed")
-            self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+            self._prefill_failed(request, exc, finished)
             return 0
+
+    def _prefill_failed(self, request: _Request, exc: Exception, finished: list) -> None:
+        logger.exception("prefill failed")
+        self._fail([request], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
 
     def _prefill_together(self, requests: list[_Request], finished: list) -> list[_Request]:
         """Whole prompts of several requests in one forward (left-padded, like the static batch);
@@ -297,11 +300,7 @@ class DecodeEngine:
             start = width - lengths[i]
             kv = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers]
             request.prefilled, request.cache = lengths[i], None
-            try:
-                self._join(request, out.logits[i, -1:].float(), kv, finished)
-            except Exception as exc:  # e.g. no memory for its rows: it fails alone
-                logger.exception("joining the batch failed")
-                self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
+            self._join_alone(request, out.logits[i, -1:].float(), kv, finished)
         return []
 
     def _prefill_chunk(self, request: _Request, budget: int, finished: list) -> int:
@@ -330,6 +329,14 @@ class DecodeEngine:
             kv = [(layer.keys, layer.values) for layer in request.cache.layers]
             self._join(request, out.logits[0, -1:].float(), kv, finished)
         return end - start
+
+    def _join_alone(self, request: _Request, last_1V: torch.Tensor, kv: list, finished: list) -> None:
+        """`_join`, where a fault (e.g. no memory for its rows) fails the request alone."""
+        try:
+            self._join(request, last_1V, kv, finished)
+        except Exception as exc:
+            logger.exception("joining the batch failed")
+            self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
 
     def _join(self, request: _Request, last_1V: torch.Tensor, kv: list, finished: list) -> None:
         """The prompt is prefilled (`kv`: its keys and values per layer, [1, heads, prompt, dim]):
@@ -412,8 +419,7 @@ class DecodeEngine:
             try:
                 fold, logits_KV = self._fold_forward([], [chunk])
             except Exception as exc:
-                logger.exception("prefill failed")
-                self._fail([chunk[0]], _as_error(exc, "sampling failed in the prompt's prefill"), finished)
+                self._prefill_failed(chunk[0], exc, finished)
                 continue
             self._prefilled([chunk], fold, logits_KV, finished)
         if self._rows:
@@ -434,11 +440,8 @@ class DecodeEngine:
             start = request.prefilled
             ids += [int(t) for t in request.rows[0].prompt[start:end]]
             positions.append(torch.arange(start, end))
-            at = n + sum(lengths)
-            if scores_prompt(request.rows[0]):
-                keep += range(at, at + end - start)
-            elif end == len(request.rows[0].prompt):
-                keep.append(at + end - start - 1)
+            at = n + sum(lengths) + end - start  # just after the chunk
+            keep += range(at - _logits_kept(request, end), at)
             lengths.append(end - start)
         ids_1N = torch.tensor(ids, dtype=torch.long, device=device)[None]
         keep_K = torch.tensor(keep, dtype=torch.long, device=device)
@@ -470,7 +473,7 @@ class DecodeEngine:
         at = 0
         for i, (request, end) in enumerate(chunks):
             row = request.rows[0]
-            kept = end - request.prefilled if scores_prompt(row) else int(end == len(row.prompt))
+            kept = _logits_kept(request, end)
             logits = logits_KV[at : at + kept]
             at += kept
             request.prefilled = end
@@ -481,11 +484,7 @@ class DecodeEngine:
                 request.past = [(k.clone(), v.clone()) for k, v in kv]
                 continue
             request.past = None
-            try:
-                self._join(request, logits[-1:], kv, finished)
-            except Exception as exc:  # e.g. no memory for its rows: it fails alone
-                logger.exception("joining the batch failed")
-                self._fail([request], _as_error(exc, "sampling failed when its rows joined the batch"), finished)
+            self._join_alone(request, logits[-1:], kv, finished)
 
     def _decoded(self, logits_BV: torch.Tensor, finished: list) -> None:
         """The decode step's forward is done (its keys and values written at hi): sample each row's
@@ -533,6 +532,15 @@ class DecodeEngine:
     @property
     def _device(self) -> torch.device:
         return next(self._model.parameters()).device
+
+
+def _logits_kept(request: _Request, end: int) -> int:
+    """How many of a prompt chunk's last positions (tokens `prefilled` to `end`) need logits: all
+    of a scored prompt's, the last of a prompt the chunk finishes, else none."""
+    row = request.rows[0]
+    if scores_prompt(row):
+        return end - request.prefilled
+    return int(end == len(row.prompt))
 
 
 def _cancelled(request: _Request) -> bool:

@@ -155,8 +155,10 @@ class LoraLinear(nn.Module):
 
     def _grouped_delta(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
         layout = self.routing.layout(x.device)
+        # [units, tokens per unit, in]: rows of a padded batch, or single tokens of a packed pass
+        x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
         if layout.gather.numel() > UNEVEN * self.routing.num_units:
-            return self._delta_per_adapter(x, loras)
+            return self._delta_per_adapter(x_U, loras).reshape(*x.shape[:-1], -1)
         rank = max(lora.A.shape[0] for lora in loras if lora is not None)
         A_stack, B_stack = [], []
         for key, lora in zip(self.routing.keys, loras):
@@ -169,8 +171,6 @@ class LoraLinear(nn.Module):
             A_stack.append(F.pad(A, (0, 0, 0, pad)) if pad else A)
             B_stack.append((F.pad(B, (0, pad)) if pad else B) * lora.scaling)  # scale the small side
         groups, width = layout.gather.shape
-        # [units, tokens per unit, in]: rows of a padded batch, or single tokens of a packed pass
-        x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
         if layout.in_order:  # units already grouped, no padding: reshape instead of copying
             grouped = x_U.reshape(groups, -1, self.base.in_features)
         else:
@@ -181,15 +181,14 @@ class LoraLinear(nn.Module):
         delta = torch.bmm(hidden, torch.stack(B_stack).transpose(1, 2)).reshape(groups * width, x_U.shape[1], -1)
         return (delta if layout.in_order else delta[layout.scatter]).reshape(*x.shape[:-1], -1)
 
-    def _delta_per_adapter(self, x: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
+    def _delta_per_adapter(self, x_U: torch.Tensor, loras: list[LoraWeights | None]) -> torch.Tensor:
         """The grouped delta without padding: two matmuls per adapter over its own units."""
-        x_U = x.to(torch.float32).reshape(self.routing.num_units, -1, self.base.in_features)
         delta = x_U.new_zeros(*x_U.shape[:2], self.base.out_features)
-        for (key, units), lora in zip(self.routing.rows(x.device), loras):
+        for (key, units), lora in zip(self.routing.rows(x_U.device), loras):
             if lora is not None:
                 A, B = self._weights(key, lora)
                 delta.index_copy_(0, units, F.linear(F.linear(x_U[units], A), B) * lora.scaling)
-        return delta.reshape(*x.shape[:-1], -1)
+        return delta
 
 
 def init_lora_weights(

@@ -32,19 +32,7 @@ from sampling import prompts_of  # noqa: E402
 
 
 def make_engine(backend, fold: bool, max_rows: int):
-    from actors.decoding import DecodeEngine
-
-    return DecodeEngine(
-        backend.model,
-        backend.routing,
-        rows_of=backend._rows_of,
-        keep_resident=backend._keep_resident,
-        max_rows=max_rows,
-        max_adapters=8,
-        prefill_chunk_tokens=backend.config.prefill_chunk_tokens,
-        decode=backend._decode,
-        fold_prefill=fold,
-    )
+    return backend.decode_engine(max_rows=max_rows, max_adapters=8, fold_prefill=fold)
 
 
 def works(backend, args) -> list:

@@ -108,16 +108,26 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.decoder = None  # continuous batching (the scheduler steps it); None: `sample` batches
         if config.continuous_batching:
-            self.decoder = DecodeEngine(
-                self.model,
-                self.routing,
-                rows_of=self._rows_of,
-                keep_resident=self._keep_resident,
-                max_rows=config.max_sample_rows,
-                max_adapters=min(config.max_resident_adapters, config.max_resident_samplers),
-                prefill_chunk_tokens=config.prefill_chunk_tokens,
-                decode=self._decode,
-            )
+            self.decoder = self.decode_engine()
+
+    def decode_engine(self, **options) -> DecodeEngine:
+        """A continuous-batching engine over this backend's model and adapters; `options` (e.g.
+        max_rows, prefill_chunk_tokens, fold_prefill) replace what the config says."""
+        config = self.config
+        settings = {
+            "max_rows": config.max_sample_rows,
+            "max_adapters": min(config.max_resident_adapters, config.max_resident_samplers),
+            "prefill_chunk_tokens": config.prefill_chunk_tokens,
+            **options,
+        }
+        return DecodeEngine(
+            self.model,
+            self.routing,
+            rows_of=self._rows_of,
+            keep_resident=self._keep_resident,
+            decode=self._decode,
+            **settings,
+        )
 
     @staticmethod
     def cancelled(request_id: str) -> bool:

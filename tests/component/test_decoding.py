@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from actors.decoding import DecodeEngine
 from actors.hf.backend import HFBackend
 from actors.hf.packed_attention import FOLDED_STEP
 from actors.work import CreateModelWork, LoraSpec, SampleResult, SampleWork, SamplingParams
@@ -28,17 +27,7 @@ def backend(tmp_path_factory):
 
 
 def engine(backend, chunk=512, max_rows=12, fold=True):
-    return DecodeEngine(
-        backend.model,
-        backend.routing,
-        rows_of=backend._rows_of,
-        keep_resident=backend._keep_resident,
-        max_rows=max_rows,
-        max_adapters=8,
-        prefill_chunk_tokens=chunk,
-        decode=backend._decode,
-        fold_prefill=fold,
-    )
+    return backend.decode_engine(max_rows=max_rows, max_adapters=8, prefill_chunk_tokens=chunk, fold_prefill=fold)
 
 
 def work(sampler_id, prompt_seed, length=6, n=1, tenant=None, **params):
