@@ -95,6 +95,7 @@ class SchedulerLimits:
     sampling_share: float = 0.5
     decode_slice_s: float = 0.05
     compute_nice: int = 0  # the compute thread's (and its torch workers') nice increment
+    compute_idle: bool = False  # the compute thread (and its torch workers) under SCHED_IDLE instead
     packed_passes: bool = False  # the backend's passes cost their real tokens (no padding)
 
 
@@ -123,7 +124,7 @@ class Scheduler:
         self._compute = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="thinker-compute",
-            initializer=partial(_init_compute_thread, limits.compute_nice, init_compute_thread),
+            initializer=partial(_init_compute_thread, limits.compute_nice, limits.compute_idle, init_compute_thread),
         )
         self._sequencer: Sequencer[_Job] = Sequencer(limits.gap_timeout_s)
         self._seen: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
@@ -506,13 +507,18 @@ def _settle(job: _Job, outcome: Any) -> None:
         job.future.set_result(outcome)
 
 
-def _init_compute_thread(nice: int, then: Callable[[], None] | None) -> None:
+def _init_compute_thread(nice: int, idle: bool, then: Callable[[], None] | None) -> None:
     """Lower the compute thread's CPU priority first, so the torch worker threads it starts inherit
-    it: on a CPU node the event loops (heartbeats, health, answering finished futures) preempt the
-    compute instead of queueing behind it. Linux applies a nice value per thread."""
-    if nice > 0 and sys.platform == "linux":
+    it (Linux applies a scheduling policy and a nice value per thread, and a new thread takes its
+    creator's): on a CPU node the event loops (heartbeats, health, answering finished futures) then
+    preempt the compute instead of queueing behind it. `idle`: SCHED_IDLE, the compute runs when no
+    other thread wants the core; else `nice` more than the caller."""
+    if sys.platform == "linux" and (idle or nice > 0):
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+            if idle:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
         except OSError as exc:
             logger.warning("could not lower the compute thread's priority: %s", exc)
     if then is not None:

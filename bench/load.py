@@ -11,7 +11,10 @@ same ingress (healthz), interleaved in the same run, and prints p50/p99 of both 
 forward_backward (4x128) + optim_step while 200 sampling requests (16 samples x 240 tokens) are
 pending. Throughout, from a process of its own, one probe after another: session_heartbeat,
 healthz, get_info and retrieve_future of a finished future; prints p50/p99 of each, idle and
-under load (target: p99 under 50 ms under load). `--nice N` sets the compute_thread_nice.
+under load (target: p99 under 50 ms under load). Under load the model actor's compute thread
+(and its torch workers) is switched between SCHED_IDLE (compute_thread_policy idle, the default
+on CPU) and SCHED_OTHER (normal) every `--phase` seconds, so both are measured side by side,
+with the cores the compute got under each (its throughput, as the work per core is the same).
 
 Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);
 a submission that meets the dying replica is sent again with the same seq_id, as the SDK's
@@ -194,16 +197,21 @@ async def run(url: str, sessions: int, per_session: int) -> None:
         raise SystemExit(f"{lost} results lost")
 
 
+_PROBE: dict = {}  # the probe process's client, session, model and finished future, made once
+
+
 def probe_control_plane(url: str, seconds: float, base_model: str) -> dict[str, list[float]]:
     """Seconds taken by each control-plane call, one after another for `seconds`."""
-    key = "tml-probe"
-    http = httpx.Client(base_url=f"{url}/api/v1", headers={"X-API-Key": key}, timeout=60)
-    session_id = http.post("/create_session", json={"tags": [], "sdk_version": "probe"}).json()["session_id"]
-    body = {"session_id": session_id, "model_seq_id": 0, "base_model": base_model, "lora_config": {"rank": 4}}
-    finished = http.post("/create_model", json=body).json()["request_id"]
-    while http.post("/retrieve_future", json={"request_id": finished}).status_code != 200:
-        time.sleep(0.1)
-    model_id = http.post("/retrieve_future", json={"request_id": finished}).json()["model_id"]
+    if not _PROBE:
+        http = httpx.Client(base_url=f"{url}/api/v1", headers={"X-API-Key": "tml-probe"}, timeout=60)
+        session_id = http.post("/create_session", json={"tags": [], "sdk_version": "probe"}).json()["session_id"]
+        body = {"session_id": session_id, "model_seq_id": 0, "base_model": base_model, "lora_config": {"rank": 4}}
+        finished = http.post("/create_model", json=body).json()["request_id"]
+        while http.post("/retrieve_future", json={"request_id": finished}).status_code != 200:
+            time.sleep(0.1)
+        model_id = http.post("/retrieve_future", json={"request_id": finished}).json()["model_id"]
+        _PROBE.update(http=http, session_id=session_id, finished=finished, model_id=model_id)
+    http, session_id, finished, model_id = (_PROBE[k] for k in ("http", "session_id", "finished", "model_id"))
     calls = {
         "session_heartbeat": lambda: http.post("/session_heartbeat", json={"session_id": session_id}),
         "healthz": lambda: http.get("/healthz"),
@@ -219,20 +227,57 @@ def probe_control_plane(url: str, seconds: float, base_model: str) -> dict[str, 
             times[name].append(time.perf_counter() - start)
             assert response.status_code == 200, f"{name}: {response.status_code} {response.text[:200]}"
         time.sleep(0.05)
-    http.close()
     return times
 
 
-def probe_in_own_process(url: str, seconds: float, base_model: str) -> dict[str, list[float]]:
-    """`probe_control_plane` in a process of its own: the times are the server's answers, not this
-    process's SDK threads (the load's clients) holding the probe's GIL."""
+class ComputeThreads:
+    """The model actor's compute thread and torch workers, found from outside by their SCHED_IDLE
+    policy (compute_thread_policy idle, the default on CPU), and switched between SCHED_IDLE and
+    SCHED_OTHER so that both policies are measured in one run, under the same load. Switching back
+    to SCHED_OTHER needs root or CAP_SYS_NICE (Ray runs its workers at nice 15)."""
+
+    def __init__(self, name_part: str):
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and name_part in _read(f"/proc/{p}/cmdline")]
+        assert len(pids) == 1, f"{len(pids)} processes named {name_part!r}"
+        self.pid = pids[0]
+        self.tids: set[int] = set()
+        self.find()
+        assert self.tids, "no SCHED_IDLE thread in the model actor: is compute_thread_policy idle?"
+
+    def find(self) -> None:
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                    self.tids.add(int(tid))
+            except OSError:  # the thread ended
+                pass
+
+    def set(self, policy: int) -> None:
+        self.find()  # threads torch started since
+        for tid in self.tids:
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+            except ProcessLookupError:
+                pass
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for tid in self.tids:
+            fields = _read(f"/proc/{self.pid}/task/{tid}/stat").rsplit(")", 1)[-1].split()
+            total += int(fields[11]) + int(fields[12]) if fields else 0  # utime + stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def control(seconds: float, phase_s: float) -> None:
     import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(probe_control_plane, (url, seconds, base_model))
-
-
-def control(seconds: float, nice: int | None) -> None:
     import threading
 
     import tinker
@@ -244,9 +289,11 @@ def control(seconds: float, nice: int | None) -> None:
 
     os.environ.setdefault("TINKER_API_KEY", "tml-bench")
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    extra = {} if nice is None else {"compute_thread_nice": nice}
-    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL, **extra)]))
-    idle = probe_in_own_process(url, seconds / 2, DEFAULT_MODEL)
+    url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL, compute_thread_policy="idle")]))
+    # NOTE: the probe runs in a process of its own, so the times are the server's answers, not this
+    # process's SDK threads (the load's clients) holding the probe's GIL
+    probe = multiprocessing.get_context("spawn").Pool(1)
+    idle = probe.apply(probe_control_plane, (url, seconds / 2, DEFAULT_MODEL))
     service = tinker.ServiceClient(base_url=url)
     trainers = [service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=16).result() for _ in range(8)]
     sampler = trainers[0].save_weights_and_get_sampling_client().result()
@@ -274,18 +321,40 @@ def control(seconds: float, nice: int | None) -> None:
     prompt = types.ModelInput.from_ints(list(range(100, 140)))
     pending = [sampler.sample(prompt, 16, params) for _ in range(200)]
     time.sleep(5)  # the load is on: passes and decode steps under way
-    loaded = probe_in_own_process(url, seconds, DEFAULT_MODEL)
+    compute = ComputeThreads("ServeReplica:thinker:model-0")
+    policies = {"compute idle": os.SCHED_IDLE, "compute normal": os.SCHED_OTHER}
+    loaded: dict[str, dict[str, list[float]]] = {name: {k: [] for k in idle} for name in policies}
+    cpu = dict.fromkeys(policies, 0.0)
+    wall = dict.fromkeys(policies, 0.0)
+    for phase in range(2 * max(1, round(seconds / phase_s))):
+        name = list(policies)[phase % 2]
+        compute.set(policies[name])
+        time.sleep(0.5)  # the switch has taken hold
+        begin, cpu_begin = time.monotonic(), compute.cpu_seconds()
+        for call, times in probe.apply(probe_control_plane, (url, phase_s, DEFAULT_MODEL)).items():
+            loaded[name][call] += times
+        end = time.monotonic()
+        cpu[name] += compute.cpu_seconds() - cpu_begin
+        wall[name] += end - begin
     stop.set()
 
     def pct(xs, q):
         return float(np.percentile(np.asarray(xs) * 1000, q))
 
-    print(f"8 trainers (4x128) + {len(pending)} pending samples (16 x 240 tokens), default model:")
-    for name in idle:
+    print(
+        f"8 trainers (4x128) + {len(pending)} pending samples (16 x 240 tokens), default model; under load "
+        f"the compute thread switched between SCHED_IDLE and SCHED_OTHER every {phase_s:g} s:"
+    )
+    for call in idle:
+        row = f"{call:>18}: idle p50 {pct(idle[call], 50):5.1f} ms, p99 {pct(idle[call], 99):5.1f} ms"
+        for name in policies:
+            times = loaded[name][call]
+            row += f" | {name} p50 {pct(times, 50):5.1f}, p99 {pct(times, 99):5.1f}, max {max(times) * 1000:5.1f}"
+        print(row)
+    for name in policies:
         print(
-            f"{name:>18}: idle p50 {pct(idle[name], 50):6.1f} ms, p99 {pct(idle[name], 99):6.1f} ms | "
-            f"under load p50 {pct(loaded[name], 50):6.1f} ms, p99 {pct(loaded[name], 99):6.1f} ms, "
-            f"max {max(loaded[name]) * 1000:6.1f} ms"
+            f"{name:>18}: the compute thread and its torch workers ran {cpu[name] / wall[name]:.2f} cores "
+            f"({wall[name]:.0f} s)"
         )
     os._exit(0)  # the pending samples and training threads die with the process and its Ray cluster
 
@@ -295,12 +364,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--per-session", type=int, default=10)
     parser.add_argument("--control", action="store_true", help="control-plane latency under training + sampling")
-    parser.add_argument("--seconds", type=float, default=40.0, help="--control: how long to probe under load")
-    parser.add_argument("--nice", type=int, default=None, help="--control: compute_thread_nice (default: the config's)")
+    parser.add_argument(
+        "--seconds", type=float, default=40.0, help="--control: how long to probe under load, per policy"
+    )
+    parser.add_argument("--phase", type=float, default=10.0, help="--control: seconds between policy switches")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if args.control:
-        control(args.seconds, args.nice)
+        control(args.seconds, args.phase)
         return
     from bench.local_serve import serve_thinker
     from configs.schema import BaseModelConfig, TenantQuotas, ThinkerConfig

@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--nice", type=int, default=None, help="compute_thread_nice (default: the config's)")
+    parser.add_argument(
+        "--policy", choices=["auto", "idle", "normal"], default=None, help="compute_thread_policy (default: auto)"
+    )
     args = parser.parse_args()
 
     import tinker
@@ -100,6 +103,7 @@ def main() -> None:
     from configs.schema import DEFAULT_MODEL_NAME, BaseModelConfig, ThinkerConfig
 
     extra = {} if args.nice is None else {"compute_thread_nice": args.nice}
+    extra |= {} if args.policy is None else {"compute_thread_policy": args.policy}
     url = serve_thinker(ThinkerConfig(models=[BaseModelConfig(name=DEFAULT_MODEL_NAME, **extra)]))
     service = tinker.ServiceClient(base_url=url)
     trainers = [

@@ -199,14 +199,21 @@ class BaseModelConfig(StrictConfig):
         description="Share of the compute thread's time sampling gets while training also waits (training "
         "gets the rest); a kind of work that is alone gets all of it.",
     )
+    compute_thread_policy: Literal["auto", "idle", "normal"] = Field(
+        "auto",
+        description="The Linux CPU scheduling policy of the compute thread and its torch workers. idle "
+        "(SCHED_IDLE): they run when no other thread wants the core, so the event loops that answer "
+        "heartbeats, health checks and finished futures preempt them at once (bench/load.py --control). "
+        "normal: they share the cores with those loops (see compute_thread_nice). auto: idle for a model "
+        "on CPU (num_gpus 0), normal on a GPU, whose compute thread launches kernels and must not wait "
+        "for other processes.",
+    )
     compute_thread_nice: int = Field(
         0,
         ge=0,
         le=19,
-        description="How much lower (Linux nice) the compute thread and its torch workers run than the "
-        "actor's event loop: on a busy CPU node, 10 answers heartbeats, health checks and finished futures "
-        "sooner (p50 a fifth to a third lower, bench/load.py --control) at some cost in compute throughput "
-        "when other processes want the cores. 0: the same priority.",
+        description="Under the normal policy, how much lower (Linux nice) the compute thread and its torch "
+        "workers run than the actor's event loop. 0: the same priority.",
     )
     decode_slice_s: float = Field(
         0.05,
@@ -217,6 +224,12 @@ class BaseModelConfig(StrictConfig):
         default_factory=list,
         description="Python modules imported in the model actor at start; they call losses.register_custom_loss.",
     )
+
+    @property
+    def compute_idle(self) -> bool:
+        """compute_thread_policy resolved: whether the compute thread runs under SCHED_IDLE."""
+        policy = self.compute_thread_policy
+        return policy == "idle" or (policy == "auto" and self.num_gpus == 0)
 
 
 class ThinkerConfig(StrictConfig):

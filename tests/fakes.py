@@ -1,6 +1,7 @@
 """Test doubles: a pure-Python backend that records what it was asked to do."""
 
 import json
+import os
 import threading
 import time
 
@@ -33,10 +34,13 @@ class FakeBackend:
         self.calls: list[tuple[str, str, int | None]] = []
         self.models: dict[str, ModelInfo] = {}
         self.compute_thread_inits: list[str] = []  # names of the threads that called init_compute_thread
+        self.compute_thread_policies: list[int] = []  # their Linux scheduling policies then
         self.steps: dict[str, int] = {}  # optim_steps taken, per model (its "state")
 
     def init_compute_thread(self) -> None:
         self.compute_thread_inits.append(threading.current_thread().name)
+        if hasattr(os, "sched_getscheduler"):
+            self.compute_thread_policies.append(os.sched_getscheduler(0))
 
     def close(self) -> None:
         pass

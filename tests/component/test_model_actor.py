@@ -1,6 +1,7 @@
 """The model actor's ordering, de-duplication and error handling, over a fake backend."""
 
 import asyncio
+import os
 import sys
 import tempfile
 import threading
@@ -181,6 +182,17 @@ def test_compute_thread_gets_the_backends_thread_settings():
         return actor._backend.compute_thread_inits
 
     assert [name.startswith("thinker-compute") for name in run(scenario())] == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize(("policy", "expected"), [("auto", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_a_model_on_cpu_computes_under_sched_idle_unless_told_otherwise(policy, expected):
+    async def scenario():
+        actor = await created(make_actor(compute_thread_policy=policy))
+        await actor.forward_backward(fb(1))
+        return actor._backend.compute_thread_policies
+
+    assert run(scenario()) == [getattr(os, expected)]
 
 
 def test_too_many_adapters_is_a_user_error_naming_the_limit():

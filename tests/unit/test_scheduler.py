@@ -190,3 +190,41 @@ def test_the_compute_thread_runs_at_a_lower_priority_than_the_event_loop():
     assert compute_nice == min(19, loop_nice + 5)
     assert calls == [compute_nice]  # the backend's own set-up runs after, on the lowered thread
     assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice  # the caller's thread is untouched
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_an_idle_compute_thread_and_the_threads_it_starts_run_under_sched_idle():
+    import os
+    import threading
+
+    calls = []
+    backend = FakeBackend()
+    sched = Scheduler(
+        backend.forward_backward_batch,
+        backend.check_forward_backward,
+        backend.sample,
+        limits(compute_idle=True, compute_nice=5),  # the policy, not the nice value, applies
+        init_compute_thread=lambda: calls.append(os.sched_getscheduler(0)),
+    )
+
+    def policies() -> tuple[int, int]:
+        started = []  # a thread the compute thread starts (as torch starts its workers) inherits it
+        worker = threading.Thread(target=lambda: started.append(os.sched_getscheduler(0)))
+        worker.start()
+        worker.join()
+        return os.sched_getscheduler(0), started[0]
+
+    assert run(sched.run_now(policies)) == (os.SCHED_IDLE, os.SCHED_IDLE)
+    assert calls == [os.SCHED_IDLE]  # the backend's own set-up runs after, on the lowered thread
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is untouched
+
+
+@pytest.mark.parametrize(
+    ("policy", "num_gpus", "idle"),
+    [("auto", 0, True), ("auto", 1, False), ("idle", 1, True), ("normal", 0, False)],
+)
+def test_auto_runs_the_compute_thread_idle_on_cpu_only(policy, num_gpus, idle):
+    from configs.schema import BaseModelConfig
+
+    config = BaseModelConfig(name="m", compute_thread_policy=policy, num_gpus=num_gpus)
+    assert config.compute_idle is idle
