@@ -127,7 +127,7 @@ class ModelActor:
             sampling_share=config.sampling_share,
             decode_slice_s=config.decode_slice_s,
             compute_nice=config.compute_thread_nice,
-            compute_idle=config.compute_idle,
+            compute_idle=config.compute_thread_policy == "idle",
             packed_passes=getattr(self._backend, "packed", False),  # HF passes without padding
         )
         backend = self._backend

@@ -14,7 +14,7 @@ healthz, get_info and retrieve_future of a finished future; prints p50/p99 of ea
 under load (target: p99 under 50 ms under load). Under load the model actor's compute thread
 (and its torch workers) is switched between SCHED_IDLE (compute_thread_policy idle, the default
 on CPU) and SCHED_OTHER (normal) every `--phase` seconds, so both are measured side by side,
-with the cores the compute got under each (its throughput, as the work per core is the same).
+with the CPU time the compute got under each.
 
 Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);
 a submission that meets the dying replica is sent again with the same seq_id, as the SDK's
@@ -232,17 +232,25 @@ def probe_control_plane(url: str, seconds: float, base_model: str) -> dict[str, 
 
 class ComputeThreads:
     """The model actor's compute thread and torch workers, found from outside by their SCHED_IDLE
-    policy (compute_thread_policy idle, the default on CPU), and switched between SCHED_IDLE and
-    SCHED_OTHER so that both policies are measured in one run, under the same load. Switching back
-    to SCHED_OTHER needs root or CAP_SYS_NICE (Ray runs its workers at nice 15)."""
+    policy (the benchmark's server runs compute_thread_policy idle; the workers torch starts from
+    the compute thread inherit it, during the load's first passes), and switched between
+    SCHED_IDLE and SCHED_OTHER so that both policies are measured in one run, under the same load.
+    Switching back to SCHED_OTHER needs root or CAP_SYS_NICE (Ray runs its workers at nice 15):
+    checked once at the start."""
 
     def __init__(self, name_part: str):
         pids = [p for p in os.listdir("/proc") if p.isdigit() and name_part in _read(f"/proc/{p}/cmdline")]
         assert len(pids) == 1, f"{len(pids)} processes named {name_part!r}"
         self.pid = pids[0]
         self.tids: set[int] = set()
+        self._cpu: dict[int, float] = {}  # each thread's last CPU seconds read (kept once it ends)
         self.find()
         assert self.tids, "no SCHED_IDLE thread in the model actor: is compute_thread_policy idle?"
+        try:
+            self.set(os.SCHED_OTHER)
+            self.set(os.SCHED_IDLE)
+        except PermissionError:
+            raise SystemExit("switching the compute back to SCHED_OTHER needs root or CAP_SYS_NICE") from None
 
     def find(self) -> None:
         for tid in os.listdir(f"/proc/{self.pid}/task"):
@@ -253,7 +261,8 @@ class ComputeThreads:
                 pass
 
     def set(self, policy: int) -> None:
-        self.find()  # threads torch started since
+        if policy == os.SCHED_IDLE:
+            self.find()  # threads torch started since
         for tid in self.tids:
             try:
                 os.sched_setscheduler(tid, policy, os.sched_param(0))
@@ -261,11 +270,12 @@ class ComputeThreads:
                 pass
 
     def cpu_seconds(self) -> float:
-        total = 0
+        """CPU seconds of the threads so far (a thread that ended counts what it had last)."""
         for tid in self.tids:
             fields = _read(f"/proc/{self.pid}/task/{tid}/stat").rsplit(")", 1)[-1].split()
-            total += int(fields[11]) + int(fields[12]) if fields else 0  # utime + stime
-        return total / os.sysconf("SC_CLK_TCK")
+            if len(fields) > 12:
+                self._cpu[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return sum(self._cpu.values())
 
 
 def _read(path: str) -> str:
@@ -327,7 +337,7 @@ def control(seconds: float, phase_s: float) -> None:
     cpu = dict.fromkeys(policies, 0.0)
     wall = dict.fromkeys(policies, 0.0)
     for phase in range(2 * max(1, round(seconds / phase_s))):
-        name = list(policies)[phase % 2]
+        name = list(policies)[(phase + phase // 2) % 2]  # idle, normal, normal, idle, ...: neither always first
         compute.set(policies[name])
         time.sleep(0.5)  # the switch has taken hold
         begin, cpu_begin = time.monotonic(), compute.cpu_seconds()
@@ -353,8 +363,8 @@ def control(seconds: float, phase_s: float) -> None:
         print(row)
     for name in policies:
         print(
-            f"{name:>18}: the compute thread and its torch workers ran {cpu[name] / wall[name]:.2f} cores "
-            f"({wall[name]:.0f} s)"
+            f"{name:>18}: the compute thread and its torch workers had {cpu[name] / wall[name]:.2f} cores "
+            f"of CPU time ({wall[name]:.0f} s; OpenMP's spin-waits included)"
         )
     os._exit(0)  # the pending samples and training threads die with the process and its Ray cluster
 

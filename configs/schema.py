@@ -199,14 +199,14 @@ class BaseModelConfig(StrictConfig):
         description="Share of the compute thread's time sampling gets while training also waits (training "
         "gets the rest); a kind of work that is alone gets all of it.",
     )
-    compute_thread_policy: Literal["auto", "idle", "normal"] = Field(
-        "auto",
-        description="The Linux CPU scheduling policy of the compute thread and its torch workers. idle "
-        "(SCHED_IDLE): they run when no other thread wants the core, so the event loops that answer "
-        "heartbeats, health checks and finished futures preempt them at once (bench/load.py --control). "
-        "normal: they share the cores with those loops (see compute_thread_nice). auto: idle for a model "
-        "on CPU (num_gpus 0), normal on a GPU, whose compute thread launches kernels and must not wait "
-        "for other processes.",
+    compute_thread_policy: Literal["normal", "idle"] = Field(
+        "normal",
+        description="The Linux CPU scheduling policy of the compute thread and its torch workers. normal: they "
+        "share the cores with the actor's event loops (compute_thread_nice can lower them). idle (SCHED_IDLE): "
+        "they run only when no other thread wants a core, so on a CPU node given to Thinker the loops that "
+        "answer heartbeats, health checks and finished futures preempt them at once (bench/load.py "
+        "--control). Not on a node other busy processes share (the compute, and what waits on it, gets only "
+        "what they leave), nor on a GPU, whose compute thread feeds the device.",
     )
     compute_thread_nice: int = Field(
         0,
@@ -225,11 +225,13 @@ class BaseModelConfig(StrictConfig):
         description="Python modules imported in the model actor at start; they call losses.register_custom_loss.",
     )
 
-    @property
-    def compute_idle(self) -> bool:
-        """compute_thread_policy resolved: whether the compute thread runs under SCHED_IDLE."""
-        policy = self.compute_thread_policy
-        return policy == "idle" or (policy == "auto" and self.num_gpus == 0)
+    @model_validator(mode="after")
+    def _one_way_to_lower_the_compute(self) -> BaseModelConfig:
+        if self.compute_thread_policy == "idle" and self.compute_thread_nice:
+            raise ValueError(
+                "compute_thread_nice applies under compute_thread_policy normal; idle runs below any nice value"
+            )
+        return self
 
 
 class ThinkerConfig(StrictConfig):

@@ -185,10 +185,12 @@ def test_compute_thread_gets_the_backends_thread_settings():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
-@pytest.mark.parametrize(("policy", "expected"), [("auto", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
-def test_a_model_on_cpu_computes_under_sched_idle_unless_told_otherwise(policy, expected):
+@pytest.mark.parametrize(
+    ("policy", "expected"), [({}, "SCHED_OTHER"), ({"compute_thread_policy": "idle"}, "SCHED_IDLE")]
+)
+def test_the_compute_thread_runs_under_sched_idle_when_configured(policy, expected):
     async def scenario():
-        actor = await created(make_actor(compute_thread_policy=policy))
+        actor = await created(make_actor(**policy))
         await actor.forward_backward(fb(1))
         return actor._backend.compute_thread_policies
 

@@ -203,7 +203,7 @@ def test_an_idle_compute_thread_and_the_threads_it_starts_run_under_sched_idle()
         backend.forward_backward_batch,
         backend.check_forward_backward,
         backend.sample,
-        limits(compute_idle=True, compute_nice=5),  # the policy, not the nice value, applies
+        limits(compute_idle=True),
         init_compute_thread=lambda: calls.append(os.sched_getscheduler(0)),
     )
 
@@ -219,12 +219,11 @@ def test_an_idle_compute_thread_and_the_threads_it_starts_run_under_sched_idle()
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is untouched
 
 
-@pytest.mark.parametrize(
-    ("policy", "num_gpus", "idle"),
-    [("auto", 0, True), ("auto", 1, False), ("idle", 1, True), ("normal", 0, False)],
-)
-def test_auto_runs_the_compute_thread_idle_on_cpu_only(policy, num_gpus, idle):
+def test_a_nice_value_with_the_idle_policy_is_refused():
+    from pydantic import ValidationError
+
     from configs.schema import BaseModelConfig
 
-    config = BaseModelConfig(name="m", compute_thread_policy=policy, num_gpus=num_gpus)
-    assert config.compute_idle is idle
+    assert BaseModelConfig(name="m").compute_thread_policy == "normal"
+    with pytest.raises(ValidationError, match="compute_thread_nice applies under compute_thread_policy normal"):
+        BaseModelConfig(name="m", compute_thread_policy="idle", compute_thread_nice=5)
