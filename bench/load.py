@@ -12,8 +12,8 @@ forward_backward (4x128) + optim_step while 200 sampling requests (16 samples x 
 pending. Throughout, from a process of its own, one probe after another: session_heartbeat,
 healthz, get_info and retrieve_future of a finished future; prints p50/p99 of each, idle and
 under load (target: p99 under 50 ms under load). Under load the model actor's compute thread
-(and its torch workers) is switched between SCHED_IDLE (compute_thread_policy idle, the default
-on CPU) and SCHED_OTHER (normal) every `--phase` seconds, so both are measured side by side,
+(and its torch workers) is switched between SCHED_IDLE (compute_thread_policy idle, which this
+benchmark's server runs) and SCHED_OTHER (normal) every `--phase` seconds, so both are measured side by side,
 with the CPU time the compute got under each.
 
 Submissions go over plain HTTP as the SDK sends them (protobuf forward_backward, X-API-Key);

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--nice", type=int, default=None, help="compute_thread_nice (default: the config's)")
     parser.add_argument(
-        "--policy", choices=["auto", "idle", "normal"], default=None, help="compute_thread_policy (default: auto)"
+        "--policy", choices=["normal", "idle"], default=None, help="compute_thread_policy (default: the config's)"
     )
     args = parser.parse_args()
 

@@ -39,11 +39,15 @@ def limits(**overrides) -> SchedulerLimits:
     return SchedulerLimits(**{**values, **overrides})
 
 
-def make(backend, **overrides) -> Scheduler:
+def make(backend, init_compute_thread=None, **overrides) -> Scheduler:
     for m in "abcd":
         backend.create_model(CreateModelWork(m, LoraSpec(rank=2)))
     return Scheduler(
-        backend.forward_backward_batch, backend.check_forward_backward, backend.sample, limits(**overrides)
+        backend.forward_backward_batch,
+        backend.check_forward_backward,
+        backend.sample,
+        limits(**overrides),
+        init_compute_thread=init_compute_thread,
     )
 
 
@@ -178,14 +182,7 @@ def test_the_compute_thread_runs_at_a_lower_priority_than_the_event_loop():
 
     loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
     calls = []
-    backend = FakeBackend()
-    sched = Scheduler(
-        backend.forward_backward_batch,
-        backend.check_forward_backward,
-        backend.sample,
-        limits(compute_nice=5),
-        init_compute_thread=lambda: calls.append(os.getpriority(os.PRIO_PROCESS, 0)),
-    )
+    sched = make(FakeBackend(), lambda: calls.append(os.getpriority(os.PRIO_PROCESS, 0)), compute_nice=5)
     compute_nice = run(sched.run_now(lambda: os.getpriority(os.PRIO_PROCESS, 0)))
     assert compute_nice == min(19, loop_nice + 5)
     assert calls == [compute_nice]  # the backend's own set-up runs after, on the lowered thread
@@ -198,14 +195,7 @@ def test_an_idle_compute_thread_and_the_threads_it_starts_run_under_sched_idle()
     import threading
 
     calls = []
-    backend = FakeBackend()
-    sched = Scheduler(
-        backend.forward_backward_batch,
-        backend.check_forward_backward,
-        backend.sample,
-        limits(compute_idle=True),
-        init_compute_thread=lambda: calls.append(os.sched_getscheduler(0)),
-    )
+    sched = make(FakeBackend(), lambda: calls.append(os.sched_getscheduler(0)), compute_idle=True)
 
     def policies() -> tuple[int, int]:
         started = []  # a thread the compute thread starts (as torch starts its workers) inherits it
